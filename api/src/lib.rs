@@ -1,0 +1,26 @@
+//! cairn-api: everything that crosses a process boundary in Cairn, defined
+//! once: identifier newtypes that validate on construction, block geometry,
+//! the digest definition, and the agent's protobuf API with its conversions.
+
+pub mod block;
+pub mod convert;
+pub mod digest;
+pub mod id;
+pub mod snapshot;
+
+pub use block::{BLOCK_SIZE, BlockRange, ChunkSet, Geometry, GeometryError, RangeError};
+pub use digest::{Accumulator, Digest};
+pub use id::{IdError, SnapshotId, VolumeId};
+
+/// The agent's protobuf API, package `cairn.agent.v1`.
+pub mod agent {
+    /// Generated messages, client and server of `cairn.agent.v1`.
+    pub mod v1 {
+        #![allow(missing_docs, clippy::all, missing_debug_implementations)]
+        tonic::include_proto!("cairn.agent.v1");
+    }
+}
+
+/// The encoded file descriptor set of every proto in this crate, for gRPC
+/// reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("cairn_descriptor");

@@ -1,0 +1,96 @@
+//! The `cairn-agent` binary: locks its data dir, opens the replica store and
+//! serves it over gRPC until SIGTERM or SIGINT, then flushes every replica.
+
+use std::{net::SocketAddr, path::PathBuf, sync::Arc};
+
+use anyhow::Context;
+use cairn_agent::{disk::FileDisk, lock::DataDirLock, service::ReplicaStoreService, store::Store};
+use clap::{Parser, ValueEnum};
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Cairn's node agent: stores replicas of volumes on local disk and serves
+/// them over gRPC.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// Directory that holds the agent's metadata and block data. One agent
+    /// per directory.
+    #[arg(long, env = "CAIRN_DATA_DIR")]
+    data_dir: PathBuf,
+    /// Address to serve gRPC on; port 0 picks a free port. The bound address
+    /// is printed on stdout as `listening <addr>`.
+    #[arg(long, env = "CAIRN_LISTEN", default_value = "127.0.0.1:7070")]
+    listen: SocketAddr,
+    /// Log format: human-readable text or JSON lines.
+    #[arg(long, env = "CAIRN_LOG_FORMAT", value_enum, default_value = "text")]
+    log_format: LogFormat,
+    /// Log filter (tracing EnvFilter syntax), e.g. `info` or `cairn_agent=debug`.
+    #[arg(long, env = "CAIRN_LOG", default_value = "info")]
+    log: String,
+}
+
+fn init_tracing(args: &Args) -> anyhow::Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_new(&args.log)
+        .with_context(|| format!("--log {:?} is not a valid filter", args.log))?;
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match args.log_format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    init_tracing(&args)?;
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        data_dir = %args.data_dir.display(),
+        "cairn-agent starting"
+    );
+    let _lock = DataDirLock::acquire(&args.data_dir)?;
+    let data_dir = args.data_dir.clone();
+    let store = tokio::task::spawn_blocking(move || Store::open(Arc::new(FileDisk), &data_dir))
+        .await?
+        .with_context(|| format!("opening the replica store in {}", args.data_dir.display()))?;
+    let store = Arc::new(store);
+    tracing::info!(replicas = store.replicas().len(), "replica store open");
+
+    let listener =
+        TcpListener::bind(args.listen).await.with_context(|| format!("binding {}", args.listen))?;
+    let addr = listener.local_addr()?;
+    println!("listening {addr}");
+    tracing::info!(%addr, "serving gRPC");
+
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(cairn_api::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    tonic::transport::Server::builder()
+        .add_service(ReplicaStoreService::new(store.clone()).into_server())
+        .add_service(reflection)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown())
+        .await?;
+
+    tracing::info!("shutting down: flushing replicas");
+    let flushed = tokio::task::spawn_blocking(move || store.flush_all()).await?;
+    flushed.context("flushing replicas at shutdown")?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("installing the SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+    }
+}

@@ -1,0 +1,772 @@
+//! A replica: the chunks of one volume that this agent holds, as a stack of
+//! layers (sealed snapshots, then the open head), with an index from each
+//! block to its newest version so reads do not slow down as snapshots pile
+//! up.
+//!
+//! Invariant: the durable state (redb + synced data files) changes only at a
+//! commit (flush, seal, snapshot deletion, growth); after a crash the replica
+//! is exactly as of the last commit that returned, or of the one under way.
+//! Write order: data blocks into fresh slots, fsync the data file (and its
+//! directory when the file is new), then one redb transaction naming them.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::PathBuf,
+    sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard},
+};
+
+use cairn_api::{
+    BLOCK_SIZE, BlockRange, ChunkSet, Geometry, SnapshotId, VolumeId,
+    block::{MAX_IO_BYTES, MAX_TRIM_BYTES},
+    digest::{Accumulator, BlockHash, is_zero},
+    snapshot::ReplicaInfo,
+};
+use redb::ReadableDatabase;
+
+use crate::{
+    disk::Disk,
+    error::{Error, Result, meta},
+    layer::{Layer, data_path, parse_data_name, slot_runs},
+    meta::{
+        BLOCKS, CHUNK_ACC, Entry, GROUP_BLOCKS, GROUP_SHIFT, LayerRecord, REPLICAS, ReplicaRecord,
+        decode_accs, decode_group, encode_group, encode_record,
+    },
+};
+
+const BS: usize = BLOCK_SIZE as usize;
+
+/// The newest version of a block, as the head sees it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Newest {
+    pub layer: u64,
+    pub entry: Entry,
+}
+
+#[derive(Debug)]
+pub(crate) struct State {
+    pub geometry: Geometry,
+    pub chunks: ChunkSet,
+    /// Sealed layers oldest first, then the head (always last).
+    pub layers: Vec<Layer>,
+    pub next_layer: u64,
+    /// Block -> newest data version (zero blocks are absent).
+    pub merged: BTreeMap<u64, Newest>,
+    /// Chunk -> accumulator of the head's content.
+    pub chunk_acc: BTreeMap<u64, Accumulator>,
+    pub total_acc: Accumulator,
+    /// Blocks changed in the head since the last commit -> the head entry
+    /// the last commit named (whose slot is freed once the next commit
+    /// lands).
+    pub pending: BTreeMap<u64, Option<Entry>>,
+    /// Chunks changed in the head layer since the last seal.
+    pub touched: BTreeSet<u64>,
+}
+
+/// One replica on this agent.
+#[derive(Debug)]
+pub struct Replica {
+    pub(crate) volume: VolumeId,
+    pub(crate) dir: PathBuf,
+    pub(crate) disk: Arc<dyn Disk>,
+    pub(crate) db: Arc<redb::Database>,
+    pub(crate) state: RwLock<State>,
+    /// Why the replica stopped serving, after an I/O error.
+    failed: Mutex<Option<String>>,
+}
+
+/// Per-block facts computed before taking the lock.
+struct Incoming {
+    crc: u32,
+    hash: BlockHash,
+    zero: bool,
+}
+
+impl State {
+    pub fn head(&self) -> &Layer {
+        self.layers.last().expect("a replica always has a head layer")
+    }
+
+    pub fn head_mut(&mut self) -> &mut Layer {
+        self.layers.last_mut().expect("a replica always has a head layer")
+    }
+
+    pub fn layer_index(&self, no: u64) -> usize {
+        self.layers.binary_search_by_key(&no, |l| l.no).expect("merged index names a live layer")
+    }
+
+    pub fn snapshot_index(&self, volume: &VolumeId, id: &SnapshotId) -> Result<usize> {
+        self.layers
+            .iter()
+            .position(|l| l.snapshot.as_ref().is_some_and(|s| &s.id == id))
+            .ok_or_else(|| Error::SnapshotNotFound { volume: volume.clone(), snapshot: id.clone() })
+    }
+
+    pub fn record(&self) -> ReplicaRecord {
+        ReplicaRecord {
+            geometry: self.geometry,
+            chunks: self.chunks.clone(),
+            layers: self
+                .layers
+                .iter()
+                .map(|l| LayerRecord { no: l.no, snapshot: l.snapshot.clone() })
+                .collect(),
+            next_layer: self.next_layer,
+        }
+    }
+
+    fn add(&mut self, block: u64, hash: &BlockHash) {
+        let chunk = self.geometry.chunk_of(block);
+        self.chunk_acc.entry(chunk).or_default().add(hash);
+        self.total_acc.add(hash);
+    }
+
+    fn sub(&mut self, block: u64, hash: &BlockHash) {
+        let chunk = self.geometry.chunk_of(block);
+        self.chunk_acc.entry(chunk).or_default().sub(hash);
+        self.total_acc.sub(hash);
+    }
+}
+
+impl Replica {
+    /// Creates the replica's directory and record. Write order: directory
+    /// (synced), then the record; a directory without a record is removed
+    /// at the next open.
+    pub(crate) fn create(
+        volume: VolumeId,
+        dir: PathBuf,
+        disk: Arc<dyn Disk>,
+        db: Arc<redb::Database>,
+        geometry: Geometry,
+        chunks: ChunkSet,
+    ) -> Result<Self> {
+        let io = |op, e| Error::Io { volume: volume.clone(), op, path: dir.clone(), source: e };
+        disk.create_dir_all(&dir).map_err(|e| io("creating the replica directory", e))?;
+        let parent = dir.parent().expect("replica dirs live under the data dir");
+        disk.sync_dir(parent).map_err(|e| io("syncing the volumes directory", e))?;
+        let state = State {
+            geometry,
+            chunks,
+            layers: vec![Layer::new(&dir, 1, None)],
+            next_layer: 2,
+            merged: BTreeMap::new(),
+            chunk_acc: BTreeMap::new(),
+            total_acc: Accumulator::default(),
+            pending: BTreeMap::new(),
+            touched: BTreeSet::new(),
+        };
+        let tx = db.begin_write().map_err(meta("creating a replica"))?;
+        {
+            let mut t = tx.open_table(REPLICAS).map_err(meta("creating a replica"))?;
+            t.insert(volume.as_str(), &encode_record(&state.record())[..])
+                .map_err(meta("creating a replica"))?;
+        }
+        tx.commit().map_err(meta("creating a replica"))?;
+        Ok(Self::from_state(volume, dir, disk, db, state))
+    }
+
+    fn from_state(
+        volume: VolumeId,
+        dir: PathBuf,
+        disk: Arc<dyn Disk>,
+        db: Arc<redb::Database>,
+        state: State,
+    ) -> Self {
+        Replica { volume, dir, disk, db, state: RwLock::new(state), failed: Mutex::new(None) }
+    }
+
+    /// Loads a replica from its record, its block records and its data
+    /// files, checking that they agree, and tidies what a crash left behind:
+    /// data past the last committed slot, unnamed slots, orphan layer files.
+    pub(crate) fn load(
+        volume: VolumeId,
+        dir: PathBuf,
+        disk: Arc<dyn Disk>,
+        db: Arc<redb::Database>,
+        record: ReplicaRecord,
+    ) -> Result<Self> {
+        let corrupt = |detail: String| Error::Corrupt { volume: volume.to_string(), detail };
+        let io = |op, path: &std::path::Path, e| Error::Io {
+            volume: volume.clone(),
+            op,
+            path: path.to_path_buf(),
+            source: e,
+        };
+        if record.layers.last().is_none_or(|l| l.snapshot.is_some()) {
+            return Err(corrupt("the newest layer is not an open head".into()));
+        }
+        let tx = db.begin_read().map_err(meta("loading a replica"))?;
+        let blocks = tx.open_table(BLOCKS).ok();
+        let accs = tx.open_table(CHUNK_ACC).ok();
+        let mut layers = Vec::with_capacity(record.layers.len());
+        for lr in &record.layers {
+            let mut layer = Layer::new(&dir, lr.no, lr.snapshot.clone());
+            if let Some(t) = &blocks {
+                let range = (volume.as_str(), lr.no, 0)..=(volume.as_str(), lr.no, u64::MAX);
+                for row in t.range(range).map_err(meta("loading block records"))? {
+                    let (k, v) = row.map_err(meta("loading block records"))?;
+                    let group = k.value().2;
+                    let entries = decode_group(v.value()).ok_or_else(|| {
+                        corrupt(format!(
+                            "block record of layer {} group {group} is malformed",
+                            lr.no
+                        ))
+                    })?;
+                    for (off, e) in entries {
+                        layer.map.insert((group << GROUP_SHIFT) + off, e);
+                    }
+                }
+            }
+            if let (Some(t), true) = (&accs, lr.snapshot.is_some())
+                && let Some(v) =
+                    t.get((volume.as_str(), lr.no)).map_err(meta("loading digest records"))?
+            {
+                layer.chunk_acc = decode_accs(v.value()).ok_or_else(|| {
+                    corrupt(format!("digest record of layer {} is malformed", lr.no))
+                })?;
+            }
+            layer
+                .open_file(disk.as_ref())
+                .map_err(|e| io("opening a layer file", layer.path(), e))?;
+            let (free, want_len) = layer.rebuild_slots();
+            match layer.file().cloned() {
+                None if want_len > 0 => {
+                    return Err(corrupt(format!(
+                        "layer {} names {} data blocks but its file {} is missing",
+                        lr.no,
+                        layer.data_blocks(),
+                        layer.path().display()
+                    )));
+                }
+                None => {}
+                Some(f) => {
+                    let len = f
+                        .len()
+                        .map_err(|e| io("reading a layer file's length", layer.path(), e))?;
+                    if len < want_len {
+                        return Err(corrupt(format!(
+                            "layer file {} is {len} bytes but its blocks need {want_len}",
+                            layer.path().display()
+                        )));
+                    }
+                    if len > want_len {
+                        f.set_len(want_len)
+                            .map_err(|e| io("trimming a layer file", layer.path(), e))?;
+                    }
+                    for (start, n) in slot_runs(&free) {
+                        f.punch_hole(start as u64 * BLOCK_SIZE, n as u64 * BLOCK_SIZE)
+                            .map_err(|e| io("freeing unused slots", layer.path(), e))?;
+                    }
+                }
+            }
+            if layer.is_sealed() {
+                layer.free.clear();
+            }
+            layers.push(layer);
+        }
+        drop((blocks, accs, tx));
+        // Files no record names: a layer deleted or never committed.
+        let known: BTreeSet<u64> = layers.iter().map(|l| l.no).collect();
+        let names =
+            disk.list_dir(&dir).map_err(|e| io("listing the replica directory", &dir, e))?;
+        let mut removed = false;
+        for name in names {
+            if let Some(no) = parse_data_name(&name).filter(|no| !known.contains(no)) {
+                let path = data_path(&dir, no);
+                disk.remove_file(&path)
+                    .map_err(|e| io("removing an orphan layer file", &path, e))?;
+                removed = true;
+            }
+        }
+        if removed {
+            disk.sync_dir(&dir).map_err(|e| io("syncing the replica directory", &dir, e))?;
+        }
+        let mut state = State {
+            geometry: record.geometry,
+            chunks: record.chunks,
+            layers,
+            next_layer: record.next_layer,
+            merged: BTreeMap::new(),
+            chunk_acc: BTreeMap::new(),
+            total_acc: Accumulator::default(),
+            pending: BTreeMap::new(),
+            touched: BTreeSet::new(),
+        };
+        for li in 0..state.layers.len() {
+            let no = state.layers[li].no;
+            let entries: Vec<(u64, Entry)> =
+                state.layers[li].map.iter().map(|(b, e)| (*b, *e)).collect();
+            for (b, e) in entries {
+                if e.is_zero() {
+                    state.merged.remove(&b);
+                } else {
+                    state.merged.insert(b, Newest { layer: no, entry: e });
+                }
+            }
+        }
+        let hashes: Vec<(u64, BlockHash)> =
+            state.merged.iter().map(|(b, n)| (*b, n.entry.hash)).collect();
+        for (b, h) in hashes {
+            state.add(b, &h);
+        }
+        let geometry = state.geometry;
+        state.touched = state.head().map.keys().map(|&b| geometry.chunk_of(b)).collect();
+        Ok(Self::from_state(volume, dir, disk, db, state))
+    }
+
+    pub fn volume(&self) -> &VolumeId {
+        &self.volume
+    }
+
+    pub(crate) fn read_state(&self) -> Result<RwLockReadGuard<'_, State>> {
+        self.check_serving()?;
+        Ok(self.state.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    pub(crate) fn write_state(&self) -> Result<RwLockWriteGuard<'_, State>> {
+        self.check_serving()?;
+        Ok(self.state.write().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    fn check_serving(&self) -> Result<()> {
+        match &*self.failed.lock().unwrap() {
+            None => Ok(()),
+            Some(reason) => {
+                Err(Error::NotServing { volume: self.volume.clone(), reason: reason.clone() })
+            }
+        }
+    }
+
+    /// Stops serving after an I/O or metadata error: the in-memory state may
+    /// no longer match the disk, so nothing more is served until reopened.
+    pub(crate) fn fail(&self, e: Error) -> Error {
+        if matches!(e, Error::Io { .. } | Error::Meta { .. }) {
+            let mut f = self.failed.lock().unwrap();
+            if f.is_none() {
+                tracing::error!(volume = %self.volume, error = %e, "replica stops serving");
+                *f = Some(e.to_string());
+            }
+        }
+        e
+    }
+
+    pub(crate) fn io(
+        &self,
+        op: &'static str,
+        path: &std::path::Path,
+    ) -> impl FnOnce(std::io::Error) -> Error {
+        let volume = self.volume.clone();
+        let path = path.to_path_buf();
+        move |source| Error::Io { volume, op, path, source }
+    }
+
+    pub fn info(&self) -> ReplicaInfo {
+        let st = self.state.read().unwrap_or_else(|p| p.into_inner());
+        ReplicaInfo {
+            volume: self.volume.clone(),
+            geometry: st.geometry,
+            chunks: st.chunks.clone(),
+            sealed_layers: st.layers.len() as u32 - 1,
+            head_blocks: st.head().map.len() as u64,
+            used_bytes: st.layers.iter().map(|l| l.data_blocks()).sum::<u64>() * BLOCK_SIZE,
+            serving: self.failed.lock().unwrap().is_none(),
+        }
+    }
+
+    /// Each layer's snapshot id (`None` for the head) and block count,
+    /// oldest first; available even when the replica is not serving.
+    pub fn layer_summary(&self) -> Vec<(Option<SnapshotId>, u64)> {
+        let st = self.state.read().unwrap_or_else(|p| p.into_inner());
+        st.layers
+            .iter()
+            .map(|l| (l.snapshot.as_ref().map(|s| s.id.clone()), l.map.len() as u64))
+            .collect()
+    }
+
+    /// Checks a byte range against `size` and the chunks held.
+    pub(crate) fn check_range(
+        &self,
+        st: &State,
+        offset: u64,
+        len: u64,
+        max: u64,
+        size: u64,
+    ) -> Result<BlockRange> {
+        let geometry = if size == st.geometry.size() {
+            st.geometry
+        } else {
+            Geometry::new(size, st.geometry.chunk_size())
+                .map_err(|source| Error::Geometry { volume: self.volume.clone(), source })?
+        };
+        let range = geometry
+            .range(offset, len, max)
+            .map_err(|source| Error::Range { volume: self.volume.clone(), source })?;
+        if let ChunkSet::Some(held) = &st.chunks {
+            let (first, last) =
+                (geometry.chunk_of(range.start()), geometry.chunk_of(range.end() - 1));
+            if let Some(c) = (first..=last).find(|c| !held.contains(c)) {
+                return Err(Error::ChunkNotHeld {
+                    volume: self.volume.clone(),
+                    chunk: c,
+                    offset: c * geometry.chunk_size(),
+                    held: describe_chunks(&st.chunks),
+                });
+            }
+        }
+        Ok(range)
+    }
+
+    /// Writes whole blocks into the head layer (durable at the next flush).
+    pub fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
+        let len = data.len() as u64;
+        if !offset.is_multiple_of(BLOCK_SIZE) || !len.is_multiple_of(BLOCK_SIZE) || len == 0 {
+            let st = self.read_state()?;
+            self.check_range(&st, offset, len, MAX_IO_BYTES, st.geometry.size())?;
+        }
+        let incoming: Vec<Incoming> = data
+            .chunks_exact(BS)
+            .enumerate()
+            .map(|(i, d)| {
+                let zero = is_zero(d);
+                Incoming {
+                    crc: crc32c::crc32c(d),
+                    hash: if zero {
+                        BlockHash::default()
+                    } else {
+                        BlockHash::of(offset / BLOCK_SIZE + i as u64, d)
+                    },
+                    zero,
+                }
+            })
+            .collect();
+        let mut st = self.write_state()?;
+        let range = self.check_range(&st, offset, len, MAX_IO_BYTES, st.geometry.size())?;
+        self.apply_write(&mut st, range, data, &incoming).map_err(|e| self.fail(e))
+    }
+
+    fn apply_write(
+        &self,
+        st: &mut State,
+        range: BlockRange,
+        data: &[u8],
+        incoming: &[Incoming],
+    ) -> Result<()> {
+        // 1. Choose a slot for each data block: its own fresh slot if it was
+        //    written since the last commit, else one no commit names.
+        let mut slots: Vec<Option<u32>> = Vec::with_capacity(incoming.len());
+        let mut need_new = Vec::new();
+        for (i, inc) in incoming.iter().enumerate() {
+            let b = range.start() + i as u64;
+            if inc.zero {
+                slots.push(None);
+                continue;
+            }
+            let cur = st.head().map.get(&b).copied().filter(|e| !e.is_zero());
+            let fresh = cur.filter(|e| {
+                st.pending.get(&b).is_some_and(|prev| prev.is_none_or(|p| p.slot != e.slot))
+            });
+            match fresh {
+                Some(e) => slots.push(Some(e.slot)),
+                None => {
+                    slots.push(None);
+                    need_new.push(i);
+                }
+            }
+        }
+        if !need_new.is_empty() {
+            let head = st.head_mut();
+            let from_free = need_new.len().min(head.free.len());
+            let run_start = head.alloc_run((need_new.len() - from_free) as u32);
+            for (k, &i) in need_new.iter().enumerate() {
+                slots[i] = Some(if k < from_free {
+                    head.alloc()
+                } else {
+                    run_start + (k - from_free) as u32
+                });
+            }
+        }
+        // 2. Write the data, one file write per run of consecutive slots.
+        if slots.iter().any(|s| s.is_some()) {
+            let head = st.head_mut();
+            let path = head.path().to_path_buf();
+            let file = head
+                .file_for_write(self.disk.as_ref())
+                .map_err(self.io("creating a layer file", &path))?;
+            let mut i = 0;
+            while i < slots.len() {
+                let Some(first) = slots[i] else {
+                    i += 1;
+                    continue;
+                };
+                let mut n = 1;
+                while i + n < slots.len() && slots[i + n] == Some(first + n as u32) {
+                    n += 1;
+                }
+                file.write_at(&data[i * BS..(i + n) * BS], first as u64 * BLOCK_SIZE)
+                    .map_err(self.io("writing blocks", &path))?;
+                i += n;
+            }
+        }
+        // 3. Index the new versions and update the digest accumulators.
+        let head_no = st.head().no;
+        for (i, inc) in incoming.iter().enumerate() {
+            let b = range.start() + i as u64;
+            let prev_newest = st.merged.get(&b).copied();
+            let cur = st.head().map.get(&b).copied();
+            if inc.zero && prev_newest.is_none() && cur.is_none_or(|e| e.is_zero()) {
+                continue; // already reads as zeros and nothing to shadow
+            }
+            if !st.pending.contains_key(&b) {
+                st.pending.insert(b, cur);
+            } else if let (true, Some(c)) = (inc.zero, cur.filter(|e| !e.is_zero())) {
+                // A fresh slot that no commit names: reusable at once.
+                if st.pending[&b].is_none_or(|p| p.slot != c.slot) {
+                    st.head_mut().free.push(c.slot);
+                }
+            }
+            if let Some(prev) = prev_newest {
+                st.sub(b, &prev.entry.hash);
+            }
+            let entry = match slots[i] {
+                Some(slot) => Entry { slot, crc: inc.crc, hash: inc.hash },
+                None => Entry::zero(),
+            };
+            st.head_mut().map.insert(b, entry);
+            if entry.is_zero() {
+                st.merged.remove(&b);
+            } else {
+                st.add(b, &entry.hash);
+                st.merged.insert(b, Newest { layer: head_no, entry });
+            }
+            let chunk = st.geometry.chunk_of(b);
+            st.touched.insert(chunk);
+        }
+        Ok(())
+    }
+
+    /// Trims whole blocks: they read as zeros afterwards.
+    pub fn trim(&self, offset: u64, len: u64) -> Result<()> {
+        let mut st = self.write_state()?;
+        let range = self.check_range(&st, offset, len, MAX_TRIM_BYTES, st.geometry.size())?;
+        // Only blocks that hold data change: the rest already read as zeros.
+        let written: Vec<u64> = st.merged.range(range.blocks()).map(|(b, _)| *b).collect();
+        let zero = vec![0u8; BS];
+        let inc = [Incoming {
+            crc: crate::meta::zero_block_crc(),
+            hash: BlockHash::default(),
+            zero: true,
+        }];
+        for b in written {
+            let one =
+                st.geometry.range(b * BLOCK_SIZE, BLOCK_SIZE, BLOCK_SIZE).expect("block in range");
+            self.apply_write(&mut st, one, &zero, &inc).map_err(|e| self.fail(e))?;
+        }
+        Ok(())
+    }
+
+    /// Reads whole blocks of the head, or of a snapshot. Every block's
+    /// CRC32C is checked; a mismatch is an error, never data.
+    pub fn read(&self, offset: u64, len: u64, snapshot: Option<&SnapshotId>) -> Result<Vec<u8>> {
+        let st = self.read_state()?;
+        let (top, size) = match snapshot {
+            None => (st.layers.len() - 1, st.geometry.size()),
+            Some(id) => {
+                let i = st.snapshot_index(&self.volume, id)?;
+                (i, st.layers[i].snapshot.as_ref().expect("sealed").size)
+            }
+        };
+        let range = self.check_range(&st, offset, len, MAX_IO_BYTES, size)?;
+        let mut out = vec![0u8; range.byte_len() as usize];
+        // Resolve each block to (layer index, entry).
+        let mut found: Vec<(usize, usize, Entry)> = Vec::new(); // (pos, layer idx, entry)
+        for (pos, b) in range.blocks().enumerate() {
+            let hit = if snapshot.is_none() {
+                st.merged.get(&b).map(|n| (st.layer_index(n.layer), n.entry))
+            } else {
+                st.layers[..=top]
+                    .iter()
+                    .enumerate()
+                    .rev()
+                    .find_map(|(li, l)| l.map.get(&b).map(|e| (li, *e)))
+                    .filter(|(_, e)| !e.is_zero())
+            };
+            if let Some((li, e)) = hit {
+                found.push((pos, li, e));
+            }
+        }
+        let mut k = 0;
+        while k < found.len() {
+            let (pos, li, e) = found[k];
+            let mut n = 1;
+            while k + n < found.len() && {
+                let (p2, l2, e2) = found[k + n];
+                p2 == pos + n && l2 == li && e2.slot == e.slot + n as u32
+            } {
+                n += 1;
+            }
+            let layer = &st.layers[li];
+            let file = layer.file().expect("a layer with data blocks has a file");
+            file.read_at(&mut out[pos * BS..(pos + n) * BS], e.slot as u64 * BLOCK_SIZE)
+                .map_err(|err| self.fail(self.io("reading blocks", layer.path())(err)))?;
+            for j in 0..n {
+                let (p, _, ej) = found[k + j];
+                self.verify(&st, range.start() + p as u64, &out[p * BS..(p + 1) * BS], &ej, layer)?;
+            }
+            k += n;
+        }
+        Ok(out)
+    }
+
+    pub(crate) fn verify(
+        &self,
+        st: &State,
+        block: u64,
+        data: &[u8],
+        e: &Entry,
+        layer: &Layer,
+    ) -> Result<()> {
+        let actual = crc32c::crc32c(data);
+        if actual == e.crc {
+            return Ok(());
+        }
+        Err(Error::Checksum {
+            volume: self.volume.clone(),
+            chunk: st.geometry.chunk_of(block),
+            offset: block * BLOCK_SIZE,
+            layer: describe_layer(layer),
+            stored: e.crc,
+            actual,
+        })
+    }
+
+    /// Makes every write so far durable.
+    pub fn flush(&self) -> Result<()> {
+        let mut st = self.write_state()?;
+        self.commit(&mut st, |_, _| Ok(())).map_err(|e| self.fail(e))
+    }
+
+    /// The commit protocol: sync the head's data file (and its directory if
+    /// the file is new), then one redb transaction with the head's changed
+    /// block records plus `extra`; then free the slots the commit stopped
+    /// naming.
+    pub(crate) fn commit(
+        &self,
+        st: &mut State,
+        extra: impl FnOnce(&mut State, &redb::WriteTransaction) -> Result<()>,
+    ) -> Result<()> {
+        let head = st.head_mut();
+        let path = head.path().to_path_buf();
+        if !st.pending.is_empty()
+            && let Some(f) = st.head().file()
+        {
+            f.sync().map_err(self.io("syncing a layer file", &path))?;
+        }
+        if st.head().created {
+            self.disk
+                .sync_dir(&self.dir)
+                .map_err(self.io("syncing the replica directory", &self.dir))?;
+            st.head_mut().created = false;
+        }
+        let tx = self.db.begin_write().map_err(meta("committing"))?;
+        {
+            let mut t = tx.open_table(BLOCKS).map_err(meta("committing block records"))?;
+            let head = st.head();
+            let groups: BTreeSet<u64> = st.pending.keys().map(|b| b >> GROUP_SHIFT).collect();
+            for g in groups {
+                write_group(&mut t, &self.volume, head, g)?;
+            }
+        }
+        extra(st, &tx)?;
+        tx.commit().map_err(meta("committing"))?;
+        // The commit no longer names the slots the pending blocks had.
+        let pending = std::mem::take(&mut st.pending);
+        let head = st.head_mut();
+        let mut holes = Vec::new();
+        for (b, prev) in pending {
+            let Some(prev) = prev.filter(|p| !p.is_zero()) else { continue };
+            match head.map.get(&b) {
+                Some(now) if !now.is_zero() && now.slot == prev.slot => {}
+                Some(now) if !now.is_zero() => head.free.push(prev.slot),
+                _ => holes.push(prev.slot),
+            }
+        }
+        if !holes.is_empty() {
+            holes.sort_unstable();
+            let file = head.file().expect("freed slots live in a file").clone();
+            for (start, n) in slot_runs(&holes) {
+                file.punch_hole(start as u64 * BLOCK_SIZE, n as u64 * BLOCK_SIZE)
+                    .map_err(self.io("freeing trimmed blocks", &path))?;
+            }
+            head.free.extend(holes);
+        }
+        Ok(())
+    }
+
+    /// Grows the replica, taking on `add_chunks` of the grown part.
+    pub fn grow(&self, new_size: u64, add_chunks: &[u64]) -> Result<ReplicaInfo> {
+        {
+            let mut st = self.write_state()?;
+            let geometry = st
+                .geometry
+                .grown(new_size)
+                .map_err(|source| Error::Geometry { volume: self.volume.clone(), source })?;
+            let mut chunks = st.chunks.clone();
+            if let ChunkSet::Some(set) = &mut chunks {
+                set.extend(add_chunks);
+            }
+            chunks
+                .check(&geometry)
+                .map_err(|source| Error::Geometry { volume: self.volume.clone(), source })?;
+            let old = (st.geometry, st.chunks.clone());
+            st.geometry = geometry;
+            st.chunks = chunks;
+            let volume = self.volume.clone();
+            let res = self.commit(&mut st, |st, tx| {
+                let mut t = tx.open_table(REPLICAS).map_err(meta("growing"))?;
+                t.insert(volume.as_str(), &encode_record(&st.record())[..])
+                    .map_err(meta("growing"))?;
+                Ok(())
+            });
+            if let Err(e) = res {
+                (st.geometry, st.chunks) = old;
+                return Err(self.fail(e));
+            }
+        }
+        Ok(self.info())
+    }
+}
+
+/// Rewrites the record of group `g` of `layer` from its in-memory map.
+pub(crate) fn write_group(
+    t: &mut redb::Table<(&str, u64, u64), &[u8]>,
+    volume: &VolumeId,
+    layer: &Layer,
+    g: u64,
+) -> Result<()> {
+    let start = g << GROUP_SHIFT;
+    let bytes =
+        encode_group(layer.map.range(start..start + GROUP_BLOCKS).map(|(b, e)| (b - start, e)));
+    let key = (volume.as_str(), layer.no, g);
+    if bytes.is_empty() {
+        t.remove(key).map_err(meta("writing block records"))?;
+    } else {
+        t.insert(key, &bytes[..]).map_err(meta("writing block records"))?;
+    }
+    Ok(())
+}
+
+pub(crate) fn describe_layer(layer: &Layer) -> String {
+    match &layer.snapshot {
+        Some(s) => format!("snapshot {}", s.id),
+        None => "head layer".into(),
+    }
+}
+
+fn describe_chunks(chunks: &ChunkSet) -> String {
+    match chunks {
+        ChunkSet::All => "all chunks".into(),
+        ChunkSet::Some(s) if s.len() <= 8 => {
+            format!("chunks {:?}", s.iter().collect::<Vec<_>>())
+        }
+        ChunkSet::Some(s) => format!("{} chunks", s.len()),
+    }
+}

@@ -1,0 +1,352 @@
+//! The gRPC edge of the replica store (`cairn.agent.v1.ReplicaStore`):
+//! converts requests to domain types (refusing bad ids, ranges and
+//! geometries), runs the store's blocking work off the async runtime, and
+//! maps every store error to a status code with an exhaustive match.
+
+use std::sync::Arc;
+
+use cairn_api::{
+    ChunkSet, Geometry, GeometryError, RangeError,
+    agent::v1::{self as pb, replica_store_server::ReplicaStore},
+    convert::{self, FieldError},
+};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use crate::{
+    error::Error,
+    store::Store,
+    stream::{Listed, StreamedBlock},
+};
+
+/// Blocks per streamed batch (1 MiB of data).
+const STREAM_BATCH: usize = 256;
+/// The largest gRPC message accepted or sent: a 4 MiB write plus framing.
+pub const MAX_MESSAGE_BYTES: usize = 8 << 20;
+
+/// Maps a store error to the gRPC status a client acts on. Exhaustive: a
+/// new variant must choose its code.
+pub fn status(e: Error) -> Status {
+    let msg = e.to_string();
+    match e {
+        Error::ReplicaNotFound { .. } | Error::SnapshotNotFound { .. } => Status::not_found(msg),
+        Error::ReplicaExists { .. } | Error::SnapshotExists { .. } => Status::already_exists(msg),
+        Error::StaleGeneration { .. } | Error::ChunkNotHeld { .. } => {
+            Status::failed_precondition(msg)
+        }
+        Error::Range { source, .. } => match source {
+            RangeError::PastEnd { .. } => Status::out_of_range(msg),
+            RangeError::Unaligned { .. } | RangeError::Empty | RangeError::TooLong { .. } => {
+                Status::invalid_argument(msg)
+            }
+        },
+        Error::Geometry { source, .. } => match source {
+            GeometryError::ChunkPastEnd { .. } => Status::out_of_range(msg),
+            GeometryError::BadSize { .. }
+            | GeometryError::TooLarge { .. }
+            | GeometryError::BadChunkSize { .. }
+            | GeometryError::Shrink { .. } => Status::invalid_argument(msg),
+        },
+        Error::Checksum { .. } | Error::Corrupt { .. } => Status::data_loss(msg),
+        Error::Io { .. } | Error::StoreIo { .. } | Error::Meta { .. } => Status::internal(msg),
+        Error::NotServing { .. } => Status::unavailable(msg),
+    }
+}
+
+fn field(e: FieldError) -> Status {
+    Status::invalid_argument(e.to_string())
+}
+
+/// The replica store served over gRPC.
+#[derive(Debug, Clone)]
+pub struct ReplicaStoreService {
+    store: Arc<Store>,
+}
+
+impl ReplicaStoreService {
+    pub fn new(store: Arc<Store>) -> Self {
+        Self { store }
+    }
+
+    pub fn into_server(self) -> pb::replica_store_server::ReplicaStoreServer<Self> {
+        pb::replica_store_server::ReplicaStoreServer::new(self)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES)
+    }
+
+    /// Runs blocking store work on the blocking pool.
+    async fn run<T, F>(&self, f: F) -> Result<T, Status>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Store) -> Result<T, Error> + Send + 'static,
+    {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || f(&store))
+            .await
+            .map_err(|e| Status::internal(format!("store task failed: {e}")))?
+            .map_err(status)
+    }
+
+    fn stream(
+        &self,
+        volume: cairn_api::VolumeId,
+        list: impl FnOnce(&crate::Replica) -> Result<Vec<Listed>, Error> + Send + 'static,
+    ) -> Result<Response<ReceiverStream<Result<pb::BlockBatch, Status>>>, Status> {
+        let store = self.store.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tokio::task::spawn_blocking(move || {
+            let replica = match store.replica(&volume) {
+                Ok(r) => r,
+                Err(e) => return drop(tx.blocking_send(Err(status(e)))),
+            };
+            let items = match list(&replica) {
+                Ok(items) => items,
+                Err(e) => return drop(tx.blocking_send(Err(status(e)))),
+            };
+            for batch in items.chunks(STREAM_BATCH) {
+                let msg = replica.read_listed(batch).map(to_batch).map_err(status);
+                let failed = msg.is_err();
+                if tx.blocking_send(msg).is_err() || failed {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+fn to_batch(blocks: Vec<StreamedBlock>) -> pb::BlockBatch {
+    pb::BlockBatch {
+        blocks: blocks
+            .into_iter()
+            .map(|b| pb::Block {
+                index: b.block,
+                crc32c: b.crc,
+                data: b.data.map(Into::into).unwrap_or_default(),
+            })
+            .collect(),
+    }
+}
+
+#[tonic::async_trait]
+impl ReplicaStore for ReplicaStoreService {
+    #[tracing::instrument(skip_all, fields(volume = %req.get_ref().volume_id))]
+    async fn create_replica(
+        &self,
+        req: Request<pb::CreateReplicaRequest>,
+    ) -> Result<Response<pb::ReplicaInfo>, Status> {
+        let r = req.into_inner();
+        let volume = convert::volume_id("volume_id", &r.volume_id).map_err(field)?;
+        let geometry = Geometry::new(r.size_bytes, r.chunk_size_bytes)
+            .map_err(|e| Status::invalid_argument(format!("volume {volume}: {e}")))?;
+        let chunks = ChunkSet::try_from(r.chunks).map_err(field)?;
+        let info = self
+            .run(move |s| s.create_replica(&volume, geometry, chunks).map(|r| r.info()))
+            .await?;
+        Ok(Response::new((&info).into()))
+    }
+
+    #[tracing::instrument(skip_all, fields(volume = %req.get_ref().volume_id))]
+    async fn open_replica(
+        &self,
+        req: Request<pb::OpenReplicaRequest>,
+    ) -> Result<Response<pb::ReplicaInfo>, Status> {
+        let volume = convert::volume_id("volume_id", &req.get_ref().volume_id).map_err(field)?;
+        let info = self.run(move |s| s.open_replica(&volume).map(|r| r.info())).await?;
+        Ok(Response::new((&info).into()))
+    }
+
+    #[tracing::instrument(skip_all, fields(volume = %req.get_ref().volume_id))]
+    async fn delete_replica(
+        &self,
+        req: Request<pb::DeleteReplicaRequest>,
+    ) -> Result<Response<pb::DeleteReplicaResponse>, Status> {
+        let volume = convert::volume_id("volume_id", &req.get_ref().volume_id).map_err(field)?;
+        self.run(move |s| s.delete_replica(&volume)).await?;
+        Ok(Response::new(pb::DeleteReplicaResponse {}))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn list_replicas(
+        &self,
+        _req: Request<pb::ListReplicasRequest>,
+    ) -> Result<Response<pb::ListReplicasResponse>, Status> {
+        let replicas = self.store.replicas().iter().map(|r| (&r.info()).into()).collect();
+        Ok(Response::new(pb::ListReplicasResponse { replicas }))
+    }
+
+    #[tracing::instrument(skip_all, fields(volume = %req.get_ref().volume_id, offset = req.get_ref().offset, len = req.get_ref().data.len()))]
+    async fn write_blocks(
+        &self,
+        req: Request<pb::WriteBlocksRequest>,
+    ) -> Result<Response<pb::WriteBlocksResponse>, Status> {
+        let r = req.into_inner();
+        let volume = convert::volume_id("volume_id", &r.volume_id).map_err(field)?;
+        self.run(move |s| s.replica(&volume)?.write(r.offset, &r.data)).await?;
+        Ok(Response::new(pb::WriteBlocksResponse {}))
+    }
+
+    #[tracing::instrument(skip_all, fields(volume = %req.get_ref().volume_id, offset = req.get_ref().offset, len = req.get_ref().length))]
+    async fn read_blocks(
+        &self,
+        req: Request<pb::ReadBlocksRequest>,
+    ) -> Result<Response<pb::ReadBlocksResponse>, Status> {
+        let r = req.into_inner();
+        let volume = convert::volume_id("volume_id", &r.volume_id).map_err(field)?;
+        let snap = convert::optional_snapshot_id("snapshot_id", &r.snapshot_id).map_err(field)?;
+        let data =
+            self.run(move |s| s.replica(&volume)?.read(r.offset, r.length, snap.as_ref())).await?;
+        Ok(Response::new(pb::ReadBlocksResponse { data: data.into() }))
+    }
+
+    #[tracing::instrument(skip_all, fields(volume = %req.get_ref().volume_id))]
+    async fn trim(
+        &self,
+        req: Request<pb::TrimRequest>,
+    ) -> Result<Response<pb::TrimResponse>, Status> {
+        let r = req.into_inner();
+        let volume = convert::volume_id("volume_id", &r.volume_id).map_err(field)?;
+        self.run(move |s| s.replica(&volume)?.trim(r.offset, r.length)).await?;
+        Ok(Response::new(pb::TrimResponse {}))
+    }
+
+    #[tracing::instrument(skip_all, fields(volume = %req.get_ref().volume_id))]
+    async fn grow(
+        &self,
+        req: Request<pb::GrowRequest>,
+    ) -> Result<Response<pb::ReplicaInfo>, Status> {
+        let r = req.into_inner();
+        let volume = convert::volume_id("volume_id", &r.volume_id).map_err(field)?;
+        let info =
+            self.run(move |s| s.replica(&volume)?.grow(r.new_size_bytes, &r.add_chunks)).await?;
+        Ok(Response::new((&info).into()))
+    }
+
+    #[tracing::instrument(skip_all, fields(volume = %req.get_ref().volume_id))]
+    async fn flush(
+        &self,
+        req: Request<pb::FlushRequest>,
+    ) -> Result<Response<pb::FlushResponse>, Status> {
+        let volume = convert::volume_id("volume_id", &req.get_ref().volume_id).map_err(field)?;
+        self.run(move |s| s.replica(&volume)?.flush()).await?;
+        Ok(Response::new(pb::FlushResponse {}))
+    }
+
+    #[tracing::instrument(skip_all, fields(volume = %req.get_ref().volume_id, snapshot = %req.get_ref().snapshot_id))]
+    async fn seal_snapshot(
+        &self,
+        req: Request<pb::SealSnapshotRequest>,
+    ) -> Result<Response<pb::SnapshotInfo>, Status> {
+        let r = req.into_inner();
+        let volume = convert::volume_id("volume_id", &r.volume_id).map_err(field)?;
+        let snap = convert::snapshot_id("snapshot_id", &r.snapshot_id).map_err(field)?;
+        let info = self.run(move |s| s.replica(&volume)?.seal(&snap, r.generation)).await?;
+        Ok(Response::new((&info).into()))
+    }
+
+    #[tracing::instrument(skip_all, fields(volume = %req.get_ref().volume_id))]
+    async fn list_snapshots(
+        &self,
+        req: Request<pb::ListSnapshotsRequest>,
+    ) -> Result<Response<pb::ListSnapshotsResponse>, Status> {
+        let volume = convert::volume_id("volume_id", &req.get_ref().volume_id).map_err(field)?;
+        let snaps = self.run(move |s| s.replica(&volume)?.snapshots()).await?;
+        Ok(Response::new(pb::ListSnapshotsResponse {
+            snapshots: snaps.iter().map(Into::into).collect(),
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(volume = %req.get_ref().volume_id, snapshot = %req.get_ref().snapshot_id))]
+    async fn delete_snapshot(
+        &self,
+        req: Request<pb::DeleteSnapshotRequest>,
+    ) -> Result<Response<pb::DeleteSnapshotResponse>, Status> {
+        let r = req.into_inner();
+        let volume = convert::volume_id("volume_id", &r.volume_id).map_err(field)?;
+        let snap = convert::snapshot_id("snapshot_id", &r.snapshot_id).map_err(field)?;
+        self.run(move |s| s.replica(&volume)?.delete_snapshot(&snap)).await?;
+        Ok(Response::new(pb::DeleteSnapshotResponse {}))
+    }
+
+    #[tracing::instrument(skip_all, fields(volume = %req.get_ref().volume_id))]
+    async fn chunk_digests(
+        &self,
+        req: Request<pb::ChunkDigestsRequest>,
+    ) -> Result<Response<pb::ChunkDigestsResponse>, Status> {
+        let r = req.into_inner();
+        let volume = convert::volume_id("volume_id", &r.volume_id).map_err(field)?;
+        let snap = convert::optional_snapshot_id("snapshot_id", &r.snapshot_id).map_err(field)?;
+        let accs =
+            self.run(move |s| s.replica(&volume)?.chunk_digests(snap.as_ref(), &r.chunks)).await?;
+        Ok(Response::new(pb::ChunkDigestsResponse {
+            chunks: accs
+                .into_iter()
+                .map(|(chunk, acc)| pb::ChunkDigest {
+                    chunk,
+                    accumulator: acc.to_bytes().to_vec().into(),
+                })
+                .collect(),
+        }))
+    }
+
+    type StreamLayerStream = ReceiverStream<Result<pb::BlockBatch, Status>>;
+
+    #[tracing::instrument(skip_all, fields(volume = %req.get_ref().volume_id, snapshot = %req.get_ref().snapshot_id))]
+    async fn stream_layer(
+        &self,
+        req: Request<pb::StreamLayerRequest>,
+    ) -> Result<Response<Self::StreamLayerStream>, Status> {
+        let r = req.into_inner();
+        let volume = convert::volume_id("volume_id", &r.volume_id).map_err(field)?;
+        let snap = convert::snapshot_id("snapshot_id", &r.snapshot_id).map_err(field)?;
+        self.stream(volume, move |rep| rep.list_layer(&snap, &r.chunks))
+    }
+
+    type StreamImageStream = ReceiverStream<Result<pb::BlockBatch, Status>>;
+
+    #[tracing::instrument(skip_all, fields(volume = %req.get_ref().volume_id, snapshot = %req.get_ref().snapshot_id))]
+    async fn stream_image(
+        &self,
+        req: Request<pb::StreamImageRequest>,
+    ) -> Result<Response<Self::StreamImageStream>, Status> {
+        let r = req.into_inner();
+        let volume = convert::volume_id("volume_id", &r.volume_id).map_err(field)?;
+        let snap = convert::snapshot_id("snapshot_id", &r.snapshot_id).map_err(field)?;
+        self.stream(volume, move |rep| rep.list_image(&snap, &r.chunks))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn stat(
+        &self,
+        _req: Request<pb::StatRequest>,
+    ) -> Result<Response<pb::StatResponse>, Status> {
+        let (stat, replicas) = self
+            .run(|s| {
+                let stat = s.stat()?;
+                let mut out = Vec::new();
+                for r in s.replicas() {
+                    let layers = r
+                        .layer_summary()
+                        .into_iter()
+                        .map(|(snap, blocks)| pb::LayerInfo {
+                            snapshot_id: snap.map(|s| s.to_string()).unwrap_or_default(),
+                            blocks,
+                        })
+                        .collect();
+                    out.push(pb::ReplicaStat {
+                        volume_id: r.volume().to_string(),
+                        layers,
+                        used_bytes: r.info().used_bytes,
+                    });
+                }
+                Ok((stat, out))
+            })
+            .await?;
+        Ok(Response::new(pb::StatResponse {
+            capacity_bytes: stat.capacity_bytes,
+            used_bytes: stat.used_bytes,
+            available_bytes: stat.available_bytes,
+            replicas,
+        }))
+    }
+}

@@ -1,0 +1,238 @@
+//! The replica store of one agent: the data dir's metadata database and the
+//! replicas in it. Layout: `<data-dir>/meta.redb` (all metadata) and
+//! `<data-dir>/volumes/<volume>/<layer>.layer` (block data).
+//!
+//! Invariant: a replica exists exactly when its record is committed; a
+//! directory without a record (a create or delete cut short) is removed when
+//! the store opens.
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    sync::{Arc, RwLock},
+};
+
+use cairn_api::{ChunkSet, Geometry, VolumeId};
+
+use crate::{
+    disk::{Disk, RedbBackend},
+    error::{Error, Result, meta},
+    meta::{BLOCKS, CHUNK_ACC, REPLICAS, load_records},
+    replica::Replica,
+};
+
+/// Bytes of metadata pages redb may cache. Block indexes live in the
+/// replicas' own memory, so a small cache suffices.
+const META_CACHE_BYTES: usize = 16 << 20;
+
+/// Capacity and use of the store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreStat {
+    pub capacity_bytes: u64,
+    pub available_bytes: u64,
+    pub used_bytes: u64,
+}
+
+#[derive(Debug)]
+pub struct Store {
+    disk: Arc<dyn Disk>,
+    root: PathBuf,
+    db: Arc<redb::Database>,
+    replicas: RwLock<BTreeMap<VolumeId, Arc<Replica>>>,
+}
+
+impl Store {
+    /// Opens (or creates) the store in `root` and loads every replica.
+    pub fn open(disk: Arc<dyn Disk>, root: &Path) -> Result<Self> {
+        let io = |op, path: &Path| {
+            let path = path.to_path_buf();
+            move |source| Error::StoreIo { op, path, source }
+        };
+        let volumes = root.join("volumes");
+        disk.create_dir_all(&volumes).map_err(io("creating the data dir", &volumes))?;
+        let db_path = root.join("meta.redb");
+        let fresh = !disk.exists(&db_path);
+        let file = disk.open(&db_path, true).map_err(io("opening the metadata file", &db_path))?;
+        let db = redb::Builder::new()
+            .set_cache_size(META_CACHE_BYTES)
+            .create_with_backend(RedbBackend(file))
+            .map_err(meta("opening the metadata database"))?;
+        if fresh {
+            disk.sync_dir(root).map_err(io("syncing the data dir", root))?;
+            disk.sync_dir(root.parent().unwrap_or(root)).ok();
+        }
+        let db = Arc::new(db);
+        let mut replicas = BTreeMap::new();
+        for (name, record) in load_records(&db).map_err(meta("listing replicas"))? {
+            let volume = VolumeId::new(&name).map_err(|e| Error::Corrupt {
+                volume: name.clone(),
+                detail: format!("recorded volume id is invalid: {e}"),
+            })?;
+            let record = record.map_err(|e| Error::Corrupt {
+                volume: name.clone(),
+                detail: format!("replica record does not parse: {e}"),
+            })?;
+            let dir = volumes.join(volume.as_str());
+            let replica = Replica::load(volume.clone(), dir, disk.clone(), db.clone(), record)?;
+            replicas.insert(volume, Arc::new(replica));
+        }
+        let mut tidied = false;
+        for name in disk.list_dir(&volumes).map_err(io("listing volumes", &volumes))? {
+            if !VolumeId::new(&name).is_ok_and(|v| replicas.contains_key(&v)) {
+                let path = volumes.join(&name);
+                tracing::warn!(path = %path.display(), "removing a replica directory without a record");
+                disk.remove_dir_all(&path).map_err(io("removing an orphan directory", &path))?;
+                tidied = true;
+            }
+        }
+        if tidied {
+            disk.sync_dir(&volumes).map_err(io("syncing the volumes dir", &volumes))?;
+        }
+        Ok(Store { disk, root: root.to_path_buf(), db, replicas: RwLock::new(replicas) })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn dir(&self, volume: &VolumeId) -> PathBuf {
+        self.root.join("volumes").join(volume.as_str())
+    }
+
+    /// Creates a replica; a repeat with the same geometry and chunks returns
+    /// the existing one.
+    pub fn create_replica(
+        &self,
+        volume: &VolumeId,
+        geometry: Geometry,
+        chunks: ChunkSet,
+    ) -> Result<Arc<Replica>> {
+        chunks
+            .check(&geometry)
+            .map_err(|source| Error::Geometry { volume: volume.clone(), source })?;
+        let mut replicas = self.replicas.write().unwrap();
+        if let Some(r) = replicas.get(volume) {
+            let info = r.info();
+            if info.geometry == geometry && info.chunks == chunks {
+                return Ok(r.clone());
+            }
+            return Err(Error::ReplicaExists {
+                volume: volume.clone(),
+                existing: format!(
+                    "size {} bytes, chunk size {} bytes and {:?}",
+                    info.geometry.size(),
+                    info.geometry.chunk_size(),
+                    info.chunks
+                ),
+            });
+        }
+        let r = Arc::new(Replica::create(
+            volume.clone(),
+            self.dir(volume),
+            self.disk.clone(),
+            self.db.clone(),
+            geometry,
+            chunks,
+        )?);
+        replicas.insert(volume.clone(), r.clone());
+        Ok(r)
+    }
+
+    pub fn replica(&self, volume: &VolumeId) -> Result<Arc<Replica>> {
+        self.replicas
+            .read()
+            .unwrap()
+            .get(volume)
+            .cloned()
+            .ok_or_else(|| Error::ReplicaNotFound { volume: volume.clone() })
+    }
+
+    /// Reloads a replica from disk and checks it; a replica that stopped
+    /// serving after an error serves again if this succeeds.
+    pub fn open_replica(&self, volume: &VolumeId) -> Result<Arc<Replica>> {
+        let mut replicas = self.replicas.write().unwrap();
+        if !replicas.contains_key(volume) {
+            return Err(Error::ReplicaNotFound { volume: volume.clone() });
+        }
+        let record = load_records(&self.db)
+            .map_err(meta("reopening a replica"))?
+            .into_iter()
+            .find(|(n, _)| n == volume.as_str())
+            .ok_or_else(|| Error::ReplicaNotFound { volume: volume.clone() })?
+            .1
+            .map_err(|e| Error::Corrupt { volume: volume.to_string(), detail: e.to_string() })?;
+        let r = Arc::new(Replica::load(
+            volume.clone(),
+            self.dir(volume),
+            self.disk.clone(),
+            self.db.clone(),
+            record,
+        )?);
+        replicas.insert(volume.clone(), r.clone());
+        Ok(r)
+    }
+
+    /// Deletes a replica: one commit drops its records, then its directory
+    /// goes.
+    pub fn delete_replica(&self, volume: &VolumeId) -> Result<()> {
+        let mut replicas = self.replicas.write().unwrap();
+        let Some(replica) = replicas.get(volume).cloned() else {
+            return Err(Error::ReplicaNotFound { volume: volume.clone() });
+        };
+        // Hold the replica's lock so no write lands after its records go.
+        let _guard = replica.state.write().unwrap_or_else(|p| p.into_inner());
+        let v = volume.as_str();
+        let tx = self.db.begin_write().map_err(meta("deleting a replica"))?;
+        {
+            tx.open_table(REPLICAS)
+                .map_err(meta("deleting a replica"))?
+                .remove(v)
+                .map_err(meta("deleting a replica"))?;
+            let mut t = tx.open_table(BLOCKS).map_err(meta("deleting a replica"))?;
+            t.retain_in((v, 0, 0)..=(v, u64::MAX, u64::MAX), |_, _| false)
+                .map_err(meta("deleting a replica"))?;
+            let mut a = tx.open_table(CHUNK_ACC).map_err(meta("deleting a replica"))?;
+            a.retain_in((v, 0)..=(v, u64::MAX), |_, _| false)
+                .map_err(meta("deleting a replica"))?;
+        }
+        tx.commit().map_err(meta("deleting a replica"))?;
+        replicas.remove(volume);
+        let dir = self.dir(volume);
+        self.disk.remove_dir_all(&dir).map_err(|source| Error::StoreIo {
+            op: "removing a replica directory",
+            path: dir.clone(),
+            source,
+        })?;
+        Ok(())
+    }
+
+    /// Every replica, in volume order.
+    pub fn replicas(&self) -> Vec<Arc<Replica>> {
+        self.replicas.read().unwrap().values().cloned().collect()
+    }
+
+    /// Flushes every serving replica (at shutdown).
+    pub fn flush_all(&self) -> Result<()> {
+        let mut first = Ok(());
+        for r in self.replicas() {
+            if let Err(e) = r.flush() {
+                tracing::error!(volume = %r.volume(), error = %e, "flush failed");
+                if first.is_ok() {
+                    first = Err(e);
+                }
+            }
+        }
+        first
+    }
+
+    pub fn stat(&self) -> Result<StoreStat> {
+        let (capacity_bytes, available_bytes) =
+            self.disk.capacity(&self.root).map_err(|source| Error::StoreIo {
+                op: "reading file system capacity",
+                path: self.root.clone(),
+                source,
+            })?;
+        let used_bytes = self.replicas().iter().map(|r| r.info().used_bytes).sum();
+        Ok(StoreStat { capacity_bytes, available_bytes, used_bytes })
+    }
+}

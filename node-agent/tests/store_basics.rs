@@ -1,0 +1,137 @@
+//! The replica store's behaviour through its public API on a simulated disk:
+//! layer resolution, trim, fold, digests, reopen.
+
+use std::{path::Path, sync::Arc};
+
+use cairn_agent::{
+    Store,
+    disk::{Disk, SimDisk},
+};
+use cairn_api::{BLOCK_SIZE, ChunkSet, Geometry, SnapshotId, VolumeId, digest::image_digest};
+
+const B: usize = BLOCK_SIZE as usize;
+
+fn block(fill: u8) -> Vec<u8> {
+    vec![fill; B]
+}
+
+fn vol() -> VolumeId {
+    VolumeId::new("vol-a").unwrap()
+}
+
+fn snap(s: &str) -> SnapshotId {
+    SnapshotId::new(s).unwrap()
+}
+
+fn open(disk: &SimDisk) -> Store {
+    Store::open(Arc::new(disk.clone()), Path::new("/data")).unwrap()
+}
+
+fn read_block(store: &Store, b: u64, s: Option<&str>) -> Vec<u8> {
+    let s = s.map(snap);
+    store.replica(&vol()).unwrap().read(b * BLOCK_SIZE, BLOCK_SIZE, s.as_ref()).unwrap()
+}
+
+#[test]
+fn reads_resolve_to_the_newest_layer_and_snapshots_keep_their_view() {
+    let disk = SimDisk::new();
+    let store = open(&disk);
+    let r = store
+        .create_replica(&vol(), Geometry::new(1 << 20, 1 << 16).unwrap(), ChunkSet::All)
+        .unwrap();
+    r.write(0, &[block(1), block(1)].concat()).unwrap();
+    r.seal(&snap("s1"), 1).unwrap();
+    r.write(BLOCK_SIZE, &block(2)).unwrap();
+    r.seal(&snap("s2"), 2).unwrap();
+    r.write(0, &block(3)).unwrap();
+    assert_eq!(read_block(&store, 0, None), block(3));
+    assert_eq!(read_block(&store, 1, None), block(2));
+    assert_eq!(read_block(&store, 0, Some("s2")), block(1));
+    assert_eq!(read_block(&store, 1, Some("s1")), block(1));
+    assert_eq!(read_block(&store, 5, Some("s1")), block(0));
+    let snaps = r.snapshots().unwrap();
+    assert_eq!(snaps.iter().map(|s| s.changed_blocks).collect::<Vec<_>>(), vec![2, 1]);
+    let b1 = block(1);
+    let b2 = block(2);
+    assert_eq!(snaps[0].digest, image_digest(1 << 20, [(0, &b1[..]), (1, &b1[..])]));
+    assert_eq!(snaps[1].digest, image_digest(1 << 20, [(0, &b1[..]), (1, &b2[..])]));
+}
+
+#[test]
+fn trim_reads_zero_and_shadows_older_layers() {
+    let disk = SimDisk::new();
+    let store = open(&disk);
+    let r =
+        store.create_replica(&vol(), Geometry::new(1 << 20, 0).unwrap(), ChunkSet::All).unwrap();
+    r.write(0, &[block(4), block(5)].concat()).unwrap();
+    r.seal(&snap("s1"), 1).unwrap();
+    r.trim(0, 2 * BLOCK_SIZE).unwrap();
+    assert_eq!(read_block(&store, 0, None), block(0));
+    assert_eq!(read_block(&store, 0, Some("s1")), block(4));
+    assert_eq!(r.digest(None).unwrap(), image_digest(1 << 20, []));
+    // Zeros written are the same as a trim.
+    r.write(0, &block(6)).unwrap();
+    r.write(0, &block(0)).unwrap();
+    assert_eq!(read_block(&store, 0, None), block(0));
+}
+
+#[test]
+fn deleting_a_snapshot_folds_into_the_next_and_keeps_every_view() {
+    let disk = SimDisk::new();
+    let store = open(&disk);
+    let r =
+        store.create_replica(&vol(), Geometry::new(1 << 20, 0).unwrap(), ChunkSet::All).unwrap();
+    r.write(0, &[block(1), block(1), block(1)].concat()).unwrap();
+    r.seal(&snap("s1"), 1).unwrap();
+    r.write(0, &block(2)).unwrap();
+    r.trim(2 * BLOCK_SIZE, BLOCK_SIZE).unwrap();
+    r.seal(&snap("s2"), 2).unwrap();
+    r.write(BLOCK_SIZE, &block(3)).unwrap();
+    let before: Vec<Vec<u8>> = (0..3).map(|b| read_block(&store, b, Some("s2"))).collect();
+    let digest_before = r.digest(Some(&snap("s2"))).unwrap();
+    r.delete_snapshot(&snap("s1")).unwrap();
+    let after: Vec<Vec<u8>> = (0..3).map(|b| read_block(&store, b, Some("s2"))).collect();
+    assert_eq!(before, after);
+    assert_eq!(r.digest(Some(&snap("s2"))).unwrap(), digest_before);
+    assert_eq!(r.snapshots().unwrap().len(), 1);
+    // s2's layer now holds the delta from nothing: all three blocks.
+    assert_eq!(r.snapshots().unwrap()[0].changed_blocks, 3);
+    // Deleting the newest folds into the head.
+    r.delete_snapshot(&snap("s2")).unwrap();
+    assert_eq!(read_block(&store, 0, None), block(2));
+    assert_eq!(read_block(&store, 1, None), block(3));
+    assert_eq!(read_block(&store, 2, None), block(0));
+    drop(store);
+    let store = open(&disk);
+    assert_eq!(read_block(&store, 0, None), block(2));
+    assert_eq!(read_block(&store, 1, None), block(3));
+    // Sealing after the fold records the chunks the folded layer changed.
+    let r = store.replica(&vol()).unwrap();
+    let s3 = r.seal(&snap("s3"), 3).unwrap();
+    let (b2, b3) = (block(2), block(3));
+    assert_eq!(s3.digest, image_digest(1 << 20, [(0, &b2[..]), (1, &b3[..])]));
+    let accs = r.chunk_digests(Some(&snap("s3")), &[]).unwrap();
+    let mut sum = cairn_api::Accumulator::default();
+    accs.iter().for_each(|(_, a)| sum.merge(a));
+    assert_eq!(sum.digest(1 << 20), s3.digest);
+}
+
+#[test]
+fn flushed_state_survives_reopen_and_unflushed_does_not() {
+    let disk = SimDisk::new();
+    let store = open(&disk);
+    let r =
+        store.create_replica(&vol(), Geometry::new(1 << 20, 0).unwrap(), ChunkSet::All).unwrap();
+    r.write(0, &block(1)).unwrap();
+    r.flush().unwrap();
+    r.write(0, &block(2)).unwrap();
+    r.write(BLOCK_SIZE, &block(2)).unwrap();
+    drop((r, store));
+    let crashed = disk.crash_image(cairn_agent::disk::CrashMode::DropUnsynced);
+    let store = open(&crashed);
+    assert_eq!(read_block(&store, 0, None), block(1));
+    assert_eq!(read_block(&store, 1, None), block(0));
+    let files = crashed.files();
+    assert!(files.iter().any(|p| p.ends_with("meta.redb")), "{files:?}");
+    assert!(crashed.exists(Path::new("/data/volumes/vol-a")));
+}
