@@ -26,6 +26,9 @@ pub trait DiskFile: Send + Sync + fmt::Debug {
     /// Makes every write so far durable (fdatasync).
     fn sync(&self) -> io::Result<()>;
     fn len(&self) -> io::Result<u64>;
+    fn is_empty(&self) -> io::Result<bool> {
+        Ok(self.len()? == 0)
+    }
     fn set_len(&self, len: u64) -> io::Result<()>;
     /// Frees the space of `[offset, offset + len)`; it reads as zeros after.
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()>;

@@ -162,10 +162,12 @@ pub fn decode_accs(bytes: &[u8]) -> Option<BTreeMap<u64, Accumulator>> {
     )
 }
 
+/// A replica record as read: the volume name and the record, or why it does
+/// not parse.
+pub type LoadedRecord = (String, Result<ReplicaRecord, serde_json::Error>);
+
 /// Reads every replica record.
-pub fn load_records(
-    db: &redb::Database,
-) -> Result<Vec<(String, Result<ReplicaRecord, serde_json::Error>)>, redb::Error> {
+pub fn load_records(db: &redb::Database) -> Result<Vec<LoadedRecord>, redb::Error> {
     let tx = db.begin_read()?;
     let table = match tx.open_table(REPLICAS) {
         Ok(t) => t,

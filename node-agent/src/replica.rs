@@ -515,12 +515,19 @@ impl Replica {
             if inc.zero && prev_newest.is_none() && cur.is_none_or(|e| e.is_zero()) {
                 continue; // already reads as zeros and nothing to shadow
             }
-            if !st.pending.contains_key(&b) {
-                st.pending.insert(b, cur);
-            } else if let (true, Some(c)) = (inc.zero, cur.filter(|e| !e.is_zero())) {
-                // A fresh slot that no commit names: reusable at once.
-                if st.pending[&b].is_none_or(|p| p.slot != c.slot) {
-                    st.head_mut().free.push(c.slot);
+            match st.pending.entry(b) {
+                std::collections::btree_map::Entry::Vacant(v) => {
+                    v.insert(cur);
+                }
+                std::collections::btree_map::Entry::Occupied(o) => {
+                    // A fresh slot that no commit names is reusable at once
+                    // when the block becomes zero.
+                    let committed = *o.get();
+                    if let (true, Some(c)) = (inc.zero, cur.filter(|e| !e.is_zero()))
+                        && committed.is_none_or(|p| p.slot != c.slot)
+                    {
+                        st.head_mut().free.push(c.slot);
+                    }
                 }
             }
             if let Some(prev) = prev_newest {

@@ -48,7 +48,7 @@ impl Replica {
     fn block_ranges(&self, st: &State, chunks: &[u64]) -> Result<Vec<Range<u64>>> {
         if chunks.is_empty() {
             return Ok(match &st.chunks {
-                cairn_api::ChunkSet::All => vec![0..st.geometry.blocks()],
+                cairn_api::ChunkSet::All => std::iter::once(0..st.geometry.blocks()).collect(),
                 cairn_api::ChunkSet::Some(s) => {
                     s.iter().map(|c| st.geometry.chunk_blocks(*c)).collect()
                 }

@@ -135,3 +135,49 @@ fn flushed_state_survives_reopen_and_unflushed_does_not() {
     assert!(files.iter().any(|p| p.ends_with("meta.redb")), "{files:?}");
     assert!(crashed.exists(Path::new("/data/volumes/vol-a")));
 }
+
+#[test]
+fn a_flipped_byte_is_a_checksum_error_naming_the_block_never_data() {
+    let disk = SimDisk::new();
+    let store = open(&disk);
+    let r = store.create_replica(&vol(), Geometry::new(1 << 20, 1 << 16).unwrap(), ChunkSet::All).unwrap();
+    // Blocks 0..20 land in slots 0..20 of the head layer's file.
+    let data: Vec<u8> = (0..20u8).flat_map(|i| block(i + 1)).collect();
+    r.write(0, &data).unwrap();
+    r.seal(&snap("s1"), 1).unwrap();
+    let layer = disk.files().into_iter().find(|p| p.extension().is_some_and(|e| e == "layer")).unwrap();
+    disk.corrupt(&layer, 17 * BLOCK_SIZE + 100).unwrap();
+    let err = r.read(16 * BLOCK_SIZE, 2 * BLOCK_SIZE, None).unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, cairn_agent::Error::Checksum { .. }), "{msg}");
+    assert!(msg.contains("volume vol-a"), "{msg}");
+    assert!(msg.contains("chunk 1,"), "{msg}");
+    assert!(msg.contains(&format!("byte offset {}", 17 * BLOCK_SIZE)), "{msg}");
+    // Other blocks still read, from the head and from the snapshot.
+    assert_eq!(read_block(&store, 16, None), block(17));
+    assert_eq!(read_block(&store, 18, Some("s1")), block(19));
+    // A stream of the snapshot stops at the bad block rather than send it.
+    let listed = r.list_image(&snap("s1"), &[]).unwrap();
+    assert!(matches!(r.read_listed(&listed), Err(cairn_agent::Error::Checksum { .. })));
+    // Folding the snapshot into the head does not launder the bad block.
+    assert!(matches!(r.delete_snapshot(&snap("s1")), Err(cairn_agent::Error::Checksum { .. })));
+    assert_eq!(r.snapshots().unwrap().len(), 1, "a failed delete leaves the snapshot whole");
+}
+
+#[test]
+fn replicas_refuse_blocks_of_chunks_they_do_not_hold() {
+    let disk = SimDisk::new();
+    let store = open(&disk);
+    let held = ChunkSet::Some([1, 3].into());
+    let r = store.create_replica(&vol(), Geometry::new(1 << 20, 1 << 16).unwrap(), held).unwrap();
+    r.write(1 << 16, &block(1)).unwrap();
+    let err = r.write(0, &block(1)).unwrap_err().to_string();
+    assert!(err.contains("chunk 0") && err.contains("not held"), "{err}");
+    let err = r.read(2 << 16, BLOCK_SIZE, None).unwrap_err().to_string();
+    assert!(err.contains("chunk 2"), "{err}");
+    // Growth adds chunks.
+    r.grow(2 << 20, &[20]).unwrap();
+    r.write(20 << 16, &block(2)).unwrap();
+    assert_eq!(read_block(&store, (20 << 16) / BLOCK_SIZE, None), block(2));
+    assert!(r.grow(1 << 20, &[]).is_err(), "a replica never shrinks");
+}
