@@ -20,39 +20,45 @@ pub type AgentClient = ReplicaStoreClient<Channel>;
 /// The largest gRPC message the harness sends or accepts.
 pub const MAX_MESSAGE_BYTES: usize = 8 << 20;
 
-/// Path of the `cairn-agent` binary built with this workspace: next to the
-/// running executable (or its parent, for test and bench executables in
-/// `deps/`), else built now with cargo. `CAIRN_AGENT_BIN` overrides.
+/// Path of the `cairn-agent` binary of this workspace, in the same target
+/// profile as the running executable. Under cargo (`cargo test`, `cargo run`,
+/// which set `CARGO`) it is (re)built first, once per process, so a test or
+/// the demo never runs a stale agent. `CAIRN_AGENT_BIN` overrides.
 pub fn agent_binary() -> anyhow::Result<PathBuf> {
+    static BUILT: std::sync::OnceLock<Result<PathBuf, String>> = std::sync::OnceLock::new();
     if let Ok(p) = std::env::var("CAIRN_AGENT_BIN") {
         return Ok(PathBuf::from(p));
     }
+    BUILT
+        .get_or_init(|| locate_or_build().map_err(|e| format!("{e:#}")))
+        .clone()
+        .map_err(anyhow::Error::msg)
+}
+
+fn locate_or_build() -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe()?;
     let dir = exe.parent().context("executable has no directory")?;
-    for candidate in [dir.join("cairn-agent"), dir.join("../cairn-agent")] {
-        if candidate.is_file() {
-            return Ok(candidate);
+    // Test and bench executables live in `<profile>/deps`.
+    let profile_dir = if dir.ends_with("deps") { dir.parent().unwrap_or(dir) } else { dir };
+    let bin = profile_dir.join("cairn-agent");
+    if let Ok(cargo) = std::env::var("CARGO") {
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "--quiet", "-p", "cairn-agent", "--bin", "cairn-agent"]);
+        if profile_dir.ends_with("release") {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().context("running cargo to build cairn-agent")?;
+        if !status.success() {
+            bail!("cargo build -p cairn-agent failed ({status})");
         }
     }
-    // Not built yet (e.g. `cargo run --bin cairn-demo` builds only the demo).
-    let release = dir.ends_with("release") || dir.parent().is_some_and(|p| p.ends_with("release"));
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let mut cmd = Command::new(cargo);
-    cmd.args(["build", "-p", "cairn-agent", "--bin", "cairn-agent"]);
-    if release {
-        cmd.arg("--release");
+    if !bin.is_file() {
+        bail!(
+            "no cairn-agent binary at {}: build it with `cargo build -p cairn-agent` or set CAIRN_AGENT_BIN",
+            bin.display()
+        );
     }
-    eprintln!("building cairn-agent ({})", if release { "release" } else { "debug" });
-    let status = cmd.status().context("running cargo to build cairn-agent")?;
-    if !status.success() {
-        bail!("cargo build -p cairn-agent failed");
-    }
-    let profile_dir = if dir.ends_with("deps") { dir.parent().unwrap() } else { dir };
-    let built = profile_dir.join("cairn-agent");
-    if !built.is_file() {
-        bail!("built cairn-agent but cannot find it at {}", built.display());
-    }
-    Ok(built)
+    Ok(bin)
 }
 
 /// A running `cairn-agent` process.
@@ -184,4 +190,148 @@ pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
     }
     out.truncate(len);
     out
+}
+
+/// What a volume should hold, kept by the demo and the tests to check what an
+/// agent returns: the data of every non-zero block, by block index. Offsets
+/// and lengths are in bytes and must be whole blocks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reference {
+    pub size: u64,
+    pub blocks: std::collections::BTreeMap<u64, Vec<u8>>,
+}
+
+impl Reference {
+    const BS: u64 = cairn_api::BLOCK_SIZE;
+
+    /// An empty (all-zero) volume of `size` bytes.
+    pub fn new(size: u64) -> Self {
+        Reference { size, blocks: Default::default() }
+    }
+
+    fn check(&self, offset: u64, len: u64) {
+        assert!(
+            offset.is_multiple_of(Self::BS)
+                && len.is_multiple_of(Self::BS)
+                && offset + len <= self.size,
+            "reference: [{offset}, +{len}) is not whole blocks inside {} bytes",
+            self.size
+        );
+    }
+
+    /// Records a write; all-zero blocks read as zeros, so they are dropped.
+    pub fn write(&mut self, offset: u64, data: &[u8]) {
+        self.check(offset, data.len() as u64);
+        for (i, d) in data.chunks_exact(Self::BS as usize).enumerate() {
+            let b = offset / Self::BS + i as u64;
+            if cairn_api::digest::is_zero(d) {
+                self.blocks.remove(&b);
+            } else {
+                self.blocks.insert(b, d.to_vec());
+            }
+        }
+    }
+
+    /// Records a trim: the blocks read as zeros afterwards.
+    pub fn trim(&mut self, offset: u64, len: u64) {
+        self.check(offset, len);
+        let first = offset / Self::BS;
+        let gone: Vec<u64> =
+            self.blocks.range(first..first + len / Self::BS).map(|(b, _)| *b).collect();
+        for b in gone {
+            self.blocks.remove(&b);
+        }
+    }
+
+    /// What a read of `[offset, offset + len)` must return.
+    pub fn read(&self, offset: u64, len: u64) -> Vec<u8> {
+        self.check(offset, len);
+        let mut out = vec![0u8; len as usize];
+        let first = offset / Self::BS;
+        for (b, d) in self.blocks.range(first..first + len / Self::BS) {
+            let at = ((b - first) * Self::BS) as usize;
+            out[at..at + d.len()].copy_from_slice(d);
+        }
+        out
+    }
+
+    /// Describes the first block where `got`, read at `offset`, differs from
+    /// this reference; `None` when it matches.
+    pub fn mismatch(&self, offset: u64, got: &[u8]) -> Option<String> {
+        let want = self.read(offset, got.len() as u64);
+        let bs = Self::BS as usize;
+        let i = got.chunks(bs).zip(want.chunks(bs)).position(|(g, w)| g != w)?;
+        let b = offset / Self::BS + i as u64;
+        let zero = |d: &[u8]| cairn_api::digest::is_zero(&d[i * bs..(i + 1) * bs]);
+        let how = match (zero(&want), zero(got)) {
+            (true, _) => "expected zeros, got data",
+            (false, true) => "expected data, got zeros",
+            (false, false) => "got different data",
+        };
+        Some(format!("block {b} (byte offset {}): {how}", b * Self::BS))
+    }
+
+    /// The digest an agent must report for this content.
+    pub fn digest(&self) -> cairn_api::Digest {
+        cairn_api::digest::image_digest(self.size, self.blocks.iter().map(|(b, d)| (*b, &d[..])))
+    }
+
+    /// Blocks whose content differs from `older`, with their content here
+    /// (empty for a block that is now zero).
+    pub fn changed_since(&self, older: &Reference) -> std::collections::BTreeMap<u64, Vec<u8>> {
+        let mut out = std::collections::BTreeMap::new();
+        for (b, d) in &self.blocks {
+            if older.blocks.get(b) != Some(d) {
+                out.insert(*b, d.clone());
+            }
+        }
+        for b in older.blocks.keys() {
+            if !self.blocks.contains_key(b) {
+                out.insert(*b, Vec::new());
+            }
+        }
+        out
+    }
+}
+
+/// Bytes a directory tree takes on disk (allocated blocks, so holes in
+/// sparse files do not count).
+pub fn disk_usage(dir: &Path) -> std::io::Result<u64> {
+    use std::os::unix::fs::MetadataExt;
+    let mut total = 0;
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let meta = entry.metadata()?;
+        total += if meta.is_dir() { disk_usage(&entry.path())? } else { meta.blocks() * 512 };
+    }
+    Ok(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BS: u64 = cairn_api::BLOCK_SIZE;
+
+    #[test]
+    fn reference_tracks_writes_trims_and_differences() {
+        let mut r = Reference::new(16 * BS);
+        r.write(2 * BS, &pattern(1, 3 * BS as usize));
+        r.write(3 * BS, &[0; BS as usize]);
+        assert_eq!(r.blocks.keys().copied().collect::<Vec<_>>(), [2, 4]);
+        let before = r.clone();
+        r.trim(4 * BS, 2 * BS);
+        r.write(9 * BS, &pattern(2, BS as usize));
+        let changed = r.changed_since(&before);
+        assert_eq!(changed.keys().copied().collect::<Vec<_>>(), [4, 9]);
+        assert!(changed[&4].is_empty());
+
+        let mut got = r.read(0, 16 * BS);
+        assert_eq!(r.mismatch(0, &got), None);
+        got[(9 * BS + 5) as usize] ^= 1;
+        assert_eq!(r.mismatch(0, &got).unwrap(), "block 9 (byte offset 36864): got different data");
+        assert!(r.mismatch(BS, &got[BS as usize..2 * BS as usize]).is_none());
+        assert!(r.mismatch(0, &[1; BS as usize]).unwrap().contains("expected zeros, got data"));
+        assert_ne!(r.digest(), before.digest());
+    }
 }

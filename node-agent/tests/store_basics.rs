@@ -181,3 +181,33 @@ fn replicas_refuse_blocks_of_chunks_they_do_not_hold() {
     assert_eq!(read_block(&store, (20 << 16) / BLOCK_SIZE, None), block(2));
     assert!(r.grow(1 << 20, &[]).is_err(), "a replica never shrinks");
 }
+
+/// Bytes the files under `dir` occupy on disk.
+fn disk_usage(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let mut total = 0;
+    for e in std::fs::read_dir(dir).unwrap() {
+        let e = e.unwrap();
+        let m = e.metadata().unwrap();
+        total += if m.is_dir() { disk_usage(&e.path()) } else { m.blocks() * 512 };
+    }
+    total
+}
+
+#[test]
+fn a_1_tib_volume_with_10_mib_written_uses_about_10_mib_of_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(Arc::new(cairn_agent::disk::FileDisk), dir.path()).unwrap();
+    let r = store.create_replica(&vol(), Geometry::new(1 << 40, 0).unwrap(), ChunkSet::All).unwrap();
+    // 10 MiB as 1 MiB writes spread over the whole terabyte.
+    for i in 0..10u64 {
+        let data: Vec<u8> = (0..256u64).flat_map(|b| block((i * 7 + b) as u8 | 1)).collect();
+        r.write(i * (100 << 30), &data).unwrap();
+    }
+    r.flush().unwrap();
+    r.seal(&snap("s1"), 1).unwrap();
+    let used = disk_usage(dir.path());
+    assert!(used >= 10 << 20, "the data is on disk: {used}");
+    assert!(used < 14 << 20, "1 TiB provisioned, 10 MiB written, {used} bytes used");
+    assert_eq!(r.info().used_bytes, 10 << 20);
+}
