@@ -3,8 +3,11 @@
 //! docs/design.md, "Digest"):
 //!
 //! - each non-zero block `b` with bytes `D` has the block hash
-//!   `h(b, D) = BLAKE3-derive-key("cairn block digest v1", le64(b) || D)`;
-//!   an all-zero block (never written, trimmed or written with zeros) has none;
+//!   `h(b, D) = BLAKE3-keyed(K, le64(b) || BLAKE3(D))` with the key
+//!   `K = BLAKE3-derive-key("cairn block digest v1", "")`; hashing the 4 KiB
+//!   block alone lets BLAKE3 work on its four 1 KiB chunks in parallel (SIMD),
+//!   and the keyed outer hash binds the position; an all-zero block (never
+//!   written, trimmed or written with zeros) has none;
 //! - an accumulator is the lane-wise sum modulo 2^64 of the four
 //!   little-endian 64-bit lanes of the block hashes of a set of blocks, so it
 //!   can be updated per write (subtract the old hash, add the new) and
@@ -56,11 +59,13 @@ pub struct BlockHash(pub [u8; 32]);
 impl BlockHash {
     /// Hashes block `index` holding `data` (exactly one block).
     pub fn of(index: u64, data: &[u8]) -> Self {
+        static KEY: std::sync::OnceLock<[u8; 32]> = std::sync::OnceLock::new();
         debug_assert_eq!(data.len() as u64, BLOCK_SIZE);
-        let mut h = blake3::Hasher::new_derive_key(BLOCK_CONTEXT);
-        h.update(&index.to_le_bytes());
-        h.update(data);
-        BlockHash(*h.finalize().as_bytes())
+        let key = KEY.get_or_init(|| blake3::derive_key(BLOCK_CONTEXT, &[]));
+        let mut outer = [0u8; 40];
+        outer[..8].copy_from_slice(&index.to_le_bytes());
+        outer[8..].copy_from_slice(blake3::hash(data).as_bytes());
+        BlockHash(*blake3::keyed_hash(key, &outer).as_bytes())
     }
 
     fn lanes(&self) -> [u64; 4] {

@@ -4,6 +4,7 @@
 
 pub mod disk;
 pub mod error;
+pub mod extent;
 pub mod layer;
 pub mod lock;
 pub mod meta;

@@ -34,6 +34,8 @@ use crate::{
 };
 
 const BS: usize = BLOCK_SIZE as usize;
+/// Requests at least this large hash and check blocks on every core.
+pub(crate) const PARALLEL_BYTES: usize = 128 << 10;
 
 /// The newest version of a block, as the head sees it.
 #[derive(Debug, Clone, Copy)]
@@ -114,16 +116,24 @@ impl State {
         }
     }
 
+    /// Adds `add` and removes `sub` from chunk `chunk`'s accumulator (a
+    /// chunk of `u64::MAX` is "none yet").
+    fn apply_delta(&mut self, chunk: u64, add: &Accumulator, sub: &Accumulator) {
+        if chunk == u64::MAX || (add.is_empty() && sub.is_empty()) {
+            return;
+        }
+        let acc = self.chunk_acc.entry(chunk).or_default();
+        acc.merge(add);
+        acc.unmerge(sub);
+        self.total_acc.merge(add);
+        self.total_acc.unmerge(sub);
+        self.touched.insert(chunk);
+    }
+
     fn add(&mut self, block: u64, hash: &BlockHash) {
         let chunk = self.geometry.chunk_of(block);
         self.chunk_acc.entry(chunk).or_default().add(hash);
         self.total_acc.add(hash);
-    }
-
-    fn sub(&mut self, block: u64, hash: &BlockHash) {
-        let chunk = self.geometry.chunk_of(block);
-        self.chunk_acc.entry(chunk).or_default().sub(hash);
-        self.total_acc.sub(hash);
     }
 }
 
@@ -422,25 +432,29 @@ impl Replica {
             let st = self.read_state()?;
             self.check_range(&st, offset, len, MAX_IO_BYTES, st.geometry.size())?;
         }
-        let incoming: Vec<Incoming> = data
-            .chunks_exact(BS)
-            .enumerate()
-            .map(|(i, d)| {
-                let zero = is_zero(d);
-                Incoming {
-                    crc: crc32c::crc32c(d),
-                    hash: if zero {
-                        BlockHash::default()
-                    } else {
-                        BlockHash::of(offset / BLOCK_SIZE + i as u64, d)
-                    },
-                    zero,
-                }
-            })
-            .collect();
+        // Checksums are computed before taking the lock. Block hashes of a
+        // small write too; those of a large one are computed under the lock
+        // while its data is written to the file (on the other cores).
+        let large = data.len() >= PARALLEL_BYTES;
+        let first = offset / BLOCK_SIZE;
+        let check = |(i, d): (usize, &[u8])| {
+            let zero = is_zero(d);
+            let hash = if zero || large {
+                BlockHash::default()
+            } else {
+                BlockHash::of(first + i as u64, d)
+            };
+            Incoming { crc: crc32c::crc32c(d), hash, zero }
+        };
+        let mut incoming: Vec<Incoming> = if large {
+            use rayon::prelude::*;
+            data.par_chunks_exact(BS).enumerate().map(check).collect()
+        } else {
+            data.chunks_exact(BS).enumerate().map(check).collect()
+        };
         let mut st = self.write_state()?;
         let range = self.check_range(&st, offset, len, MAX_IO_BYTES, st.geometry.size())?;
-        self.apply_write(&mut st, range, data, &incoming).map_err(|e| self.fail(e))
+        self.apply_write(&mut st, range, data, &mut incoming, large).map_err(|e| self.fail(e))
     }
 
     fn apply_write(
@@ -448,105 +462,140 @@ impl Replica {
         st: &mut State,
         range: BlockRange,
         data: &[u8],
-        incoming: &[Incoming],
+        incoming: &mut [Incoming],
+        hash_now: bool,
     ) -> Result<()> {
-        // 1. Choose a slot for each data block: its own fresh slot if it was
-        //    written since the last commit, else one no commit names.
-        let mut slots: Vec<Option<u32>> = Vec::with_capacity(incoming.len());
+        // 1. Look each block up once: its head entry and, if it changed since
+        //    the last commit, the entry that commit named. Choose a slot for
+        //    each data block: its own fresh slot if it was written since the
+        //    last commit, else one no commit names.
+        struct Seen {
+            cur: Option<Entry>,
+            pending: Option<Option<Entry>>,
+            slot: Option<u32>,
+        }
+        let mut seen: Vec<Seen> = Vec::with_capacity(incoming.len());
         let mut need_new = Vec::new();
         for (i, inc) in incoming.iter().enumerate() {
             let b = range.start() + i as u64;
-            if inc.zero {
-                slots.push(None);
-                continue;
-            }
-            let cur = st.head().map.get(&b).copied().filter(|e| !e.is_zero());
+            let cur = st.head().map.get(&b).copied();
+            let pending = st.pending.get(&b).copied();
             let fresh = cur.filter(|e| {
-                st.pending.get(&b).is_some_and(|prev| prev.is_none_or(|p| p.slot != e.slot))
+                !e.is_zero() && pending.is_some_and(|prev| prev.is_none_or(|p| p.slot != e.slot))
             });
-            match fresh {
-                Some(e) => slots.push(Some(e.slot)),
-                None => {
-                    slots.push(None);
+            let slot = match (inc.zero, fresh) {
+                (true, _) => None,
+                (false, Some(e)) => Some(e.slot),
+                (false, None) => {
                     need_new.push(i);
+                    None
                 }
-            }
+            };
+            seen.push(Seen { cur, pending, slot });
         }
         if !need_new.is_empty() {
             let head = st.head_mut();
             let from_free = need_new.len().min(head.free.len());
             let run_start = head.alloc_run((need_new.len() - from_free) as u32);
             for (k, &i) in need_new.iter().enumerate() {
-                slots[i] = Some(if k < from_free {
+                seen[i].slot = Some(if k < from_free {
                     head.alloc()
                 } else {
                     run_start + (k - from_free) as u32
                 });
             }
         }
-        // 2. Write the data, one file write per run of consecutive slots.
-        if slots.iter().any(|s| s.is_some()) {
+        // 2. Write the data, one file write per run of consecutive slots,
+        //    while the other cores hash the blocks if that is still to do.
+        let mut file = None;
+        if seen.iter().any(|s| s.slot.is_some()) {
             let head = st.head_mut();
             let path = head.path().to_path_buf();
-            let file = head
+            let f = head
                 .file_for_write(self.disk.as_ref())
                 .map_err(self.io("creating a layer file", &path))?;
+            file = Some((f, path));
+        }
+        let write_runs = || -> Result<()> {
+            let Some((file, path)) = &file else { return Ok(()) };
             let mut i = 0;
-            while i < slots.len() {
-                let Some(first) = slots[i] else {
+            while i < seen.len() {
+                let Some(first) = seen[i].slot else {
                     i += 1;
                     continue;
                 };
                 let mut n = 1;
-                while i + n < slots.len() && slots[i + n] == Some(first + n as u32) {
+                while i + n < seen.len() && seen[i + n].slot == Some(first + n as u32) {
                     n += 1;
                 }
                 file.write_at(&data[i * BS..(i + n) * BS], first as u64 * BLOCK_SIZE)
-                    .map_err(self.io("writing blocks", &path))?;
+                    .map_err(self.io("writing blocks", path))?;
                 i += n;
             }
+            Ok(())
+        };
+        if hash_now {
+            use rayon::prelude::*;
+            let start = range.start();
+            let (written, ()) = rayon::join(write_runs, || {
+                incoming.par_iter_mut().enumerate().filter(|(_, inc)| !inc.zero).for_each(
+                    |(i, inc)| {
+                        inc.hash = BlockHash::of(start + i as u64, &data[i * BS..(i + 1) * BS])
+                    },
+                )
+            });
+            written?;
+        } else {
+            write_runs()?;
         }
-        // 3. Index the new versions and update the digest accumulators.
+        // 3. Index the new versions; sum the digest changes per chunk and
+        //    apply them once per chunk.
         let head_no = st.head().no;
-        for (i, inc) in incoming.iter().enumerate() {
+        let mut chunk = u64::MAX;
+        let mut delta_add = Accumulator::default();
+        let mut delta_sub = Accumulator::default();
+        for (i, (inc, s)) in incoming.iter().zip(&seen).enumerate() {
             let b = range.start() + i as u64;
-            let prev_newest = st.merged.get(&b).copied();
-            let cur = st.head().map.get(&b).copied();
-            if inc.zero && prev_newest.is_none() && cur.is_none_or(|e| e.is_zero()) {
-                continue; // already reads as zeros and nothing to shadow
-            }
-            match st.pending.entry(b) {
-                std::collections::btree_map::Entry::Vacant(v) => {
-                    v.insert(cur);
+            let entry = match s.slot {
+                Some(slot) => Entry { slot, crc: inc.crc, hash: inc.hash },
+                None => Entry::zero(),
+            };
+            let prev_newest = if entry.is_zero() {
+                if s.cur.is_none_or(|e| e.is_zero()) && !st.merged.contains_key(&b) {
+                    continue; // already reads as zeros and nothing to shadow
                 }
-                std::collections::btree_map::Entry::Occupied(o) => {
+                st.merged.remove(&b)
+            } else {
+                st.merged.insert(b, Newest { layer: head_no, entry })
+            };
+            match s.pending {
+                None => {
+                    st.pending.insert(b, s.cur);
+                }
+                Some(committed) => {
                     // A fresh slot that no commit names is reusable at once
                     // when the block becomes zero.
-                    let committed = *o.get();
-                    if let (true, Some(c)) = (inc.zero, cur.filter(|e| !e.is_zero()))
+                    if let (true, Some(c)) = (entry.is_zero(), s.cur.filter(|e| !e.is_zero()))
                         && committed.is_none_or(|p| p.slot != c.slot)
                     {
                         st.head_mut().free.push(c.slot);
                     }
                 }
             }
-            if let Some(prev) = prev_newest {
-                st.sub(b, &prev.entry.hash);
-            }
-            let entry = match slots[i] {
-                Some(slot) => Entry { slot, crc: inc.crc, hash: inc.hash },
-                None => Entry::zero(),
-            };
             st.head_mut().map.insert(b, entry);
-            if entry.is_zero() {
-                st.merged.remove(&b);
-            } else {
-                st.add(b, &entry.hash);
-                st.merged.insert(b, Newest { layer: head_no, entry });
+            let c = st.geometry.chunk_of(b);
+            if c != chunk {
+                st.apply_delta(chunk, &delta_add, &delta_sub);
+                (chunk, delta_add, delta_sub) = (c, Accumulator::default(), Accumulator::default());
             }
-            let chunk = st.geometry.chunk_of(b);
-            st.touched.insert(chunk);
+            if let Some(prev) = prev_newest {
+                delta_sub.add(&prev.entry.hash);
+            }
+            if !entry.is_zero() {
+                delta_add.add(&entry.hash);
+            }
         }
+        st.apply_delta(chunk, &delta_add, &delta_sub);
         Ok(())
     }
 
@@ -557,7 +606,7 @@ impl Replica {
         // Only blocks that hold data change: the rest already read as zeros.
         let written: Vec<u64> = st.merged.range(range.blocks()).map(|(b, _)| *b).collect();
         let zero = vec![0u8; BS];
-        let inc = [Incoming {
+        let mut inc = [Incoming {
             crc: crate::meta::zero_block_crc(),
             hash: BlockHash::default(),
             zero: true,
@@ -565,62 +614,9 @@ impl Replica {
         for b in written {
             let one =
                 st.geometry.range(b * BLOCK_SIZE, BLOCK_SIZE, BLOCK_SIZE).expect("block in range");
-            self.apply_write(&mut st, one, &zero, &inc).map_err(|e| self.fail(e))?;
+            self.apply_write(&mut st, one, &zero, &mut inc, false).map_err(|e| self.fail(e))?;
         }
         Ok(())
-    }
-
-    /// Reads whole blocks of the head, or of a snapshot. Every block's
-    /// CRC32C is checked; a mismatch is an error, never data.
-    pub fn read(&self, offset: u64, len: u64, snapshot: Option<&SnapshotId>) -> Result<Vec<u8>> {
-        let st = self.read_state()?;
-        let (top, size) = match snapshot {
-            None => (st.layers.len() - 1, st.geometry.size()),
-            Some(id) => {
-                let i = st.snapshot_index(&self.volume, id)?;
-                (i, st.layers[i].snapshot.as_ref().expect("sealed").size)
-            }
-        };
-        let range = self.check_range(&st, offset, len, MAX_IO_BYTES, size)?;
-        let mut out = vec![0u8; range.byte_len() as usize];
-        // Resolve each block to (layer index, entry).
-        let mut found: Vec<(usize, usize, Entry)> = Vec::new(); // (pos, layer idx, entry)
-        for (pos, b) in range.blocks().enumerate() {
-            let hit = if snapshot.is_none() {
-                st.merged.get(&b).map(|n| (st.layer_index(n.layer), n.entry))
-            } else {
-                st.layers[..=top]
-                    .iter()
-                    .enumerate()
-                    .rev()
-                    .find_map(|(li, l)| l.map.get(&b).map(|e| (li, *e)))
-                    .filter(|(_, e)| !e.is_zero())
-            };
-            if let Some((li, e)) = hit {
-                found.push((pos, li, e));
-            }
-        }
-        let mut k = 0;
-        while k < found.len() {
-            let (pos, li, e) = found[k];
-            let mut n = 1;
-            while k + n < found.len() && {
-                let (p2, l2, e2) = found[k + n];
-                p2 == pos + n && l2 == li && e2.slot == e.slot + n as u32
-            } {
-                n += 1;
-            }
-            let layer = &st.layers[li];
-            let file = layer.file().expect("a layer with data blocks has a file");
-            file.read_at(&mut out[pos * BS..(pos + n) * BS], e.slot as u64 * BLOCK_SIZE)
-                .map_err(|err| self.fail(self.io("reading blocks", layer.path())(err)))?;
-            for j in 0..n {
-                let (p, _, ej) = found[k + j];
-                self.verify(&st, range.start() + p as u64, &out[p * BS..(p + 1) * BS], &ej, layer)?;
-            }
-            k += n;
-        }
-        Ok(out)
     }
 
     pub(crate) fn verify(

@@ -151,9 +151,7 @@ fn open(disk: &SimDisk) -> Store {
 fn run(crash_at: Option<u64>) -> (SimDisk, Vec<Model>, bool) {
     let disk = SimDisk::new();
     let store = open(&disk);
-    store
-        .create_replica(&vol(), Geometry::new(SIZE, CHUNK).unwrap(), ChunkSet::All)
-        .unwrap();
+    store.create_replica(&vol(), Geometry::new(SIZE, CHUNK).unwrap(), ChunkSet::All).unwrap();
     let base = disk.syncs();
     if let Some(n) = crash_at {
         disk.fail_at_sync(base + n);
@@ -226,7 +224,11 @@ fn every_sync_point_of_write_flush_seal_and_fold_recovers_a_committed_state() {
             expect.snaps.push(("after".into(), expect.head.clone()));
             drop((r, store));
             let again = open(&after.crash_image(CrashMode::DropUnsynced));
-            assert_eq!(observed(&again, &blocks), expect, "crash at sync {n} ({mode:?}), then reuse");
+            assert_eq!(
+                observed(&again, &blocks),
+                expect,
+                "crash at sync {n} ({mode:?}), then reuse"
+            );
         }
     }
     assert!(crashes >= total as usize, "every sync point was crashed at ({crashes} runs)");

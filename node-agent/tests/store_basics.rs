@@ -140,12 +140,15 @@ fn flushed_state_survives_reopen_and_unflushed_does_not() {
 fn a_flipped_byte_is_a_checksum_error_naming_the_block_never_data() {
     let disk = SimDisk::new();
     let store = open(&disk);
-    let r = store.create_replica(&vol(), Geometry::new(1 << 20, 1 << 16).unwrap(), ChunkSet::All).unwrap();
+    let r = store
+        .create_replica(&vol(), Geometry::new(1 << 20, 1 << 16).unwrap(), ChunkSet::All)
+        .unwrap();
     // Blocks 0..20 land in slots 0..20 of the head layer's file.
     let data: Vec<u8> = (0..20u8).flat_map(|i| block(i + 1)).collect();
     r.write(0, &data).unwrap();
     r.seal(&snap("s1"), 1).unwrap();
-    let layer = disk.files().into_iter().find(|p| p.extension().is_some_and(|e| e == "layer")).unwrap();
+    let layer =
+        disk.files().into_iter().find(|p| p.extension().is_some_and(|e| e == "layer")).unwrap();
     disk.corrupt(&layer, 17 * BLOCK_SIZE + 100).unwrap();
     let err = r.read(16 * BLOCK_SIZE, 2 * BLOCK_SIZE, None).unwrap_err();
     let msg = err.to_string();
@@ -198,7 +201,8 @@ fn disk_usage(dir: &Path) -> u64 {
 fn a_1_tib_volume_with_10_mib_written_uses_about_10_mib_of_disk() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(Arc::new(cairn_agent::disk::FileDisk), dir.path()).unwrap();
-    let r = store.create_replica(&vol(), Geometry::new(1 << 40, 0).unwrap(), ChunkSet::All).unwrap();
+    let r =
+        store.create_replica(&vol(), Geometry::new(1 << 40, 0).unwrap(), ChunkSet::All).unwrap();
     // 10 MiB as 1 MiB writes spread over the whole terabyte.
     for i in 0..10u64 {
         let data: Vec<u8> = (0..256u64).flat_map(|b| block((i * 7 + b) as u8 | 1)).collect();
