@@ -26,7 +26,7 @@ const GIB: u64 = 1 << 30;
 const TIB: u64 = 1 << 40;
 const BS: u64 = 4 * KIB;
 /// Timed repetitions per ratio; the median is reported.
-const REPS: usize = 3;
+const REPS: usize = 5;
 /// Bytes of pseudo-random data every write draws from.
 const POOL: u64 = 64 * MIB;
 /// Items per `read_listed` call when streaming a layer.
