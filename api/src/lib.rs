@@ -6,6 +6,7 @@ pub mod block;
 pub mod convert;
 pub mod digest;
 pub mod id;
+pub mod placement;
 pub mod snapshot;
 
 pub use block::{BLOCK_SIZE, BlockRange, ChunkSet, Geometry, GeometryError, RangeError};
