@@ -87,27 +87,37 @@ impl ReplicaStoreService {
             .map_err(status)
     }
 
+    /// Streams blocks one chunk at a time, so memory stays bounded by one
+    /// chunk's blocks whatever the volume size.
     fn stream(
         &self,
         volume: cairn_api::VolumeId,
-        list: impl FnOnce(&crate::Replica) -> Result<Vec<Listed>, Error> + Send + 'static,
+        chunks: Vec<u64>,
+        list: impl Fn(&crate::Replica, &[u64]) -> Result<Vec<Listed>, Error> + Send + 'static,
     ) -> Result<Response<ReceiverStream<Result<pb::BlockBatch, Status>>>, Status> {
         let store = self.store.clone();
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         tokio::task::spawn_blocking(move || {
+            let send_err = |e: Error| drop(tx.blocking_send(Err(status(e))));
             let replica = match store.replica(&volume) {
                 Ok(r) => r,
-                Err(e) => return drop(tx.blocking_send(Err(status(e)))),
+                Err(e) => return send_err(e),
             };
-            let items = match list(&replica) {
-                Ok(items) => items,
-                Err(e) => return drop(tx.blocking_send(Err(status(e)))),
+            let chunks = match replica.stream_chunks(&chunks) {
+                Ok(c) => c,
+                Err(e) => return send_err(e),
             };
-            for batch in items.chunks(STREAM_BATCH) {
-                let msg = replica.read_listed(batch).map(to_batch).map_err(status);
-                let failed = msg.is_err();
-                if tx.blocking_send(msg).is_err() || failed {
-                    return;
+            for chunk in chunks {
+                let items = match list(&replica, &[chunk]) {
+                    Ok(items) => items,
+                    Err(e) => return send_err(e),
+                };
+                for batch in items.chunks(STREAM_BATCH) {
+                    let msg = replica.read_listed(batch).map(to_batch).map_err(status);
+                    let failed = msg.is_err();
+                    if tx.blocking_send(msg).is_err() || failed {
+                        return;
+                    }
                 }
             }
         });
@@ -299,7 +309,7 @@ impl ReplicaStore for ReplicaStoreService {
         let r = req.into_inner();
         let volume = convert::volume_id("volume_id", &r.volume_id).map_err(field)?;
         let snap = convert::snapshot_id("snapshot_id", &r.snapshot_id).map_err(field)?;
-        self.stream(volume, move |rep| rep.list_layer(&snap, &r.chunks))
+        self.stream(volume, r.chunks, move |rep, c| rep.list_layer(&snap, c))
     }
 
     type StreamImageStream = ReceiverStream<Result<pb::BlockBatch, Status>>;
@@ -312,7 +322,7 @@ impl ReplicaStore for ReplicaStoreService {
         let r = req.into_inner();
         let volume = convert::volume_id("volume_id", &r.volume_id).map_err(field)?;
         let snap = convert::snapshot_id("snapshot_id", &r.snapshot_id).map_err(field)?;
-        self.stream(volume, move |rep| rep.list_image(&snap, &r.chunks))
+        self.stream(volume, r.chunks, move |rep, c| rep.list_image(&snap, c))
     }
 
     #[tracing::instrument(skip_all)]

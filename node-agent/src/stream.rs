@@ -66,6 +66,22 @@ impl Replica {
             .collect()
     }
 
+    /// The chunks a stream covers, in order: `requested` (checked to be
+    /// held, duplicates dropped) or, when empty, every chunk held.
+    pub fn stream_chunks(&self, requested: &[u64]) -> Result<Vec<u64>> {
+        let st = self.read_state()?;
+        if requested.is_empty() {
+            return Ok(st.chunks.iter(&st.geometry).collect());
+        }
+        let mut chunks = requested.to_vec();
+        chunks.sort_unstable();
+        chunks.dedup();
+        for &c in &chunks {
+            self.check_chunk_held(&st, c)?;
+        }
+        Ok(chunks)
+    }
+
     /// The blocks of snapshot `id`'s layer, zero blocks included, limited
     /// to `chunks` (every held chunk when empty), in block order.
     pub fn list_layer(&self, id: &SnapshotId, chunks: &[u64]) -> Result<Vec<Listed>> {
