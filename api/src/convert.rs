@@ -120,6 +120,7 @@ impl From<&ReplicaInfo> for pb::ReplicaInfo {
             chunk_size_bytes: r.geometry.chunk_size(),
             chunks: Some((&r.chunks).into()),
             sealed_layers: r.sealed_layers,
+            epoch: r.epoch,
             head_blocks: r.head_blocks,
             used_bytes: r.used_bytes,
             serving: r.serving,

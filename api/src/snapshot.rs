@@ -23,6 +23,8 @@ pub struct ReplicaInfo {
     pub geometry: Geometry,
     pub chunks: ChunkSet,
     pub sealed_layers: u32,
+    /// The highest volume-head epoch admitted.
+    pub epoch: u64,
     pub head_blocks: u64,
     pub used_bytes: u64,
     pub serving: bool,

@@ -41,7 +41,7 @@ async fn create(
 }
 
 async fn write(c: &mut AgentClient, vol: &str, offset: u64, data: Vec<u8>) -> Result<(), Status> {
-    let req = pb::WriteBlocksRequest { volume_id: vol.into(), offset, data: data.into() };
+    let req = pb::WriteBlocksRequest { epoch: 0, volume_id: vol.into(), offset, data: data.into() };
     c.write_blocks(req).await.map(drop)
 }
 
@@ -67,7 +67,7 @@ async fn trim_both(c: &mut AgentClient, vol: &str, model: &mut Reference, offset
 }
 
 async fn trim(c: &mut AgentClient, vol: &str, offset: u64, length: u64) -> Result<(), Status> {
-    c.trim(pb::TrimRequest { volume_id: vol.into(), offset, length }).await.map(drop)
+    c.trim(pb::TrimRequest { epoch: 0, volume_id: vol.into(), offset, length }).await.map(drop)
 }
 
 /// Reads the head (`snap` empty) or a snapshot.
@@ -84,7 +84,7 @@ async fn read(
 }
 
 async fn flush(c: &mut AgentClient, vol: &str) -> Result<(), Status> {
-    c.flush(pb::FlushRequest { volume_id: vol.into() }).await.map(drop)
+    c.flush(pb::FlushRequest { epoch: 0, volume_id: vol.into() }).await.map(drop)
 }
 
 async fn seal(
@@ -93,7 +93,12 @@ async fn seal(
     id: &str,
     generation: u64,
 ) -> Result<pb::SnapshotInfo, Status> {
-    let req = pb::SealSnapshotRequest { volume_id: vol.into(), snapshot_id: id.into(), generation };
+    let req = pb::SealSnapshotRequest {
+        epoch: 0,
+        volume_id: vol.into(),
+        snapshot_id: id.into(),
+        generation,
+    };
     Ok(c.seal_snapshot(req).await?.into_inner())
 }
 
@@ -789,4 +794,45 @@ async fn sealing_is_cheap_and_space_comes_back_after_deleting_a_snapshot() {
     assert_eq!(reps[0].used_bytes, DATA, "ReplicaInfo.used_bytes after deleting s1");
     check_all(&mut c, VOL, &head, &[("s2", 2, &s2)]).await;
     agent.terminate().expect("SIGTERM: the agent exits 0");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stale_head_epoch_is_refused_over_grpc_and_after_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = AgentProcess::start(dir.path()).unwrap();
+    let mut c = agent.client().await.unwrap();
+    let vol = "fenced";
+    create(&mut c, vol, 16 * MIB, 0).await.unwrap();
+    let put = |epoch: u64, fill: u8| pb::WriteBlocksRequest {
+        volume_id: vol.into(),
+        offset: 0,
+        data: vec![fill; BS as usize].into(),
+        epoch,
+    };
+    c.write_blocks(put(3, 1)).await.unwrap();
+    c.flush(pb::FlushRequest { volume_id: vol.into(), epoch: 3 }).await.unwrap();
+    // A new head at epoch 4 fences the old one before writing.
+    let fenced = c.fence(pb::FenceRequest { volume_id: vol.into(), epoch: 4 }).await.unwrap();
+    assert_eq!(fenced.into_inner().epoch, 4);
+    let err = c.write_blocks(put(3, 2)).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("epoch 3") && err.message().contains("epoch 4"), "{err:?}");
+    agent.terminate().unwrap();
+
+    let agent = AgentProcess::start(dir.path()).unwrap();
+    let mut c = agent.client().await.unwrap();
+    let err = c.write_blocks(put(3, 2)).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "still fenced after a restart: {err:?}");
+    let seal = pb::SealSnapshotRequest {
+        volume_id: vol.into(),
+        snapshot_id: "s1".into(),
+        generation: 1,
+        epoch: 2,
+    };
+    assert_eq!(c.seal_snapshot(seal).await.unwrap_err().code(), Code::FailedPrecondition);
+    assert_eq!(read(&mut c, vol, 0, BS, "").await.unwrap(), vec![1u8; BS as usize]);
+    c.write_blocks(put(4, 5)).await.unwrap();
+    assert_eq!(read(&mut c, vol, 0, BS, "").await.unwrap(), vec![5u8; BS as usize]);
+    let info = replicas(&mut c).await.into_iter().find(|r| r.volume_id == vol).unwrap();
+    assert_eq!(info.epoch, 4);
 }

@@ -26,6 +26,10 @@ pub enum Error {
         "snapshot {snapshot} of volume {volume}: generation {generation} is not above {last}, the generation of the newest snapshot; generations only grow"
     )]
     StaleGeneration { volume: VolumeId, snapshot: SnapshotId, generation: u64, last: u64 },
+    #[error(
+        "volume {volume}: request carries epoch {request} but this replica has admitted epoch {current}: a newer volume head has taken over and this one is fenced; reopen the head with a higher epoch"
+    )]
+    StaleEpoch { volume: VolumeId, request: u64, current: u64 },
     #[error("volume {volume}: {source}")]
     Range {
         volume: VolumeId,

@@ -68,6 +68,10 @@ pub struct ReplicaRecord {
     pub layers: Vec<LayerRecord>,
     /// The number the next layer will get; layer numbers only grow.
     pub next_layer: u64,
+    /// The highest volume-head epoch this replica has admitted; requests
+    /// with a lower one are refused (fencing).
+    #[serde(default)]
+    pub epoch: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -62,6 +62,8 @@ pub(crate) struct State {
     pub pending: BTreeMap<u64, Option<Entry>>,
     /// Chunks changed in the head layer since the last seal.
     pub touched: BTreeSet<u64>,
+    /// The highest head epoch admitted (durable in the record).
+    pub epoch: u64,
 }
 
 /// One replica on this agent.
@@ -113,6 +115,7 @@ impl State {
                 .map(|l| LayerRecord { no: l.no, snapshot: l.snapshot.clone() })
                 .collect(),
             next_layer: self.next_layer,
+            epoch: self.epoch,
         }
     }
 
@@ -163,6 +166,7 @@ impl Replica {
             total_acc: Accumulator::default(),
             pending: BTreeMap::new(),
             touched: BTreeSet::new(),
+            epoch: 0,
         };
         let tx = db.begin_write().map_err(meta("creating a replica"))?;
         {
@@ -300,6 +304,7 @@ impl Replica {
             total_acc: Accumulator::default(),
             pending: BTreeMap::new(),
             touched: BTreeSet::new(),
+            epoch: record.epoch,
         };
         for li in 0..state.layers.len() {
             let no = state.layers[li].no;
@@ -346,6 +351,39 @@ impl Replica {
         }
     }
 
+    /// Admits a request of head epoch `epoch`: a lower epoch than the one
+    /// admitted before is refused; a higher one is made durable first, so
+    /// the older head stays fenced across restarts.
+    pub(crate) fn admit(&self, st: &mut State, epoch: u64) -> Result<()> {
+        if epoch < st.epoch {
+            return Err(Error::StaleEpoch {
+                volume: self.volume.clone(),
+                request: epoch,
+                current: st.epoch,
+            });
+        }
+        if epoch > st.epoch {
+            let mut record = st.record();
+            record.epoch = epoch;
+            let tx = self.db.begin_write().map_err(meta("raising the epoch"))?;
+            tx.open_table(REPLICAS)
+                .map_err(meta("raising the epoch"))?
+                .insert(self.volume.as_str(), &encode_record(&record)[..])
+                .map_err(meta("raising the epoch"))?;
+            tx.commit().map_err(|e| self.fail(meta("raising the epoch")(e)))?;
+            st.epoch = epoch;
+        }
+        Ok(())
+    }
+
+    /// Raises the admitted epoch to `epoch` (a new head fencing the old one
+    /// before its first write); returns the epoch now admitted.
+    pub fn fence(&self, epoch: u64) -> Result<u64> {
+        let mut st = self.write_state()?;
+        self.admit(&mut st, epoch)?;
+        Ok(st.epoch)
+    }
+
     /// Stops serving after an I/O or metadata error: the in-memory state may
     /// no longer match the disk, so nothing more is served until reopened.
     pub(crate) fn fail(&self, e: Error) -> Error {
@@ -376,6 +414,7 @@ impl Replica {
             geometry: st.geometry,
             chunks: st.chunks.clone(),
             sealed_layers: st.layers.len() as u32 - 1,
+            epoch: st.epoch,
             head_blocks: st.head().map.len() as u64,
             used_bytes: st.layers.iter().map(|l| l.data_blocks()).sum::<u64>() * BLOCK_SIZE,
             serving: self.failed.lock().unwrap().is_none(),
@@ -426,7 +465,8 @@ impl Replica {
     }
 
     /// Writes whole blocks into the head layer (durable at the next flush).
-    pub fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
+    /// `epoch` is the writing head's epoch (0 outside any head).
+    pub fn write(&self, epoch: u64, offset: u64, data: &[u8]) -> Result<()> {
         let len = data.len() as u64;
         if !offset.is_multiple_of(BLOCK_SIZE) || !len.is_multiple_of(BLOCK_SIZE) || len == 0 {
             let st = self.read_state()?;
@@ -454,6 +494,7 @@ impl Replica {
         };
         let mut st = self.write_state()?;
         let range = self.check_range(&st, offset, len, MAX_IO_BYTES, st.geometry.size())?;
+        self.admit(&mut st, epoch)?;
         self.apply_write(&mut st, range, data, &mut incoming, large).map_err(|e| self.fail(e))
     }
 
@@ -600,9 +641,10 @@ impl Replica {
     }
 
     /// Trims whole blocks: they read as zeros afterwards.
-    pub fn trim(&self, offset: u64, len: u64) -> Result<()> {
+    pub fn trim(&self, epoch: u64, offset: u64, len: u64) -> Result<()> {
         let mut st = self.write_state()?;
         let range = self.check_range(&st, offset, len, MAX_TRIM_BYTES, st.geometry.size())?;
+        self.admit(&mut st, epoch)?;
         // Only blocks that hold data change: the rest already read as zeros.
         let written: Vec<u64> = st.merged.range(range.blocks()).map(|(b, _)| *b).collect();
         let zero = vec![0u8; BS];
@@ -642,7 +684,14 @@ impl Replica {
     }
 
     /// Makes every write so far durable.
-    pub fn flush(&self) -> Result<()> {
+    pub fn flush(&self, epoch: u64) -> Result<()> {
+        let mut st = self.write_state()?;
+        self.admit(&mut st, epoch)?;
+        self.commit(&mut st, |_, _| Ok(())).map_err(|e| self.fail(e))
+    }
+
+    /// Flushes at the admitted epoch (the agent's own flush at shutdown).
+    pub(crate) fn flush_admitted(&self) -> Result<()> {
         let mut st = self.write_state()?;
         self.commit(&mut st, |_, _| Ok(())).map_err(|e| self.fail(e))
     }

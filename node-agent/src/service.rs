@@ -31,7 +31,7 @@ pub fn status(e: Error) -> Status {
     match e {
         Error::ReplicaNotFound { .. } | Error::SnapshotNotFound { .. } => Status::not_found(msg),
         Error::ReplicaExists { .. } | Error::SnapshotExists { .. } => Status::already_exists(msg),
-        Error::StaleGeneration { .. } | Error::ChunkNotHeld { .. } => {
+        Error::StaleGeneration { .. } | Error::ChunkNotHeld { .. } | Error::StaleEpoch { .. } => {
             Status::failed_precondition(msg)
         }
         Error::Range { source, .. } => match source {
@@ -192,7 +192,7 @@ impl ReplicaStore for ReplicaStoreService {
     ) -> Result<Response<pb::WriteBlocksResponse>, Status> {
         let r = req.into_inner();
         let volume = convert::volume_id("volume_id", &r.volume_id).map_err(field)?;
-        self.run(move |s| s.replica(&volume)?.write(r.offset, &r.data)).await?;
+        self.run(move |s| s.replica(&volume)?.write(r.epoch, r.offset, &r.data)).await?;
         Ok(Response::new(pb::WriteBlocksResponse {}))
     }
 
@@ -216,7 +216,7 @@ impl ReplicaStore for ReplicaStoreService {
     ) -> Result<Response<pb::TrimResponse>, Status> {
         let r = req.into_inner();
         let volume = convert::volume_id("volume_id", &r.volume_id).map_err(field)?;
-        self.run(move |s| s.replica(&volume)?.trim(r.offset, r.length)).await?;
+        self.run(move |s| s.replica(&volume)?.trim(r.epoch, r.offset, r.length)).await?;
         Ok(Response::new(pb::TrimResponse {}))
     }
 
@@ -237,9 +237,21 @@ impl ReplicaStore for ReplicaStoreService {
         &self,
         req: Request<pb::FlushRequest>,
     ) -> Result<Response<pb::FlushResponse>, Status> {
-        let volume = convert::volume_id("volume_id", &req.get_ref().volume_id).map_err(field)?;
-        self.run(move |s| s.replica(&volume)?.flush()).await?;
+        let r = req.into_inner();
+        let volume = convert::volume_id("volume_id", &r.volume_id).map_err(field)?;
+        self.run(move |s| s.replica(&volume)?.flush(r.epoch)).await?;
         Ok(Response::new(pb::FlushResponse {}))
+    }
+
+    #[tracing::instrument(skip_all, fields(volume = %req.get_ref().volume_id, epoch = req.get_ref().epoch))]
+    async fn fence(
+        &self,
+        req: Request<pb::FenceRequest>,
+    ) -> Result<Response<pb::FenceResponse>, Status> {
+        let r = req.into_inner();
+        let volume = convert::volume_id("volume_id", &r.volume_id).map_err(field)?;
+        let epoch = self.run(move |s| s.replica(&volume)?.fence(r.epoch)).await?;
+        Ok(Response::new(pb::FenceResponse { epoch }))
     }
 
     #[tracing::instrument(skip_all, fields(volume = %req.get_ref().volume_id, snapshot = %req.get_ref().snapshot_id))]
@@ -250,7 +262,8 @@ impl ReplicaStore for ReplicaStoreService {
         let r = req.into_inner();
         let volume = convert::volume_id("volume_id", &r.volume_id).map_err(field)?;
         let snap = convert::snapshot_id("snapshot_id", &r.snapshot_id).map_err(field)?;
-        let info = self.run(move |s| s.replica(&volume)?.seal(&snap, r.generation)).await?;
+        let info =
+            self.run(move |s| s.replica(&volume)?.seal(r.epoch, &snap, r.generation)).await?;
         Ok(Response::new((&info).into()))
     }
 

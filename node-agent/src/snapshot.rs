@@ -41,8 +41,9 @@ fn info(layer: &Layer) -> Option<SnapshotInfo> {
 
 impl Replica {
     /// Seals the head as snapshot `id` and opens an empty head.
-    pub fn seal(&self, id: &SnapshotId, generation: u64) -> Result<SnapshotInfo> {
+    pub fn seal(&self, epoch: u64, id: &SnapshotId, generation: u64) -> Result<SnapshotInfo> {
         let mut st = self.write_state()?;
+        self.admit(&mut st, epoch)?;
         if let Some(s) = st.layers.iter().filter_map(|l| l.snapshot.as_ref()).find(|s| &s.id == id)
         {
             return Err(Error::SnapshotExists {

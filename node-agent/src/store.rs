@@ -215,7 +215,7 @@ impl Store {
     pub fn flush_all(&self) -> Result<()> {
         let mut first = Ok(());
         for r in self.replicas() {
-            if let Err(e) = r.flush() {
+            if let Err(e) = r.flush_admitted() {
                 tracing::error!(volume = %r.volume(), error = %e, "flush failed");
                 if first.is_ok() {
                     first = Err(e);

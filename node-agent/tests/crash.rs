@@ -101,11 +101,11 @@ fn run_op(store: &Store, op: &Op) -> cairn_agent::Result<()> {
     match op {
         Op::Write(b, seeds) => {
             let data: Vec<u8> = seeds.iter().flat_map(|s| block(*s)).collect();
-            r.write(b * BLOCK_SIZE, &data)
+            r.write(0, b * BLOCK_SIZE, &data)
         }
-        Op::Trim(b, n) => r.trim(b * BLOCK_SIZE, n * BLOCK_SIZE),
-        Op::Flush => r.flush(),
-        Op::Seal(id, g) => r.seal(&SnapshotId::new(*id).unwrap(), *g).map(|_| ()),
+        Op::Trim(b, n) => r.trim(0, b * BLOCK_SIZE, n * BLOCK_SIZE),
+        Op::Flush => r.flush(0),
+        Op::Seal(id, g) => r.seal(0, &SnapshotId::new(*id).unwrap(), *g).map(|_| ()),
         Op::Delete(id) => r.delete_snapshot(&SnapshotId::new(*id).unwrap()),
     }
 }
@@ -214,9 +214,9 @@ fn every_sync_point_of_write_flush_seal_and_fold_recovers_a_committed_state() {
             // The recovered store keeps working: new writes do not clobber
             // committed blocks, and survive a reopen.
             let r = store.replica(&vol()).unwrap();
-            r.write(35 * BLOCK_SIZE, &block(100)).unwrap();
-            r.write(10 * BLOCK_SIZE, &[block(101), block(102)].concat()).unwrap();
-            r.seal(&SnapshotId::new("after").unwrap(), 1000).unwrap();
+            r.write(0, 35 * BLOCK_SIZE, &block(100)).unwrap();
+            r.write(0, 10 * BLOCK_SIZE, &[block(101), block(102)].concat()).unwrap();
+            r.seal(0, &SnapshotId::new("after").unwrap(), 1000).unwrap();
             let mut expect = seen.clone();
             expect.head.insert(35, block(100));
             expect.head.insert(10, block(101));

@@ -128,30 +128,30 @@ proptest! {
                     let n = (seeds.len() as u64).min(BLOCKS - b);
                     let data: Vec<u8> =
                         (0..n).flat_map(|i| block(seeds[i as usize], b + i)).collect();
-                    r.write(b * BLOCK_SIZE, &data).unwrap();
+                    r.write(0, b * BLOCK_SIZE, &data).unwrap();
                     for i in 0..n {
                         m.head.insert(b + i, block(seeds[i as usize], b + i));
                     }
                 }
                 Op::Zero { block: b } => {
-                    r.write(b * BLOCK_SIZE, &vec![0; B]).unwrap();
+                    r.write(0, b * BLOCK_SIZE, &vec![0; B]).unwrap();
                     m.head.remove(&b);
                 }
                 Op::Trim { block: b, count } => {
                     let n = count.min(BLOCKS - b);
-                    r.trim(b * BLOCK_SIZE, n * BLOCK_SIZE).unwrap();
+                    r.trim(0, b * BLOCK_SIZE, n * BLOCK_SIZE).unwrap();
                     for i in 0..n {
                         m.head.remove(&(b + i));
                     }
                 }
                 Op::Flush => {
-                    r.flush().unwrap();
+                    r.flush(0).unwrap();
                     durable = m.clone();
                 }
                 Op::Seal => {
                     generation += 1;
                     let id = SnapshotId::new(format!("s{generation}")).unwrap();
-                    r.seal(&id, generation).unwrap();
+                    r.seal(0, &id, generation).unwrap();
                     m.snaps.push((id, m.head.clone()));
                     durable = m.clone();
                 }

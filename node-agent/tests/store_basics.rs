@@ -39,11 +39,11 @@ fn reads_resolve_to_the_newest_layer_and_snapshots_keep_their_view() {
     let r = store
         .create_replica(&vol(), Geometry::new(1 << 20, 1 << 16).unwrap(), ChunkSet::All)
         .unwrap();
-    r.write(0, &[block(1), block(1)].concat()).unwrap();
-    r.seal(&snap("s1"), 1).unwrap();
-    r.write(BLOCK_SIZE, &block(2)).unwrap();
-    r.seal(&snap("s2"), 2).unwrap();
-    r.write(0, &block(3)).unwrap();
+    r.write(0, 0, &[block(1), block(1)].concat()).unwrap();
+    r.seal(0, &snap("s1"), 1).unwrap();
+    r.write(0, BLOCK_SIZE, &block(2)).unwrap();
+    r.seal(0, &snap("s2"), 2).unwrap();
+    r.write(0, 0, &block(3)).unwrap();
     assert_eq!(read_block(&store, 0, None), block(3));
     assert_eq!(read_block(&store, 1, None), block(2));
     assert_eq!(read_block(&store, 0, Some("s2")), block(1));
@@ -63,15 +63,15 @@ fn trim_reads_zero_and_shadows_older_layers() {
     let store = open(&disk);
     let r =
         store.create_replica(&vol(), Geometry::new(1 << 20, 0).unwrap(), ChunkSet::All).unwrap();
-    r.write(0, &[block(4), block(5)].concat()).unwrap();
-    r.seal(&snap("s1"), 1).unwrap();
-    r.trim(0, 2 * BLOCK_SIZE).unwrap();
+    r.write(0, 0, &[block(4), block(5)].concat()).unwrap();
+    r.seal(0, &snap("s1"), 1).unwrap();
+    r.trim(0, 0, 2 * BLOCK_SIZE).unwrap();
     assert_eq!(read_block(&store, 0, None), block(0));
     assert_eq!(read_block(&store, 0, Some("s1")), block(4));
     assert_eq!(r.digest(None).unwrap(), image_digest(1 << 20, []));
     // Zeros written are the same as a trim.
-    r.write(0, &block(6)).unwrap();
-    r.write(0, &block(0)).unwrap();
+    r.write(0, 0, &block(6)).unwrap();
+    r.write(0, 0, &block(0)).unwrap();
     assert_eq!(read_block(&store, 0, None), block(0));
 }
 
@@ -81,12 +81,12 @@ fn deleting_a_snapshot_folds_into_the_next_and_keeps_every_view() {
     let store = open(&disk);
     let r =
         store.create_replica(&vol(), Geometry::new(1 << 20, 0).unwrap(), ChunkSet::All).unwrap();
-    r.write(0, &[block(1), block(1), block(1)].concat()).unwrap();
-    r.seal(&snap("s1"), 1).unwrap();
-    r.write(0, &block(2)).unwrap();
-    r.trim(2 * BLOCK_SIZE, BLOCK_SIZE).unwrap();
-    r.seal(&snap("s2"), 2).unwrap();
-    r.write(BLOCK_SIZE, &block(3)).unwrap();
+    r.write(0, 0, &[block(1), block(1), block(1)].concat()).unwrap();
+    r.seal(0, &snap("s1"), 1).unwrap();
+    r.write(0, 0, &block(2)).unwrap();
+    r.trim(0, 2 * BLOCK_SIZE, BLOCK_SIZE).unwrap();
+    r.seal(0, &snap("s2"), 2).unwrap();
+    r.write(0, BLOCK_SIZE, &block(3)).unwrap();
     let before: Vec<Vec<u8>> = (0..3).map(|b| read_block(&store, b, Some("s2"))).collect();
     let digest_before = r.digest(Some(&snap("s2"))).unwrap();
     r.delete_snapshot(&snap("s1")).unwrap();
@@ -107,7 +107,7 @@ fn deleting_a_snapshot_folds_into_the_next_and_keeps_every_view() {
     assert_eq!(read_block(&store, 1, None), block(3));
     // Sealing after the fold records the chunks the folded layer changed.
     let r = store.replica(&vol()).unwrap();
-    let s3 = r.seal(&snap("s3"), 3).unwrap();
+    let s3 = r.seal(0, &snap("s3"), 3).unwrap();
     let (b2, b3) = (block(2), block(3));
     assert_eq!(s3.digest, image_digest(1 << 20, [(0, &b2[..]), (1, &b3[..])]));
     let accs = r.chunk_digests(Some(&snap("s3")), &[]).unwrap();
@@ -122,10 +122,10 @@ fn flushed_state_survives_reopen_and_unflushed_does_not() {
     let store = open(&disk);
     let r =
         store.create_replica(&vol(), Geometry::new(1 << 20, 0).unwrap(), ChunkSet::All).unwrap();
-    r.write(0, &block(1)).unwrap();
-    r.flush().unwrap();
-    r.write(0, &block(2)).unwrap();
-    r.write(BLOCK_SIZE, &block(2)).unwrap();
+    r.write(0, 0, &block(1)).unwrap();
+    r.flush(0).unwrap();
+    r.write(0, 0, &block(2)).unwrap();
+    r.write(0, BLOCK_SIZE, &block(2)).unwrap();
     drop((r, store));
     let crashed = disk.crash_image(cairn_agent::disk::CrashMode::DropUnsynced);
     let store = open(&crashed);
@@ -145,8 +145,8 @@ fn a_flipped_byte_is_a_checksum_error_naming_the_block_never_data() {
         .unwrap();
     // Blocks 0..20 land in slots 0..20 of the head layer's file.
     let data: Vec<u8> = (0..20u8).flat_map(|i| block(i + 1)).collect();
-    r.write(0, &data).unwrap();
-    r.seal(&snap("s1"), 1).unwrap();
+    r.write(0, 0, &data).unwrap();
+    r.seal(0, &snap("s1"), 1).unwrap();
     let layer =
         disk.files().into_iter().find(|p| p.extension().is_some_and(|e| e == "layer")).unwrap();
     disk.corrupt(&layer, 17 * BLOCK_SIZE + 100).unwrap();
@@ -173,14 +173,14 @@ fn replicas_refuse_blocks_of_chunks_they_do_not_hold() {
     let store = open(&disk);
     let held = ChunkSet::Some([1, 3].into());
     let r = store.create_replica(&vol(), Geometry::new(1 << 20, 1 << 16).unwrap(), held).unwrap();
-    r.write(1 << 16, &block(1)).unwrap();
-    let err = r.write(0, &block(1)).unwrap_err().to_string();
+    r.write(0, 1 << 16, &block(1)).unwrap();
+    let err = r.write(0, 0, &block(1)).unwrap_err().to_string();
     assert!(err.contains("chunk 0") && err.contains("not held"), "{err}");
     let err = r.read(2 << 16, BLOCK_SIZE, None).unwrap_err().to_string();
     assert!(err.contains("chunk 2"), "{err}");
     // Growth adds chunks.
     r.grow(2 << 20, &[20]).unwrap();
-    r.write(20 << 16, &block(2)).unwrap();
+    r.write(0, 20 << 16, &block(2)).unwrap();
     assert_eq!(read_block(&store, (20 << 16) / BLOCK_SIZE, None), block(2));
     assert!(r.grow(1 << 20, &[]).is_err(), "a replica never shrinks");
 }
@@ -206,12 +206,43 @@ fn a_1_tib_volume_with_10_mib_written_uses_about_10_mib_of_disk() {
     // 10 MiB as 1 MiB writes spread over the whole terabyte.
     for i in 0..10u64 {
         let data: Vec<u8> = (0..256u64).flat_map(|b| block((i * 7 + b) as u8 | 1)).collect();
-        r.write(i * (100 << 30), &data).unwrap();
+        r.write(0, i * (100 << 30), &data).unwrap();
     }
-    r.flush().unwrap();
-    r.seal(&snap("s1"), 1).unwrap();
+    r.flush(0).unwrap();
+    r.seal(0, &snap("s1"), 1).unwrap();
     let used = disk_usage(dir.path());
     assert!(used >= 10 << 20, "the data is on disk: {used}");
     assert!(used < 14 << 20, "1 TiB provisioned, 10 MiB written, {used} bytes used");
     assert_eq!(r.info().used_bytes, 10 << 20);
+}
+
+#[test]
+fn a_lower_epoch_is_refused_for_good_even_after_a_crash() {
+    let disk = SimDisk::new();
+    let store = open(&disk);
+    let r =
+        store.create_replica(&vol(), Geometry::new(1 << 20, 0).unwrap(), ChunkSet::All).unwrap();
+    r.write(2, 0, &block(1)).unwrap();
+    let err = r.write(1, 0, &block(9)).unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, cairn_agent::Error::StaleEpoch { request: 1, current: 2, .. }), "{msg}");
+    assert!(msg.contains("epoch 1") && msg.contains("epoch 2") && msg.contains("fenced"), "{msg}");
+    // A new head fences before its first write; the old one can do nothing.
+    assert_eq!(r.fence(5).unwrap(), 5);
+    assert!(r.write(2, 0, &block(9)).is_err());
+    assert!(r.trim(2, 0, BLOCK_SIZE).is_err());
+    assert!(r.flush(2).is_err());
+    assert!(r.seal(2, &snap("s1"), 1).is_err());
+    assert!(r.fence(4).is_err(), "an epoch never goes down");
+    assert_eq!(read_block(&store, 0, None), block(1), "refused writes change nothing");
+    // The fence is durable: after power loss the old head is still out.
+    let after = disk.crash_image(cairn_agent::disk::CrashMode::DropUnsynced);
+    drop((r, store));
+    let store = open(&after);
+    let r = store.replica(&vol()).unwrap();
+    assert_eq!(r.info().epoch, 5);
+    assert!(matches!(r.write(4, 0, &block(9)), Err(cairn_agent::Error::StaleEpoch { .. })));
+    r.write(5, 0, &block(3)).unwrap();
+    r.seal(6, &snap("s1"), 1).unwrap();
+    assert_eq!(read_block(&store, 0, Some("s1")), block(3));
 }

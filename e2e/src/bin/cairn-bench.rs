@@ -376,12 +376,12 @@ impl Bench {
                 let size = reps[i].1;
                 for _ in 0..s.seal_writes {
                     let off = self.rng.random_range(0..size / MIB) * MIB;
-                    r.write(off, self.data.at(off + round as u64 * BS, MIB))?;
+                    r.write(0, off, self.data.at(off + round as u64 * BS, MIB))?;
                 }
-                r.flush()?;
+                r.flush(0)?;
                 let id = snap(&format!("s{round}"))?;
                 let t = Instant::now();
-                r.seal(&id, round as u64 + 1)?;
+                r.seal(0, &id, round as u64 + 1)?;
                 times[i].push(secs(t.elapsed()) * 1e3);
             }
         }
@@ -417,10 +417,10 @@ impl Bench {
                 settle();
                 let t = Instant::now();
                 for off in (0..n).step_by(MIB as usize) {
-                    r.write(off, data.at(off, MIB))?;
+                    r.write(0, off, data.at(off, MIB))?;
                 }
                 let w = t.elapsed();
-                r.flush()?;
+                r.flush(0)?;
                 let all = t.elapsed();
                 eprintln!(
                     "  store rep {rep}: {:.3} s ({:.0} MiB/s; writes {:.3} s, flush {:.3} s)",
@@ -528,10 +528,10 @@ impl Bench {
         let path = self.dir.join("baseline-rand.dat");
         let f = create_file(&path)?;
         for off in (0..region).step_by(MIB as usize) {
-            r.write(off, self.data.at(off, MIB))?;
+            r.write(0, off, self.data.at(off, MIB))?;
             f.write_all_at(self.data.at(off, MIB), off)?;
         }
-        r.flush()?;
+        r.flush(0)?;
         f.sync_data()?;
         let offsets: Vec<Vec<u64>> = (0..=REPS)
             .map(|_| (0..ops).map(|_| self.rng.random_range(0..blocks) * BS).collect())
@@ -543,10 +543,10 @@ impl Bench {
                 settle();
                 let t = Instant::now();
                 for (k, &off) in offsets[rep].iter().enumerate() {
-                    r.write(off, data.block(k as u64 + rep as u64))?;
+                    r.write(0, off, data.block(k as u64 + rep as u64))?;
                 }
                 let w = t.elapsed();
-                r.flush()?;
+                r.flush(0)?;
                 let all = t.elapsed();
                 eprintln!(
                     "  store rep {rep}: {:.0} IOPS (writes {:.3} s, flush {:.3} s)",
@@ -666,13 +666,13 @@ impl Bench {
                     m += 1;
                 }
                 let off = mine[k] * extent;
-                r.write(off, self.data.at(off, m as u64 * extent))?;
+                r.write(0, off, self.data.at(off, m as u64 * extent))?;
                 k += m;
             }
-            r.flush()?;
+            r.flush(0)?;
             if seal || i + 1 == layers {
                 let id = snap(&format!("l{i}"))?;
-                r.seal(&id, i + 1)?;
+                r.seal(0, &id, i + 1)?;
                 last = Some(id);
             }
         }
@@ -777,12 +777,12 @@ impl Bench {
             let picked = rand::seq::index::sample(&mut self.rng, (size / BS) as usize, k as usize);
             let t = Instant::now();
             for (j, b) in picked.iter().enumerate() {
-                r.write(b as u64 * BS, self.data.block(j as u64))?;
+                r.write(0, b as u64 * BS, self.data.block(j as u64))?;
             }
             let w = t.elapsed();
-            r.flush()?;
+            r.flush(0)?;
             let fl = t.elapsed() - w;
-            r.seal(&id, 1)?;
+            r.seal(0, &id, 1)?;
             eprintln!(
                 "  {name}: {:.1}% of its blocks; wrote in {:.2} s, flushed in {:.2} s",
                 k as f64 * 100.0 / (size / BS) as f64,
@@ -835,12 +835,12 @@ impl Bench {
         let r = self.create(name, GIB)?;
         for (i, shift) in [(1, 0), (2, BS)] {
             for off in (0..n).step_by(MIB as usize) {
-                r.write(off, self.data.at(off + shift, MIB))?;
+                r.write(0, off, self.data.at(off + shift, MIB))?;
             }
-            r.flush()?;
-            r.seal(&snap(&format!("s{i}"))?, i)?;
+            r.flush(0)?;
+            r.seal(0, &snap(&format!("s{i}"))?, i)?;
         }
-        r.flush()?;
+        r.flush(0)?;
         let vdir = self.dir.join("volumes").join(name);
         let before = disk_usage(&vdir)?;
         r.delete_snapshot(&snap("s1")?)?;
@@ -893,14 +893,16 @@ impl Bench {
                 for j in 0..writes {
                     let offset = offsets[(i * writes + j) as usize];
                     c.write_blocks(pb::WriteBlocksRequest {
+                        epoch: 0,
                         volume_id: volume_id.clone(),
                         offset,
                         data: Bytes::copy_from_slice(data.at(offset, MIB)),
                     })
                     .await?;
                 }
-                c.flush(pb::FlushRequest { volume_id: volume_id.clone() }).await?;
+                c.flush(pb::FlushRequest { epoch: 0, volume_id: volume_id.clone() }).await?;
                 c.seal_snapshot(pb::SealSnapshotRequest {
+                    epoch: 0,
                     volume_id: volume_id.clone(),
                     snapshot_id: format!("s{i}"),
                     generation: i + 1,

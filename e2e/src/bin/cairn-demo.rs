@@ -260,7 +260,7 @@ impl Demo {
     async fn flush(&mut self) -> Result<()> {
         self.begin("Flush");
         let t = Instant::now();
-        self.nodes[0].client.flush(pb::FlushRequest { volume_id: VOLUME.into() }).await?;
+        self.nodes[0].client.flush(pb::FlushRequest { epoch: 0, volume_id: VOLUME.into() }).await?;
         self.ok(format!("durable in {}", ms(t.elapsed())));
         Ok(())
     }
@@ -269,6 +269,7 @@ impl Demo {
         self.begin(format!("Snapshot {id}"));
         let t = Instant::now();
         let req = pb::SealSnapshotRequest {
+            epoch: 0,
             volume_id: VOLUME.into(),
             snapshot_id: id.into(),
             generation,
@@ -449,7 +450,12 @@ impl Demo {
 
     async fn write(&mut self, offset: u64, data: Vec<u8>) -> Result<()> {
         self.expected.head.write(offset, &data);
-        let req = pb::WriteBlocksRequest { volume_id: VOLUME.into(), offset, data: data.into() };
+        let req = pb::WriteBlocksRequest {
+            epoch: 0,
+            volume_id: VOLUME.into(),
+            offset,
+            data: data.into(),
+        };
         self.nodes[0]
             .client
             .write_blocks(req)
@@ -460,7 +466,7 @@ impl Demo {
 
     async fn trim(&mut self, offset: u64, length: u64) -> Result<()> {
         self.expected.head.trim(offset, length);
-        let req = pb::TrimRequest { volume_id: VOLUME.into(), offset, length };
+        let req = pb::TrimRequest { epoch: 0, volume_id: VOLUME.into(), offset, length };
         self.nodes[0]
             .client
             .trim(req)
