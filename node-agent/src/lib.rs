@@ -5,6 +5,7 @@
 pub mod disk;
 pub mod error;
 pub mod extent;
+pub mod frontend;
 pub mod layer;
 pub mod lock;
 pub mod meta;
