@@ -15,6 +15,13 @@ pub use id::{IdError, SnapshotId, VolumeId};
 
 /// The agent's protobuf API, package `cairn.agent.v1`.
 pub mod agent {
+    /// gRPC metadata key naming why a request was refused, where the status
+    /// code alone does not tell a caller what to do.
+    pub const REASON_METADATA: &str = "cairn-reason";
+    /// Reason: the request's head epoch is below the replica's; the head is
+    /// fenced for good.
+    pub const REASON_STALE_EPOCH: &str = "stale-epoch";
+
     /// Generated messages, client and server of `cairn.agent.v1`.
     pub mod v1 {
         #![allow(missing_docs, clippy::all, missing_debug_implementations)]

@@ -28,7 +28,8 @@ pub const MAX_MESSAGE_BYTES: usize = 8 << 20;
 /// new variant must choose its code.
 pub fn status(e: Error) -> Status {
     let msg = e.to_string();
-    match e {
+    let stale_epoch = matches!(e, Error::StaleEpoch { .. });
+    let mut status = match e {
         Error::ReplicaNotFound { .. } | Error::SnapshotNotFound { .. } => Status::not_found(msg),
         Error::ReplicaExists { .. } | Error::SnapshotExists { .. } => Status::already_exists(msg),
         Error::StaleGeneration { .. } | Error::ChunkNotHeld { .. } | Error::StaleEpoch { .. } => {
@@ -50,7 +51,14 @@ pub fn status(e: Error) -> Status {
         Error::Checksum { .. } | Error::Corrupt { .. } => Status::data_loss(msg),
         Error::Io { .. } | Error::StoreIo { .. } | Error::Meta { .. } => Status::internal(msg),
         Error::NotServing { .. } => Status::unavailable(msg),
+    };
+    if stale_epoch {
+        status.metadata_mut().insert(
+            cairn_api::agent::REASON_METADATA,
+            tonic::metadata::MetadataValue::from_static(cairn_api::agent::REASON_STALE_EPOCH),
+        );
     }
+    status
 }
 
 fn field(e: FieldError) -> Status {

@@ -1,0 +1,512 @@
+//! The volume head: the one place where an attached volume's I/O is served.
+//! It cuts byte-addressed I/O at chunk boundaries, writes each piece to every
+//! in-sync replica of its chunk in parallel and acknowledges when all of them
+//! have it; reads come from the local replica when there is one, else from
+//! the in-sync replicas in turn.
+//!
+//! Invariants: a replica that fails a write, a flush or a read (or does not
+//! answer) is marked out of sync and gets no more I/O from this head; an
+//! acknowledged write is on every replica still in sync; a refusal for a
+//! stale epoch fences this head for good; a snapshot holds new writes,
+//! drains those in flight, and is sealed on every in-sync replica or on
+//! none (it is deleted where it was sealed if any seal fails).
+
+use std::{
+    collections::BTreeMap,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
+};
+
+use bytes::Bytes;
+use cairn_api::{
+    Accumulator, BLOCK_SIZE, ChunkSet, Digest, Geometry, SnapshotId, VolumeId,
+    block::MAX_IO_BYTES,
+    placement::{PlacementAgent, PlacementError, place},
+};
+use futures::future::join_all;
+
+use crate::peer::{PeerError, PeerErrorKind, ReplicaPeer};
+
+/// The most bytes one head read or write may carry.
+pub const MAX_HEAD_IO: u64 = 16 << 20;
+
+/// What a head is opened for.
+#[derive(Debug, Clone)]
+pub struct HeadSpec {
+    pub volume: VolumeId,
+    pub geometry: Geometry,
+    pub replicas: usize,
+    pub layout_version: u64,
+    /// The storage cluster's agents, in any order (placement uses names).
+    pub agents: Vec<PlacementAgent>,
+    /// Grows with every new head of this volume; replicas refuse lower ones.
+    pub epoch: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HeadError {
+    #[error("volume {volume}: cannot place {replicas} replicas: {source}")]
+    Placement {
+        volume: VolumeId,
+        replicas: usize,
+        #[source]
+        source: PlacementError,
+    },
+    #[error(
+        "volume {volume}: range [{offset}, {offset}+{len}) is outside the {size}-byte volume or over the {MAX_HEAD_IO}-byte request limit"
+    )]
+    Range { volume: VolumeId, offset: u64, len: u64, size: u64 },
+    #[error(
+        "volume {volume}: chunk {chunk} has no in-sync replica left (agents tried: {tried}); the data of this chunk is unavailable until one of those agents is back and rebuilt"
+    )]
+    NoReplica { volume: VolumeId, chunk: u64, tried: String },
+    #[error(
+        "volume {volume}: this head (epoch {epoch}) is fenced: {detail}; a newer head serves the volume, so this one serves no more I/O"
+    )]
+    Fenced { volume: VolumeId, epoch: u64, detail: String },
+    #[error("volume {volume}: {source}")]
+    Refused {
+        volume: VolumeId,
+        #[source]
+        source: PeerError,
+    },
+    #[error(
+        "volume {volume}: snapshot {snapshot} failed ({failures}); it was removed where it had been sealed, so no partial snapshot exists"
+    )]
+    Snapshot { volume: VolumeId, snapshot: SnapshotId, failures: String },
+    #[error("volume {volume}: no peer given for agent {agent}")]
+    MissingPeer { volume: VolumeId, agent: String },
+}
+
+pub type HeadResult<T> = Result<T, HeadError>;
+
+/// One agent as the head sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentHealth {
+    pub agent: String,
+    /// Chunks of the volume this agent holds a replica of.
+    pub chunks: u64,
+    /// `None` while in sync; why it is out of sync otherwise.
+    pub out_of_sync: Option<String>,
+}
+
+#[derive(Debug)]
+pub struct VolumeHead {
+    spec: HeadSpec,
+    /// `peers[i]` reaches `spec.agents[i]`.
+    peers: Vec<Arc<dyn ReplicaPeer>>,
+    /// `chunks[c]` lists the agents (indexes) holding chunk `c`.
+    chunks: Vec<Vec<usize>>,
+    local: Option<usize>,
+    /// Shared by I/O, exclusive for a snapshot (hold and drain).
+    gate: tokio::sync::RwLock<()>,
+    /// Shared by aligned writes, exclusive for read-modify-write.
+    rmw: tokio::sync::RwLock<()>,
+    out_of_sync: Mutex<BTreeMap<usize, String>>,
+    fenced: Mutex<Option<String>>,
+    next_read: AtomicUsize,
+}
+
+const BS: u64 = BLOCK_SIZE;
+
+impl VolumeHead {
+    /// Opens a head: places the chunks, makes sure every replica exists,
+    /// and fences every replica at `spec.epoch` (so an older head can no
+    /// longer write). Agents that do not answer start out of sync; every
+    /// chunk must keep at least one in-sync replica.
+    pub async fn open(
+        spec: HeadSpec,
+        mut peers_by_name: BTreeMap<String, Arc<dyn ReplicaPeer>>,
+        local: Option<&str>,
+    ) -> HeadResult<Self> {
+        let volume = spec.volume.clone();
+        let placement =
+            place(&spec.agents, spec.replicas, spec.geometry.chunks(), spec.layout_version)
+                .map_err(|source| HeadError::Placement {
+                    volume: volume.clone(),
+                    replicas: spec.replicas,
+                    source,
+                })?;
+        let mut peers = Vec::with_capacity(spec.agents.len());
+        for a in &spec.agents {
+            let p = peers_by_name.remove(&a.name).ok_or_else(|| HeadError::MissingPeer {
+                volume: volume.clone(),
+                agent: a.name.clone(),
+            })?;
+            peers.push(p);
+        }
+        let local = local.and_then(|l| spec.agents.iter().position(|a| a.name == l));
+        let head = VolumeHead {
+            chunks: placement.chunks,
+            spec,
+            peers,
+            local,
+            gate: Default::default(),
+            rmw: Default::default(),
+            out_of_sync: Default::default(),
+            fenced: Default::default(),
+            next_read: AtomicUsize::new(0),
+        };
+        let held = head.chunks_by_agent();
+        let opens = held.iter().map(|(&a, chunks)| {
+            let peer = head.peers[a].clone();
+            let (volume, geometry, epoch) = (volume.clone(), head.spec.geometry, head.spec.epoch);
+            let set = ChunkSet::Some(chunks.iter().copied().collect());
+            async move {
+                peer.ensure(&volume, geometry, set).await?;
+                peer.fence(&volume, epoch).await.map(drop)
+            }
+        });
+        let results = join_all(opens).await;
+        for (&a, res) in held.keys().zip(results) {
+            if let Err(e) = res {
+                head.absorb(a, e)?;
+            }
+        }
+        for c in 0..head.chunks.len() as u64 {
+            head.in_sync(c)?;
+        }
+        Ok(head)
+    }
+
+    pub fn volume(&self) -> &VolumeId {
+        &self.spec.volume
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.spec.epoch
+    }
+
+    pub fn size(&self) -> u64 {
+        self.spec.geometry.size()
+    }
+
+    fn chunks_by_agent(&self) -> BTreeMap<usize, Vec<u64>> {
+        let mut by: BTreeMap<usize, Vec<u64>> = BTreeMap::new();
+        for (c, agents) in self.chunks.iter().enumerate() {
+            for &a in agents {
+                by.entry(a).or_default().push(c as u64);
+            }
+        }
+        by
+    }
+
+    /// Health of every agent holding a replica of the volume.
+    pub fn health(&self) -> Vec<AgentHealth> {
+        let out = self.out_of_sync.lock().unwrap();
+        self.chunks_by_agent()
+            .into_iter()
+            .map(|(a, chunks)| AgentHealth {
+                agent: self.spec.agents[a].name.clone(),
+                chunks: chunks.len() as u64,
+                out_of_sync: out.get(&a).cloned(),
+            })
+            .collect()
+    }
+
+    fn check_fenced(&self) -> HeadResult<()> {
+        match &*self.fenced.lock().unwrap() {
+            None => Ok(()),
+            Some(detail) => Err(HeadError::Fenced {
+                volume: self.spec.volume.clone(),
+                epoch: self.spec.epoch,
+                detail: detail.clone(),
+            }),
+        }
+    }
+
+    /// Takes a peer's failure in: fenced stops the head, a refusal is the
+    /// caller's error, anything else marks the agent out of sync.
+    fn absorb(&self, agent: usize, e: PeerError) -> HeadResult<()> {
+        match e.kind {
+            PeerErrorKind::Fenced => {
+                *self.fenced.lock().unwrap() = Some(e.to_string());
+                self.check_fenced()
+            }
+            PeerErrorKind::Refused => {
+                Err(HeadError::Refused { volume: self.spec.volume.clone(), source: e })
+            }
+            PeerErrorKind::Unavailable | PeerErrorKind::Corrupt => {
+                tracing::warn!(volume = %self.spec.volume, agent = %e.agent, error = %e.message, "replica out of sync");
+                self.out_of_sync.lock().unwrap().entry(agent).or_insert(e.to_string());
+                Ok(())
+            }
+        }
+    }
+
+    /// The in-sync agents of `chunk`; an error naming the agents tried if
+    /// none is left.
+    fn in_sync(&self, chunk: u64) -> HeadResult<Vec<usize>> {
+        let out = self.out_of_sync.lock().unwrap();
+        let agents = &self.chunks[chunk as usize];
+        let live: Vec<usize> = agents.iter().copied().filter(|a| !out.contains_key(a)).collect();
+        if live.is_empty() {
+            return Err(HeadError::NoReplica {
+                volume: self.spec.volume.clone(),
+                chunk,
+                tried: agents
+                    .iter()
+                    .map(|&a| format!("{} ({})", self.spec.agents[a].name, out[&a]))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            });
+        }
+        Ok(live)
+    }
+
+    fn check_range(&self, offset: u64, len: u64) -> HeadResult<()> {
+        let size = self.spec.geometry.size();
+        if len == 0 || len > MAX_HEAD_IO || offset.checked_add(len).is_none_or(|e| e > size) {
+            return Err(HeadError::Range { volume: self.spec.volume.clone(), offset, len, size });
+        }
+        Ok(())
+    }
+
+    /// `[offset, offset + len)` (block-aligned) cut at chunk boundaries and
+    /// at the per-request limit: (chunk, offset, len).
+    fn pieces(&self, offset: u64, len: u64) -> Vec<(u64, u64, u64)> {
+        let chunk_size = self.spec.geometry.chunk_size();
+        let mut out = Vec::new();
+        let (mut at, end) = (offset, offset + len);
+        while at < end {
+            let chunk = at / chunk_size;
+            let stop = ((chunk + 1) * chunk_size).min(end).min(at + MAX_IO_BYTES);
+            out.push((chunk, at, stop - at));
+            at = stop;
+        }
+        out
+    }
+
+    /// Writes `data` at any offset; unaligned edges are read, patched and
+    /// written back under an exclusive lock.
+    pub async fn write(&self, offset: u64, data: Bytes) -> HeadResult<()> {
+        self.check_fenced()?;
+        self.check_range(offset, data.len() as u64)?;
+        let _gate = self.gate.read().await;
+        let end = offset + data.len() as u64;
+        if offset.is_multiple_of(BS) && end.is_multiple_of(BS) {
+            let _shared = self.rmw.read().await;
+            return self.write_aligned(offset, data).await;
+        }
+        let _exclusive = self.rmw.write().await;
+        let start = offset / BS * BS;
+        let stop = end.div_ceil(BS) * BS;
+        let mut buf = vec![0u8; (stop - start) as usize];
+        if start != offset {
+            let first = self.read_aligned(start, BS).await?;
+            buf[..BS as usize].copy_from_slice(&first);
+        }
+        if stop != end && (stop - BS > start || start == offset) {
+            let last = self.read_aligned(stop - BS, BS).await?;
+            buf[(stop - BS - start) as usize..].copy_from_slice(&last);
+        }
+        buf[(offset - start) as usize..(end - start) as usize].copy_from_slice(&data);
+        self.write_aligned(start, Bytes::from(buf)).await
+    }
+
+    async fn write_aligned(&self, offset: u64, data: Bytes) -> HeadResult<()> {
+        let pieces = self.pieces(offset, data.len() as u64);
+        let writes = pieces.iter().map(|&(chunk, off, len)| {
+            let part = data.slice((off - offset) as usize..(off - offset + len) as usize);
+            self.fan_out(chunk, move |peer, volume, epoch| {
+                let part = part.clone();
+                async move { peer.write(&volume, epoch, off, part).await }
+            })
+        });
+        join_all(writes).await.into_iter().collect()
+    }
+
+    /// Runs `op` on every in-sync replica of `chunk` in parallel; succeeds
+    /// when every replica still in sync afterwards has done it.
+    async fn fan_out<F, Fut>(&self, chunk: u64, op: F) -> HeadResult<()>
+    where
+        F: Fn(Arc<dyn ReplicaPeer>, VolumeId, u64) -> Fut,
+        Fut: Future<Output = Result<(), PeerError>>,
+    {
+        let targets = self.in_sync(chunk)?;
+        let calls = targets
+            .iter()
+            .map(|&a| op(self.peers[a].clone(), self.spec.volume.clone(), self.spec.epoch));
+        let results = join_all(calls).await;
+        for (&a, res) in targets.iter().zip(results) {
+            if let Err(e) = res {
+                self.absorb(a, e)?;
+            }
+        }
+        self.check_fenced()?;
+        self.in_sync(chunk).map(drop)
+    }
+
+    /// Reads `len` bytes at any offset.
+    pub async fn read(&self, offset: u64, len: u64) -> HeadResult<Bytes> {
+        self.check_fenced()?;
+        self.check_range(offset, len)?;
+        let start = offset / BS * BS;
+        let stop = (offset + len).div_ceil(BS) * BS;
+        let all = self.read_aligned(start, stop - start).await?;
+        Ok(all.slice((offset - start) as usize..(offset - start + len) as usize))
+    }
+
+    async fn read_aligned(&self, offset: u64, len: u64) -> HeadResult<Bytes> {
+        let pieces = self.pieces(offset, len);
+        if let [(chunk, off, len)] = pieces[..] {
+            return self.read_piece(chunk, off, len).await;
+        }
+        let parts = join_all(pieces.iter().map(|&(c, o, l)| self.read_piece(c, o, l))).await;
+        let mut out = Vec::with_capacity(len as usize);
+        for p in parts {
+            out.extend_from_slice(&p?);
+        }
+        Ok(out.into())
+    }
+
+    /// Reads one piece from the local replica if in sync, else from the
+    /// in-sync replicas in turn; a replica that fails is marked out of
+    /// sync and the next is tried.
+    async fn read_piece(&self, chunk: u64, offset: u64, len: u64) -> HeadResult<Bytes> {
+        loop {
+            let mut live = self.in_sync(chunk)?;
+            let pick = match self.local.and_then(|l| live.iter().position(|&a| a == l)) {
+                Some(i) => i,
+                None => self.next_read.fetch_add(1, Ordering::Relaxed) % live.len(),
+            };
+            let a = live.swap_remove(pick);
+            match self.peers[a].read(&self.spec.volume, offset, len).await {
+                Ok(data) => return Ok(data),
+                Err(e) => self.absorb(a, e)?,
+            }
+        }
+    }
+
+    /// Discards `[offset, offset + len)`: whole blocks are trimmed, partial
+    /// edge blocks are zeroed.
+    pub async fn trim(&self, offset: u64, len: u64) -> HeadResult<()> {
+        self.check_fenced()?;
+        let size = self.spec.geometry.size();
+        if len == 0 || offset.checked_add(len).is_none_or(|e| e > size) {
+            return Err(HeadError::Range { volume: self.spec.volume.clone(), offset, len, size });
+        }
+        let end = offset + len;
+        let (first, last) = (offset.div_ceil(BS) * BS, end / BS * BS);
+        if first >= last {
+            return self.write(offset, Bytes::from(vec![0u8; len as usize])).await;
+        }
+        if first > offset {
+            self.write(offset, Bytes::from(vec![0u8; (first - offset) as usize])).await?;
+        }
+        if end > last {
+            self.write(last, Bytes::from(vec![0u8; (end - last) as usize])).await?;
+        }
+        let _gate = self.gate.read().await;
+        let _shared = self.rmw.read().await;
+        let chunk_size = self.spec.geometry.chunk_size();
+        let mut at = first;
+        let mut trims = Vec::new();
+        while at < last {
+            let chunk = at / chunk_size;
+            let stop = ((chunk + 1) * chunk_size).min(last);
+            trims.push((chunk, at, stop - at));
+            at = stop;
+        }
+        let ops = trims.iter().map(|&(chunk, off, n)| {
+            self.fan_out(chunk, move |peer, volume, epoch| async move {
+                peer.trim(&volume, epoch, off, n).await
+            })
+        });
+        join_all(ops).await.into_iter().collect()
+    }
+
+    /// Makes every acknowledged write durable on every in-sync replica.
+    pub async fn flush(&self) -> HeadResult<()> {
+        self.check_fenced()?;
+        let _gate = self.gate.read().await;
+        self.flush_all().await
+    }
+
+    async fn flush_all(&self) -> HeadResult<()> {
+        let agents = self.live_agents();
+        let flushes =
+            agents.iter().map(|&a| self.peers[a].flush(&self.spec.volume, self.spec.epoch));
+        let results = join_all(flushes).await;
+        for (&a, res) in agents.iter().zip(results) {
+            if let Err(e) = res {
+                self.absorb(a, e)?;
+            }
+        }
+        self.check_fenced()?;
+        for c in 0..self.chunks.len() as u64 {
+            self.in_sync(c)?;
+        }
+        Ok(())
+    }
+
+    fn live_agents(&self) -> Vec<usize> {
+        let out = self.out_of_sync.lock().unwrap();
+        self.chunks_by_agent().into_keys().filter(|a| !out.contains_key(a)).collect()
+    }
+
+    /// Takes a crash-consistent snapshot: holds new writes, drains those in
+    /// flight, seals `id` at `generation` on every in-sync replica, resumes.
+    /// All or nothing: if any seal fails, the snapshot is deleted where it
+    /// was sealed. Returns the volume digest as of the snapshot.
+    pub async fn snapshot(&self, id: &SnapshotId, generation: u64) -> HeadResult<Digest> {
+        self.check_fenced()?;
+        let _hold = self.gate.write().await;
+        self.flush_all().await?;
+        let agents = self.live_agents();
+        let (volume, epoch) = (&self.spec.volume, self.spec.epoch);
+        let seals = agents.iter().map(|&a| self.peers[a].seal(volume, epoch, id, generation));
+        let results = join_all(seals).await;
+        let mut sealed = Vec::new();
+        let mut failures = Vec::new();
+        for (&a, res) in agents.iter().zip(results) {
+            match res {
+                Ok(()) => sealed.push(a),
+                Err(e) => failures.push((a, e)),
+            }
+        }
+        if failures.is_empty() {
+            drop(_hold);
+            return self.digest(Some(id)).await;
+        }
+        let undo = sealed.iter().map(|&a| self.peers[a].delete_snapshot(volume, id));
+        for (&a, res) in sealed.iter().zip(join_all(undo).await) {
+            if let Err(e) = res {
+                tracing::error!(%volume, snapshot = %id, agent = %e.agent, error = %e.message, "could not remove a partial snapshot");
+                self.absorb(a, e).ok();
+            }
+        }
+        let text = failures.iter().map(|(_, e)| e.to_string()).collect::<Vec<_>>().join("; ");
+        for (a, e) in failures {
+            self.absorb(a, e)?;
+        }
+        Err(HeadError::Snapshot { volume: volume.clone(), snapshot: id.clone(), failures: text })
+    }
+
+    /// The volume digest (of the head or of a snapshot), assembled from the
+    /// per-chunk accumulators of one in-sync replica of each chunk.
+    pub async fn digest(&self, snapshot: Option<&SnapshotId>) -> HeadResult<Digest> {
+        let mut ask: BTreeMap<usize, Vec<u64>> = BTreeMap::new();
+        for c in 0..self.chunks.len() as u64 {
+            let live = self.in_sync(c)?;
+            let a = self.local.filter(|l| live.contains(l)).unwrap_or(live[0]);
+            ask.entry(a).or_default().push(c);
+        }
+        let calls = ask
+            .iter()
+            .map(|(&a, chunks)| self.peers[a].chunk_digests(&self.spec.volume, snapshot, chunks));
+        let mut total = Accumulator::default();
+        for (&a, res) in ask.keys().zip(join_all(calls).await) {
+            match res {
+                Ok(accs) => accs.iter().for_each(|(_, acc)| total.merge(acc)),
+                Err(e) => {
+                    self.absorb(a, e.clone())?;
+                    return Err(HeadError::Refused { volume: self.spec.volume.clone(), source: e });
+                }
+            }
+        }
+        Ok(total.digest(self.spec.geometry.size()))
+    }
+}
