@@ -11,11 +11,15 @@ use std::{
 };
 
 use anyhow::{Context, bail};
-use cairn_api::agent::v1::replica_store_client::ReplicaStoreClient;
+use cairn_api::agent::v1::{
+    replica_store_client::ReplicaStoreClient, volume_heads_client::VolumeHeadsClient,
+};
 use tonic::transport::Channel;
 
-/// A gRPC client of one agent.
+/// A gRPC client of one agent's replica store.
 pub type AgentClient = ReplicaStoreClient<Channel>;
+/// A gRPC client of one agent's volume heads.
+pub type HeadsClient = VolumeHeadsClient<Channel>;
 
 /// The largest gRPC message the harness sends or accepts.
 pub const MAX_MESSAGE_BYTES: usize = 8 << 20;
@@ -76,10 +80,23 @@ impl AgentProcess {
         Self::start_with(data_dir, "127.0.0.1:0".parse().unwrap())
     }
 
+    /// Starts an agent named `name` (its name in the storage cluster).
+    pub fn start_named(data_dir: &Path, name: &str) -> anyhow::Result<Self> {
+        Self::spawn(data_dir, "127.0.0.1:0".parse().unwrap(), Some(name))
+    }
+
     /// Starts an agent listening on `listen` (port 0 picks one).
     pub fn start_with(data_dir: &Path, listen: SocketAddr) -> anyhow::Result<Self> {
+        Self::spawn(data_dir, listen, None)
+    }
+
+    fn spawn(data_dir: &Path, listen: SocketAddr, name: Option<&str>) -> anyhow::Result<Self> {
         let bin = agent_binary()?;
-        let mut child = Command::new(&bin)
+        let mut cmd = Command::new(&bin);
+        if let Some(name) = name {
+            cmd.arg("--name").arg(name);
+        }
+        let mut child = cmd
             .arg("--data-dir")
             .arg(data_dir)
             .arg("--listen")
@@ -116,6 +133,18 @@ impl AgentProcess {
     /// A connected gRPC client.
     pub async fn client(&self) -> anyhow::Result<AgentClient> {
         connect(self.addr).await
+    }
+
+    /// A client of the agent's volume heads.
+    pub async fn heads(&self) -> anyhow::Result<HeadsClient> {
+        Ok(VolumeHeadsClient::new(channel(self.addr).await?)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES))
+    }
+
+    /// The agent's gRPC endpoint, as other agents dial it.
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
     }
 
     /// SIGTERM, then waits for a clean exit.
@@ -160,16 +189,19 @@ impl Drop for AgentProcess {
 
 /// Connects to an agent, retrying for a few seconds while it starts.
 pub async fn connect(addr: SocketAddr) -> anyhow::Result<AgentClient> {
+    Ok(ReplicaStoreClient::new(channel(addr).await?)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES))
+}
+
+/// A gRPC channel to an agent, retrying for a few seconds while it starts.
+pub async fn channel(addr: SocketAddr) -> anyhow::Result<Channel> {
     let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
         .connect_timeout(Duration::from_secs(2));
     let mut last = None;
     for _ in 0..50 {
         match endpoint.connect().await {
-            Ok(ch) => {
-                return Ok(ReplicaStoreClient::new(ch)
-                    .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                    .max_encoding_message_size(MAX_MESSAGE_BYTES));
-            }
+            Ok(ch) => return Ok(ch),
             Err(e) => last = Some(e),
         }
         tokio::time::sleep(Duration::from_millis(100)).await;

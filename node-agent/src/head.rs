@@ -206,6 +206,11 @@ impl VolumeHead {
             .collect()
     }
 
+    /// True once a newer head has fenced this one.
+    pub fn is_fenced(&self) -> bool {
+        self.fenced.lock().unwrap().is_some()
+    }
+
     fn check_fenced(&self) -> HeadResult<()> {
         match &*self.fenced.lock().unwrap() {
             None => Ok(()),

@@ -7,6 +7,7 @@ pub mod error;
 pub mod extent;
 pub mod frontend;
 pub mod head;
+pub mod head_service;
 pub mod layer;
 pub mod lock;
 pub mod meta;

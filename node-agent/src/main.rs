@@ -4,7 +4,10 @@
 use std::{net::SocketAddr, path::PathBuf, sync::Arc};
 
 use anyhow::Context;
-use cairn_agent::{disk::FileDisk, lock::DataDirLock, service::ReplicaStoreService, store::Store};
+use cairn_agent::{
+    disk::FileDisk, head_service::HeadService, lock::DataDirLock, service::ReplicaStoreService,
+    store::Store,
+};
 use clap::{Parser, ValueEnum};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -28,6 +31,15 @@ struct Args {
     /// is printed on stdout as `listening <addr>`.
     #[arg(long, env = "CAIRN_LISTEN", default_value = "127.0.0.1:7070")]
     listen: SocketAddr,
+    /// This agent's name in its storage cluster (volume heads reach the
+    /// agent of this name through the local store). Defaults to the host
+    /// name.
+    #[arg(long, env = "CAIRN_AGENT_NAME")]
+    name: Option<String>,
+    /// How long a volume head waits for another agent before marking its
+    /// replica out of sync, in milliseconds.
+    #[arg(long, env = "CAIRN_PEER_TIMEOUT_MS", default_value_t = 5000)]
+    peer_timeout_ms: u64,
     /// Log format: human-readable text or JSON lines.
     #[arg(long, env = "CAIRN_LOG_FORMAT", value_enum, default_value = "text")]
     log_format: LogFormat,
@@ -56,6 +68,12 @@ async fn main() -> anyhow::Result<()> {
         data_dir = %args.data_dir.display(),
         "cairn-agent starting"
     );
+    let name = match &args.name {
+        Some(n) => n.clone(),
+        None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .context("reading the host name for --name")?,
+    };
     let _lock = DataDirLock::acquire(&args.data_dir)?;
     let data_dir = args.data_dir.clone();
     let store = tokio::task::spawn_blocking(move || Store::open(Arc::new(FileDisk), &data_dir))
@@ -68,13 +86,21 @@ async fn main() -> anyhow::Result<()> {
         TcpListener::bind(args.listen).await.with_context(|| format!("binding {}", args.listen))?;
     let addr = listener.local_addr()?;
     println!("listening {addr}");
-    tracing::info!(%addr, "serving gRPC");
+    tracing::info!(%addr, agent = %name, "serving gRPC");
 
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(cairn_api::FILE_DESCRIPTOR_SET)
         .build_v1()?;
     tonic::transport::Server::builder()
         .add_service(ReplicaStoreService::new(store.clone()).into_server())
+        .add_service(
+            HeadService::new(
+                store.clone(),
+                name.clone(),
+                std::time::Duration::from_millis(args.peer_timeout_ms),
+            )
+            .into_server(),
+        )
         .add_service(reflection)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown())
         .await?;
