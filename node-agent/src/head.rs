@@ -515,3 +515,76 @@ impl VolumeHead {
         Ok(total.digest(self.spec.geometry.size()))
     }
 }
+
+/// A head as a frontend sees it: the [`BlockVolume`] calls of frontend
+/// threads (FUSE workers) run the head's async I/O on the agent's runtime.
+#[derive(Debug, Clone)]
+pub struct HeadVolume {
+    head: Arc<VolumeHead>,
+    runtime: tokio::runtime::Handle,
+}
+
+impl HeadVolume {
+    /// `runtime` must not be driven by the threads that call the
+    /// [`BlockVolume`] methods (they block on it).
+    pub fn new(head: Arc<VolumeHead>, runtime: tokio::runtime::Handle) -> Self {
+        HeadVolume { head, runtime }
+    }
+
+    pub fn head(&self) -> &Arc<VolumeHead> {
+        &self.head
+    }
+}
+
+fn frontend_error(e: HeadError) -> crate::frontend::VolumeIoError {
+    use crate::frontend::VolumeIoError;
+    match e {
+        HeadError::Range { offset, len, size, .. } => {
+            VolumeIoError::OutOfRange { offset, len, size }
+        }
+        HeadError::Fenced { .. } => VolumeIoError::ReadOnly(e.to_string()),
+        HeadError::Placement { .. }
+        | HeadError::NoReplica { .. }
+        | HeadError::Refused { .. }
+        | HeadError::Snapshot { .. }
+        | HeadError::MissingPeer { .. } => VolumeIoError::Io(e.to_string()),
+    }
+}
+
+impl crate::frontend::BlockVolume for HeadVolume {
+    fn size(&self) -> u64 {
+        self.head.size()
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), crate::frontend::VolumeIoError> {
+        let mut done = 0usize;
+        while done < buf.len() {
+            let n = (buf.len() - done).min(MAX_IO_BYTES as usize);
+            let data = self
+                .runtime
+                .block_on(self.head.read(offset + done as u64, n as u64))
+                .map_err(frontend_error)?;
+            buf[done..done + n].copy_from_slice(&data);
+            done += n;
+        }
+        Ok(())
+    }
+
+    fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), crate::frontend::VolumeIoError> {
+        for (i, part) in data.chunks(MAX_IO_BYTES as usize).enumerate() {
+            let at = offset + (i * MAX_IO_BYTES as usize) as u64;
+            self.runtime
+                .block_on(self.head.write(at, Bytes::copy_from_slice(part)))
+                .map_err(frontend_error)?;
+        }
+        Ok(())
+    }
+
+    fn flush(&self) -> Result<(), crate::frontend::VolumeIoError> {
+        self.runtime.block_on(self.head.flush()).map_err(frontend_error)
+    }
+
+    fn trim(&self, offset: u64, len: u64) -> Result<(), crate::frontend::VolumeIoError> {
+        self.runtime.block_on(self.head.trim(offset, len)).map_err(frontend_error)
+    }
+}

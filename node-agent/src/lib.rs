@@ -2,6 +2,7 @@
 //! store (layers, snapshots, checksums, crash-safe metadata) and its gRPC
 //! service; the `cairn-agent` binary serves it.
 
+pub mod commit;
 pub mod disk;
 pub mod error;
 pub mod extent;
@@ -12,6 +13,7 @@ pub mod layer;
 pub mod lock;
 pub mod meta;
 pub mod peer;
+pub mod recovery;
 pub mod replica;
 pub mod service;
 pub mod snapshot;

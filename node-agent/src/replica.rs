@@ -6,8 +6,8 @@
 //! Invariant: the durable state (redb + synced data files) changes only at a
 //! commit (flush, seal, snapshot deletion, growth); after a crash the replica
 //! is exactly as of the last commit that returned, or of the one under way.
-//! Write order: data blocks into fresh slots, fsync the data file (and its
-//! directory when the file is new), then one redb transaction naming them.
+//! Writes put data into slots no commit names; `commit` makes them durable
+//! and `recovery` loads what the last commit left.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -21,15 +21,14 @@ use cairn_api::{
     digest::{Accumulator, BlockHash, is_zero},
     snapshot::ReplicaInfo,
 };
-use redb::ReadableDatabase;
 
 use crate::{
     disk::Disk,
     error::{Error, Result, meta},
-    layer::{Layer, data_path, parse_data_name, slot_runs},
+    layer::Layer,
     meta::{
-        BLOCKS, CHUNK_ACC, Entry, GROUP_BLOCKS, GROUP_SHIFT, LayerRecord, REPLICAS, ReplicaRecord,
-        decode_accs, decode_group, encode_group, encode_record,
+        Entry, GROUP_BLOCKS, GROUP_SHIFT, LayerRecord, REPLICAS, ReplicaRecord, encode_group,
+        encode_record,
     },
 };
 
@@ -133,7 +132,7 @@ impl State {
         self.touched.insert(chunk);
     }
 
-    fn add(&mut self, block: u64, hash: &BlockHash) {
+    pub(crate) fn add(&mut self, block: u64, hash: &BlockHash) {
         let chunk = self.geometry.chunk_of(block);
         self.chunk_acc.entry(chunk).or_default().add(hash);
         self.total_acc.add(hash);
@@ -178,7 +177,7 @@ impl Replica {
         Ok(Self::from_state(volume, dir, disk, db, state))
     }
 
-    fn from_state(
+    pub(crate) fn from_state(
         volume: VolumeId,
         dir: PathBuf,
         disk: Arc<dyn Disk>,
@@ -186,146 +185,6 @@ impl Replica {
         state: State,
     ) -> Self {
         Replica { volume, dir, disk, db, state: RwLock::new(state), failed: Mutex::new(None) }
-    }
-
-    /// Loads a replica from its record, its block records and its data
-    /// files, checking that they agree, and tidies what a crash left behind:
-    /// data past the last committed slot, unnamed slots, orphan layer files.
-    pub(crate) fn load(
-        volume: VolumeId,
-        dir: PathBuf,
-        disk: Arc<dyn Disk>,
-        db: Arc<redb::Database>,
-        record: ReplicaRecord,
-    ) -> Result<Self> {
-        let corrupt = |detail: String| Error::Corrupt { volume: volume.to_string(), detail };
-        let io = |op, path: &std::path::Path, e| Error::Io {
-            volume: volume.clone(),
-            op,
-            path: path.to_path_buf(),
-            source: e,
-        };
-        if record.layers.last().is_none_or(|l| l.snapshot.is_some()) {
-            return Err(corrupt("the newest layer is not an open head".into()));
-        }
-        let tx = db.begin_read().map_err(meta("loading a replica"))?;
-        let blocks = tx.open_table(BLOCKS).ok();
-        let accs = tx.open_table(CHUNK_ACC).ok();
-        let mut layers = Vec::with_capacity(record.layers.len());
-        for lr in &record.layers {
-            let mut layer = Layer::new(&dir, lr.no, lr.snapshot.clone());
-            if let Some(t) = &blocks {
-                let range = (volume.as_str(), lr.no, 0)..=(volume.as_str(), lr.no, u64::MAX);
-                for row in t.range(range).map_err(meta("loading block records"))? {
-                    let (k, v) = row.map_err(meta("loading block records"))?;
-                    let group = k.value().2;
-                    let entries = decode_group(v.value()).ok_or_else(|| {
-                        corrupt(format!(
-                            "block record of layer {} group {group} is malformed",
-                            lr.no
-                        ))
-                    })?;
-                    for (off, e) in entries {
-                        layer.map.insert((group << GROUP_SHIFT) + off, e);
-                    }
-                }
-            }
-            if let (Some(t), true) = (&accs, lr.snapshot.is_some())
-                && let Some(v) =
-                    t.get((volume.as_str(), lr.no)).map_err(meta("loading digest records"))?
-            {
-                layer.chunk_acc = decode_accs(v.value()).ok_or_else(|| {
-                    corrupt(format!("digest record of layer {} is malformed", lr.no))
-                })?;
-            }
-            layer
-                .open_file(disk.as_ref())
-                .map_err(|e| io("opening a layer file", layer.path(), e))?;
-            let (free, want_len) = layer.rebuild_slots();
-            match layer.file().cloned() {
-                None if want_len > 0 => {
-                    return Err(corrupt(format!(
-                        "layer {} names {} data blocks but its file {} is missing",
-                        lr.no,
-                        layer.data_blocks(),
-                        layer.path().display()
-                    )));
-                }
-                None => {}
-                Some(f) => {
-                    let len = f
-                        .len()
-                        .map_err(|e| io("reading a layer file's length", layer.path(), e))?;
-                    if len < want_len {
-                        return Err(corrupt(format!(
-                            "layer file {} is {len} bytes but its blocks need {want_len}",
-                            layer.path().display()
-                        )));
-                    }
-                    if len > want_len {
-                        f.set_len(want_len)
-                            .map_err(|e| io("trimming a layer file", layer.path(), e))?;
-                    }
-                    for (start, n) in slot_runs(&free) {
-                        f.punch_hole(start as u64 * BLOCK_SIZE, n as u64 * BLOCK_SIZE)
-                            .map_err(|e| io("freeing unused slots", layer.path(), e))?;
-                    }
-                }
-            }
-            if layer.is_sealed() {
-                layer.free.clear();
-            }
-            layers.push(layer);
-        }
-        drop((blocks, accs, tx));
-        // Files no record names: a layer deleted or never committed.
-        let known: BTreeSet<u64> = layers.iter().map(|l| l.no).collect();
-        let names =
-            disk.list_dir(&dir).map_err(|e| io("listing the replica directory", &dir, e))?;
-        let mut removed = false;
-        for name in names {
-            if let Some(no) = parse_data_name(&name).filter(|no| !known.contains(no)) {
-                let path = data_path(&dir, no);
-                disk.remove_file(&path)
-                    .map_err(|e| io("removing an orphan layer file", &path, e))?;
-                removed = true;
-            }
-        }
-        if removed {
-            disk.sync_dir(&dir).map_err(|e| io("syncing the replica directory", &dir, e))?;
-        }
-        let mut state = State {
-            geometry: record.geometry,
-            chunks: record.chunks,
-            layers,
-            next_layer: record.next_layer,
-            merged: BTreeMap::new(),
-            chunk_acc: BTreeMap::new(),
-            total_acc: Accumulator::default(),
-            pending: BTreeMap::new(),
-            touched: BTreeSet::new(),
-            epoch: record.epoch,
-        };
-        for li in 0..state.layers.len() {
-            let no = state.layers[li].no;
-            let entries: Vec<(u64, Entry)> =
-                state.layers[li].map.iter().map(|(b, e)| (*b, *e)).collect();
-            for (b, e) in entries {
-                if e.is_zero() {
-                    state.merged.remove(&b);
-                } else {
-                    state.merged.insert(b, Newest { layer: no, entry: e });
-                }
-            }
-        }
-        let hashes: Vec<(u64, BlockHash)> =
-            state.merged.iter().map(|(b, n)| (*b, n.entry.hash)).collect();
-        for (b, h) in hashes {
-            state.add(b, &h);
-        }
-        let geometry = state.geometry;
-        state.touched = state.head().map.keys().map(|&b| geometry.chunk_of(b)).collect();
-        Ok(Self::from_state(volume, dir, disk, db, state))
     }
 
     pub fn volume(&self) -> &VolumeId {
@@ -681,109 +540,6 @@ impl Replica {
             stored: e.crc,
             actual,
         })
-    }
-
-    /// Makes every write so far durable.
-    pub fn flush(&self, epoch: u64) -> Result<()> {
-        let mut st = self.write_state()?;
-        self.admit(&mut st, epoch)?;
-        self.commit(&mut st, |_, _| Ok(())).map_err(|e| self.fail(e))
-    }
-
-    /// Flushes at the admitted epoch (the agent's own flush at shutdown).
-    pub(crate) fn flush_admitted(&self) -> Result<()> {
-        let mut st = self.write_state()?;
-        self.commit(&mut st, |_, _| Ok(())).map_err(|e| self.fail(e))
-    }
-
-    /// The commit protocol: sync the head's data file (and its directory if
-    /// the file is new), then one redb transaction with the head's changed
-    /// block records plus `extra`; then free the slots the commit stopped
-    /// naming.
-    pub(crate) fn commit(
-        &self,
-        st: &mut State,
-        extra: impl FnOnce(&mut State, &redb::WriteTransaction) -> Result<()>,
-    ) -> Result<()> {
-        let head = st.head_mut();
-        let path = head.path().to_path_buf();
-        if !st.pending.is_empty()
-            && let Some(f) = st.head().file()
-        {
-            f.sync().map_err(self.io("syncing a layer file", &path))?;
-        }
-        if st.head().created {
-            self.disk
-                .sync_dir(&self.dir)
-                .map_err(self.io("syncing the replica directory", &self.dir))?;
-            st.head_mut().created = false;
-        }
-        let tx = self.db.begin_write().map_err(meta("committing"))?;
-        {
-            let mut t = tx.open_table(BLOCKS).map_err(meta("committing block records"))?;
-            let head = st.head();
-            let groups: BTreeSet<u64> = st.pending.keys().map(|b| b >> GROUP_SHIFT).collect();
-            for g in groups {
-                write_group(&mut t, &self.volume, head, g)?;
-            }
-        }
-        extra(st, &tx)?;
-        tx.commit().map_err(meta("committing"))?;
-        // The commit no longer names the slots the pending blocks had.
-        let pending = std::mem::take(&mut st.pending);
-        let head = st.head_mut();
-        let mut holes = Vec::new();
-        for (b, prev) in pending {
-            let Some(prev) = prev.filter(|p| !p.is_zero()) else { continue };
-            match head.map.get(&b) {
-                Some(now) if !now.is_zero() && now.slot == prev.slot => {}
-                Some(now) if !now.is_zero() => head.free.push(prev.slot),
-                _ => holes.push(prev.slot),
-            }
-        }
-        if !holes.is_empty() {
-            holes.sort_unstable();
-            let file = head.file().expect("freed slots live in a file").clone();
-            for (start, n) in slot_runs(&holes) {
-                file.punch_hole(start as u64 * BLOCK_SIZE, n as u64 * BLOCK_SIZE)
-                    .map_err(self.io("freeing trimmed blocks", &path))?;
-            }
-            head.free.extend(holes);
-        }
-        Ok(())
-    }
-
-    /// Grows the replica, taking on `add_chunks` of the grown part.
-    pub fn grow(&self, new_size: u64, add_chunks: &[u64]) -> Result<ReplicaInfo> {
-        {
-            let mut st = self.write_state()?;
-            let geometry = st
-                .geometry
-                .grown(new_size)
-                .map_err(|source| Error::Geometry { volume: self.volume.clone(), source })?;
-            let mut chunks = st.chunks.clone();
-            if let ChunkSet::Some(set) = &mut chunks {
-                set.extend(add_chunks);
-            }
-            chunks
-                .check(&geometry)
-                .map_err(|source| Error::Geometry { volume: self.volume.clone(), source })?;
-            let old = (st.geometry, st.chunks.clone());
-            st.geometry = geometry;
-            st.chunks = chunks;
-            let volume = self.volume.clone();
-            let res = self.commit(&mut st, |st, tx| {
-                let mut t = tx.open_table(REPLICAS).map_err(meta("growing"))?;
-                t.insert(volume.as_str(), &encode_record(&st.record())[..])
-                    .map_err(meta("growing"))?;
-                Ok(())
-            });
-            if let Err(e) = res {
-                (st.geometry, st.chunks) = old;
-                return Err(self.fail(e));
-            }
-        }
-        Ok(self.info())
     }
 }
 
