@@ -3,7 +3,10 @@
 //! (byte-addressed I/O at any offset and length inside the volume), so the
 //! same frontend serves a real head and the in-memory volume of the tests.
 
-use std::fmt;
+pub mod fuse;
+pub mod loop_device;
+
+use std::{fmt, io, path::PathBuf};
 
 /// Why a volume I/O failed, as a frontend reports it to the kernel.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -31,4 +34,69 @@ pub trait BlockVolume: Send + Sync + fmt::Debug + 'static {
     fn flush(&self) -> Result<(), VolumeIoError>;
     /// Discards `[offset, offset + len)`: it reads as zeros afterwards.
     fn trim(&self, offset: u64, len: u64) -> Result<(), VolumeIoError>;
+}
+
+/// Why a frontend could not be set up or taken down. Each says which
+/// command, path or device, and what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum FrontendError {
+    #[error("file name {name:?} cannot name the volume's file in a FUSE mount: {reason}")]
+    FileName { name: String, reason: &'static str },
+    #[error("mount point {path}: {source}; create it as an empty directory first")]
+    MountPoint {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "could not mount FUSE at {mountpoint}: {source}; the agent needs root (CAP_SYS_ADMIN) and /dev/fuse (modprobe fuse; in a container, pass the device /dev/fuse)"
+    )]
+    Mount {
+        mountpoint: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "{file} is still attached to loop device {}: detach it first (LoopDevice::detach, or `losetup -d {}`), after unmounting any filesystem on it",
+        list(.devices), list(.devices)
+    )]
+    Attached { file: PathBuf, devices: Vec<PathBuf> },
+    #[error(
+        "could not unmount the FUSE mount at {mountpoint}: {source} (busy: something still has it open, `fuser -vm {mountpoint}` shows what; invalid argument: it was unmounted by someone else)"
+    )]
+    Unmount {
+        mountpoint: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("the FUSE session at {mountpoint} ended with an error: {source}")]
+    Session {
+        mountpoint: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("backing file {path}: {source}")]
+    BackingFile {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("could not run `{command}`: {source}; install util-linux (losetup, mount) on the node")]
+    Spawn {
+        command: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("`{command}` failed ({status}): {stderr}; {advice}")]
+    Command { command: String, status: String, stderr: String, advice: &'static str },
+    #[error("`{command}` printed {output:?}, not the path of a loop device")]
+    Output { command: String, output: String },
+    #[error(
+        "loop device {device} is mounted at {mountpoint}: unmount it first (`umount {mountpoint}`)"
+    )]
+    LoopMounted { device: PathBuf, mountpoint: PathBuf },
+}
+
+fn list(paths: &[PathBuf]) -> String {
+    paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
 }
