@@ -82,20 +82,35 @@ impl AgentProcess {
 
     /// Starts an agent named `name` (its name in the storage cluster).
     pub fn start_named(data_dir: &Path, name: &str) -> anyhow::Result<Self> {
-        Self::spawn(data_dir, "127.0.0.1:0".parse().unwrap(), Some(name))
+        Self::spawn(data_dir, "127.0.0.1:0".parse().unwrap(), Some(name), &[])
+    }
+
+    /// Starts an agent named `name` with extra command-line arguments.
+    pub fn start_args(
+        data_dir: &Path,
+        name: &str,
+        args: &[&std::ffi::OsStr],
+    ) -> anyhow::Result<Self> {
+        Self::spawn(data_dir, "127.0.0.1:0".parse().unwrap(), Some(name), args)
     }
 
     /// Starts an agent listening on `listen` (port 0 picks one).
     pub fn start_with(data_dir: &Path, listen: SocketAddr) -> anyhow::Result<Self> {
-        Self::spawn(data_dir, listen, None)
+        Self::spawn(data_dir, listen, None, &[])
     }
 
-    fn spawn(data_dir: &Path, listen: SocketAddr, name: Option<&str>) -> anyhow::Result<Self> {
+    fn spawn(
+        data_dir: &Path,
+        listen: SocketAddr,
+        name: Option<&str>,
+        extra: &[&std::ffi::OsStr],
+    ) -> anyhow::Result<Self> {
         let bin = agent_binary()?;
         let mut cmd = Command::new(&bin);
         if let Some(name) = name {
             cmd.arg("--name").arg(name);
         }
+        cmd.args(extra);
         let mut child = cmd
             .arg("--data-dir")
             .arg(data_dir)

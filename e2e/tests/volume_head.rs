@@ -37,6 +37,7 @@ impl Site {
             replicas: 2,
             layout_version: 1,
             epoch,
+            fuse: false,
             agents: self
                 .agents
                 .iter()

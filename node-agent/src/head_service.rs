@@ -18,7 +18,12 @@ use cairn_api::{
 use tonic::{Request, Response, Status};
 
 use crate::{
-    head::{HeadError, HeadSpec, VolumeHead},
+    frontend::{
+        BlockVolume,
+        fuse::{FuseFrontend, FuseMount},
+        loop_device,
+    },
+    head::{HeadError, HeadSpec, HeadVolume, VolumeHead},
     peer::{GrpcPeer, LocalPeer, ReplicaPeer},
     store::Store,
 };
@@ -49,20 +54,47 @@ fn field(e: FieldError) -> Status {
     Status::invalid_argument(e.to_string())
 }
 
+/// A head open on this agent, with its FUSE mount if it has one.
+#[derive(Debug)]
+struct OpenHead {
+    head: Arc<VolumeHead>,
+    fuse: Option<std::sync::Mutex<FuseMount>>,
+}
+
+impl OpenHead {
+    fn fuse_file(&self) -> Option<std::path::PathBuf> {
+        self.fuse.as_ref().map(|m| m.lock().unwrap().file().to_path_buf())
+    }
+}
+
 /// Volume heads open on this agent.
 #[derive(Debug)]
 pub struct HeadService {
     store: Arc<Store>,
     agent: String,
     peer_timeout: Duration,
-    heads: tokio::sync::Mutex<BTreeMap<VolumeId, Arc<VolumeHead>>>,
+    /// Where FUSE mounts of heads go: `<fuse_dir>/<volume>/volume`.
+    fuse_dir: Option<std::path::PathBuf>,
+    heads: tokio::sync::Mutex<BTreeMap<VolumeId, OpenHead>>,
 }
 
 impl HeadService {
     /// `agent` is this agent's name: the agent of that name in an
     /// OpenHead request is reached through `store` directly.
-    pub fn new(store: Arc<Store>, agent: impl Into<String>, peer_timeout: Duration) -> Self {
-        HeadService { store, agent: agent.into(), peer_timeout, heads: Default::default() }
+    /// `fuse_dir` is where heads opened with fuse=true are mounted.
+    pub fn new(
+        store: Arc<Store>,
+        agent: impl Into<String>,
+        peer_timeout: Duration,
+        fuse_dir: Option<std::path::PathBuf>,
+    ) -> Self {
+        HeadService {
+            store,
+            agent: agent.into(),
+            peer_timeout,
+            fuse_dir,
+            heads: Default::default(),
+        }
     }
 
     pub fn into_server(self) -> pb::volume_heads_server::VolumeHeadsServer<Self> {
@@ -73,7 +105,7 @@ impl HeadService {
 
     async fn head(&self, volume_id: &str) -> Result<Arc<VolumeHead>, Status> {
         let volume = convert::volume_id("volume_id", volume_id).map_err(field)?;
-        self.heads.lock().await.get(&volume).cloned().ok_or_else(|| {
+        self.heads.lock().await.get(&volume).map(|h| h.head.clone()).ok_or_else(|| {
             Status::not_found(format!(
                 "no head of volume {volume} is open on agent {}: open it first (OpenHead)",
                 self.agent
@@ -82,8 +114,9 @@ impl HeadService {
     }
 }
 
-fn status_of(head: &VolumeHead) -> pb::HeadStatus {
+fn status_of(head: &VolumeHead, fuse_file: Option<std::path::PathBuf>) -> pb::HeadStatus {
     pb::HeadStatus {
+        fuse_file: fuse_file.map(|f| f.display().to_string()).unwrap_or_default(),
         volume_id: head.volume().to_string(),
         epoch: head.epoch(),
         replicas: head
@@ -96,6 +129,51 @@ fn status_of(head: &VolumeHead) -> pb::HeadStatus {
                 reason: h.out_of_sync.unwrap_or_default(),
             })
             .collect(),
+    }
+}
+
+impl HeadService {
+    /// Exposes `head` as `<fuse_dir>/<volume>/volume`.
+    async fn mount(&self, head: &Arc<VolumeHead>) -> Result<FuseMount, Status> {
+        let Some(dir) = &self.fuse_dir else {
+            return Err(Status::failed_precondition(format!(
+                "agent {} has no --fuse-dir: start it with one to expose heads through FUSE",
+                self.agent
+            )));
+        };
+        let mountpoint = dir.join(head.volume().as_str());
+        let volume: Arc<dyn BlockVolume> =
+            Arc::new(HeadVolume::new(head.clone(), tokio::runtime::Handle::current()));
+        tokio::task::spawn_blocking(move || {
+            std::fs::create_dir_all(&mountpoint)
+                .map_err(|e| Status::internal(format!("creating {}: {e}", mountpoint.display())))?;
+            FuseFrontend::mount(volume, &mountpoint, "volume")
+                .map_err(|e| Status::failed_precondition(e.to_string()))
+        })
+        .await
+        .map_err(|e| Status::internal(format!("mount task failed: {e}")))?
+    }
+
+    /// Refuses while a loop device over the head's FUSE file is attached,
+    /// and says where its filesystem is mounted.
+    fn check_detached(&self, volume: &VolumeId, open: &OpenHead) -> Result<(), Status> {
+        let Some(file) = open.fuse_file() else { return Ok(()) };
+        if let Some(device) = loop_device::devices_backed_by(&file).into_iter().next() {
+            let msg = match loop_device::mounted_at(&device) {
+                Some(at) => format!(
+                    "volume {volume} is mounted at {} (loop device {}): unmount it and detach the loop device first",
+                    at.display(),
+                    device.display()
+                ),
+                None => format!(
+                    "volume {volume} is attached to loop device {}: detach it first (losetup -d {})",
+                    device.display(),
+                    device.display()
+                ),
+            };
+            return Err(Status::failed_precondition(msg));
+        }
+        Ok(())
     }
 }
 
@@ -131,12 +209,24 @@ impl VolumeHeads for HeadService {
         }
         let mut heads = self.heads.lock().await;
         if let Some(h) = heads.get(&volume)
-            && h.epoch() == r.epoch
-            && !h.is_fenced()
+            && h.head.epoch() == r.epoch
+            && !h.head.is_fenced()
         {
-            return Ok(Response::new(status_of(h)));
+            return Ok(Response::new(status_of(&h.head, h.fuse_file())));
         }
-        heads.remove(&volume);
+        if let Some(old) = heads.get(&volume) {
+            // A newer epoch replaces this agent's older head, but not under
+            // a mounted filesystem.
+            self.check_detached(&volume, old)?;
+        }
+        if let Some(mut old) = heads.remove(&volume)
+            && let Some(m) = old.fuse.take()
+        {
+            m.into_inner()
+                .unwrap()
+                .unmount()
+                .map_err(|e| Status::failed_precondition(e.to_string()))?;
+        }
         let mut agents = Vec::with_capacity(r.agents.len());
         let mut peers: BTreeMap<String, Arc<dyn ReplicaPeer>> = BTreeMap::new();
         for a in &r.agents {
@@ -163,9 +253,12 @@ impl VolumeHeads for HeadService {
             agents,
             epoch: r.epoch,
         };
-        let head = VolumeHead::open(spec, peers, Some(&self.agent)).await.map_err(head_status)?;
-        let status = status_of(&head);
-        heads.insert(volume, Arc::new(head));
+        let head =
+            Arc::new(VolumeHead::open(spec, peers, Some(&self.agent)).await.map_err(head_status)?);
+        let fuse = if r.fuse { Some(self.mount(&head).await?) } else { None };
+        let open = OpenHead { head, fuse: fuse.map(std::sync::Mutex::new) };
+        let status = status_of(&open.head, open.fuse_file());
+        heads.insert(volume, open);
         Ok(Response::new(status))
     }
 
@@ -174,9 +267,28 @@ impl VolumeHeads for HeadService {
         &self,
         req: Request<pb::CloseHeadRequest>,
     ) -> Result<Response<pb::CloseHeadResponse>, Status> {
-        let head = self.head(&req.get_ref().volume_id).await?;
-        head.flush().await.map_err(head_status)?;
-        self.heads.lock().await.remove(head.volume());
+        let volume = convert::volume_id("volume_id", &req.get_ref().volume_id).map_err(field)?;
+        let mut heads = self.heads.lock().await;
+        let Some(open) = heads.get(&volume) else {
+            return Err(Status::not_found(format!(
+                "no head of volume {volume} is open on agent {}",
+                self.agent
+            )));
+        };
+        self.check_detached(&volume, open)?;
+        let mut open = heads.remove(&volume).expect("just found");
+        if let Some(m) = open.fuse.take() {
+            let mut m = m.into_inner().unwrap();
+            let unmounted = tokio::task::spawn_blocking(move || m.unmount().map(|()| m))
+                .await
+                .map_err(|e| Status::internal(format!("unmount task failed: {e}")))?;
+            if let Err(e) = unmounted {
+                return Err(Status::failed_precondition(e.to_string()));
+            }
+        }
+        if let Err(e) = open.head.flush().await {
+            tracing::warn!(%volume, error = %e, "flush at close failed");
+        }
         Ok(Response::new(pb::CloseHeadResponse {}))
     }
 
@@ -242,8 +354,12 @@ impl VolumeHeads for HeadService {
         &self,
         req: Request<pb::HeadStatusRequest>,
     ) -> Result<Response<pb::HeadStatus>, Status> {
-        let head = self.head(&req.get_ref().volume_id).await?;
-        Ok(Response::new(status_of(&head)))
+        let volume = convert::volume_id("volume_id", &req.get_ref().volume_id).map_err(field)?;
+        let heads = self.heads.lock().await;
+        let open = heads
+            .get(&volume)
+            .ok_or_else(|| Status::not_found(format!("no head of volume {volume} is open here")))?;
+        Ok(Response::new(status_of(&open.head, open.fuse_file())))
     }
 
     #[tracing::instrument(skip_all, fields(volume = %req.get_ref().volume_id))]

@@ -40,6 +40,11 @@ struct Args {
     /// replica out of sync, in milliseconds.
     #[arg(long, env = "CAIRN_PEER_TIMEOUT_MS", default_value_t = 5000)]
     peer_timeout_ms: u64,
+    /// Directory for the FUSE mounts of heads opened with fuse=true
+    /// (`<dir>/<volume>/volume`). Without it, heads cannot be exposed
+    /// through FUSE.
+    #[arg(long, env = "CAIRN_FUSE_DIR")]
+    fuse_dir: Option<PathBuf>,
     /// Log format: human-readable text or JSON lines.
     #[arg(long, env = "CAIRN_LOG_FORMAT", value_enum, default_value = "text")]
     log_format: LogFormat,
@@ -98,6 +103,7 @@ async fn main() -> anyhow::Result<()> {
                 store.clone(),
                 name.clone(),
                 std::time::Duration::from_millis(args.peer_timeout_ms),
+                args.fuse_dir.clone(),
             )
             .into_server(),
         )

@@ -1,0 +1,177 @@
+//! A real filesystem on a striped, replicated volume: three agent processes,
+//! a 1 GiB volume with two replicas, its head exposed through FUSE on one
+//! agent, attached with a loop device, formatted ext4 and mounted; files
+//! written and checked; an agent killed with SIGKILL while files are being
+//! written; closing the head refused while the filesystem is mounted.
+//!
+//! Needs root, /dev/fuse and loop devices; skipped with a message otherwise.
+
+use std::{
+    ffi::OsStr,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use cairn_api::agent::v1 as pb;
+use cairn_e2e::{AgentProcess, pattern};
+use tonic::Code;
+
+const GIB: u64 = 1 << 30;
+const VOL: &str = "fs-vol";
+
+fn skip_reason() -> Option<String> {
+    // SAFETY: geteuid only returns a number.
+    if unsafe { libc::geteuid() } != 0 {
+        return Some("not running as root".into());
+    }
+    for need in ["/dev/fuse", "/dev/loop-control"] {
+        if !Path::new(need).exists() {
+            return Some(format!("{need} is missing"));
+        }
+    }
+    for tool in ["losetup", "mkfs.ext4", "mount", "umount", "e2fsck"] {
+        let found = std::env::var_os("PATH")
+            .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()));
+        if !found {
+            return Some(format!("{tool} is not installed"));
+        }
+    }
+    None
+}
+
+fn run(cmd: &str, args: &[&str]) -> String {
+    let out = Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("{cmd}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// Undoes the mount and the loop device even if the test fails.
+struct Attached {
+    device: String,
+    mnt: PathBuf,
+    mounted: bool,
+}
+
+impl Attached {
+    fn umount(&mut self) {
+        if self.mounted {
+            run("umount", &[self.mnt.to_str().unwrap()]);
+            self.mounted = false;
+        }
+    }
+
+    fn mount(&mut self) {
+        run("mount", &[&self.device, self.mnt.to_str().unwrap()]);
+        self.mounted = true;
+    }
+}
+
+impl Drop for Attached {
+    fn drop(&mut self) {
+        if self.mounted {
+            let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
+        }
+        let _ = Command::new("losetup").arg("-d").arg(&self.device).status();
+    }
+}
+
+fn checksum(path: &Path) -> blake3::Hash {
+    blake3::hash(&std::fs::read(path).unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ext4_on_a_striped_volume_keeps_its_files_when_an_agent_is_killed() {
+    if let Some(why) = skip_reason() {
+        eprintln!("skipped: needs root, /dev/fuse and loop devices ({why})");
+        return;
+    }
+    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let fuse_dir = tempfile::tempdir().unwrap();
+    let mut agents: Vec<Option<AgentProcess>> = dirs
+        .iter()
+        .enumerate()
+        .map(|(i, d)| {
+            let args: [&OsStr; 4] = [
+                OsStr::new("--fuse-dir"),
+                fuse_dir.path().as_os_str(),
+                OsStr::new("--peer-timeout-ms"),
+                OsStr::new("2000"),
+            ];
+            Some(AgentProcess::start_args(d.path(), &format!("a{}", i + 1), &args).unwrap())
+        })
+        .collect();
+    let request = |agents: &[Option<AgentProcess>]| pb::OpenHeadRequest {
+        volume_id: VOL.into(),
+        size_bytes: GIB,
+        chunk_size_bytes: 64 << 20,
+        replicas: 2,
+        layout_version: 1,
+        epoch: 1,
+        agents: agents
+            .iter()
+            .enumerate()
+            .map(|(i, a)| pb::HeadAgent {
+                name: format!("a{}", i + 1),
+                endpoint: a.as_ref().map(|a| a.endpoint()).unwrap_or_default(),
+                domain: String::new(),
+            })
+            .collect(),
+        fuse: true,
+    };
+    let mut heads = agents[0].as_ref().unwrap().heads().await.unwrap();
+    let status = heads.open_head(request(&agents)).await.unwrap().into_inner();
+    assert!(!status.fuse_file.is_empty(), "{status:?}");
+
+    let device = run("losetup", &["--find", "--show", "--sector-size", "4096", &status.fuse_file]);
+    let mnt = tempfile::tempdir().unwrap();
+    let mut fs = Attached { device: device.clone(), mnt: mnt.path().to_path_buf(), mounted: false };
+    run("mkfs.ext4", &["-q", "-F", &device]);
+    fs.mount();
+
+    // Files written and synced, then an agent killed while more are written.
+    let mut sums = Vec::new();
+    let write_file = |i: usize| {
+        let path = mnt.path().join(format!("file-{i}"));
+        std::fs::write(&path, pattern(i as u64, (3 << 20) + i * 4097)).unwrap();
+        path
+    };
+    for i in 0..6 {
+        let p = write_file(i);
+        sums.push((p.clone(), checksum(&p)));
+    }
+    run("sync", &[]);
+    agents[1].take().unwrap().kill9().unwrap();
+    for i in 6..12 {
+        let p = write_file(i);
+        sums.push((p.clone(), checksum(&p)));
+    }
+    run("sync", &[]);
+
+    let health = heads
+        .get_head_status(pb::HeadStatusRequest { volume_id: VOL.into() })
+        .await
+        .unwrap()
+        .into_inner();
+    let a2 = health.replicas.iter().find(|r| r.agent == "a2").unwrap();
+    assert!(!a2.in_sync, "the killed agent is out of sync: {health:?}");
+
+    // Closing the head under a mounted filesystem is refused, saying where.
+    let err = heads.close_head(pb::CloseHeadRequest { volume_id: VOL.into() }).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains(mnt.path().to_str().unwrap()), "{err:?}");
+
+    // Remount (no page cache left) and check every file and the filesystem.
+    fs.umount();
+    run("e2fsck", &["-fn", &device]);
+    fs.mount();
+    for (p, sum) in &sums {
+        assert_eq!(&checksum(p), sum, "{} is intact", p.display());
+    }
+    fs.umount();
+    drop(fs);
+    heads.close_head(pb::CloseHeadRequest { volume_id: VOL.into() }).await.unwrap();
+}
