@@ -1,8 +1,10 @@
 //! A real filesystem on a striped, replicated volume: three agent processes,
 //! a 1 GiB volume with two replicas, its head exposed through FUSE on one
 //! agent, attached with a loop device, formatted ext4 and mounted; files
-//! written and checked; an agent killed with SIGKILL while files are being
-//! written; closing the head refused while the filesystem is mounted.
+//! written and checked; a snapshot taken while a writer writes (the
+//! filesystem frozen for that instant) mounts read-only as a clean
+//! filesystem; an agent killed with SIGKILL while files are being written;
+//! closing the head refused while the filesystem is mounted.
 //!
 //! Needs root, /dev/fuse and loop devices; skipped with a message otherwise.
 
@@ -144,6 +146,66 @@ async fn ext4_on_a_striped_volume_keeps_its_files_when_an_agent_is_killed() {
         sums.push((p.clone(), checksum(&p)));
     }
     run("sync", &[]);
+
+    // A snapshot taken while a writer keeps writing: the filesystem is
+    // frozen for the moment of the snapshot, as a CSI snapshotter does.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (stop, dir) = (stop.clone(), mnt.path().to_path_buf());
+        std::thread::spawn(move || {
+            let mut i = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                std::fs::write(dir.join(format!("busy-{}", i % 8)), pattern(100 + i, 1 << 20))
+                    .unwrap();
+                i += 1;
+            }
+            i
+        })
+    };
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    run("fsfreeze", &["-f", mnt.path().to_str().unwrap()]);
+    let snap = pb::HeadSnapshotRequest {
+        volume_id: VOL.into(),
+        snapshot_id: "while-writing".into(),
+        generation: 1,
+    };
+    let sealed = heads.head_snapshot(snap).await;
+    run("fsfreeze", &["-u", mnt.path().to_str().unwrap()]);
+    sealed.unwrap();
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    assert!(writer.join().unwrap() > 0, "the writer was writing");
+    let exposed = heads
+        .expose_snapshot(pb::ExposeSnapshotRequest {
+            volume_id: VOL.into(),
+            snapshot_id: "while-writing".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let snap_dev = run(
+        "losetup",
+        &["--find", "--show", "--read-only", "--sector-size", "4096", &exposed.fuse_file],
+    );
+    let snap_mnt = tempfile::tempdir().unwrap();
+    let mut snap_fs =
+        Attached { device: snap_dev.clone(), mnt: snap_mnt.path().to_path_buf(), mounted: false };
+    run("e2fsck", &["-fn", &snap_dev]);
+    run("mount", &["-o", "ro", &snap_dev, snap_mnt.path().to_str().unwrap()]);
+    snap_fs.mounted = true;
+    for (p, sum) in &sums {
+        let in_snap = snap_mnt.path().join(p.file_name().unwrap());
+        assert_eq!(&checksum(&in_snap), sum, "{} as of the snapshot", in_snap.display());
+    }
+    snap_fs.umount();
+    drop(snap_fs);
+    heads
+        .hide_snapshot(pb::HideSnapshotRequest {
+            volume_id: VOL.into(),
+            snapshot_id: "while-writing".into(),
+        })
+        .await
+        .unwrap();
+
     agents[1].take().unwrap().kill9().unwrap();
     for i in 6..12 {
         let p = write_file(i);

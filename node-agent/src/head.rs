@@ -300,11 +300,11 @@ impl VolumeHead {
         let stop = end.div_ceil(BS) * BS;
         let mut buf = vec![0u8; (stop - start) as usize];
         if start != offset {
-            let first = self.read_aligned(start, BS).await?;
+            let first = self.read_aligned(None, start, BS).await?;
             buf[..BS as usize].copy_from_slice(&first);
         }
         if stop != end && (stop - BS > start || start == offset) {
-            let last = self.read_aligned(stop - BS, BS).await?;
+            let last = self.read_aligned(None, stop - BS, BS).await?;
             buf[(stop - BS - start) as usize..].copy_from_slice(&last);
         }
         buf[(offset - start) as usize..(end - start) as usize].copy_from_slice(&data);
@@ -350,16 +350,38 @@ impl VolumeHead {
         self.check_range(offset, len)?;
         let start = offset / BS * BS;
         let stop = (offset + len).div_ceil(BS) * BS;
-        let all = self.read_aligned(start, stop - start).await?;
+        let all = self.read_aligned(None, start, stop - start).await?;
         Ok(all.slice((offset - start) as usize..(offset - start + len) as usize))
     }
 
-    async fn read_aligned(&self, offset: u64, len: u64) -> HeadResult<Bytes> {
+    /// Reads `len` bytes at any offset of snapshot `snapshot`, from the
+    /// in-sync replicas (the snapshot was sealed on all of them).
+    pub async fn read_snapshot(
+        &self,
+        snapshot: &SnapshotId,
+        offset: u64,
+        len: u64,
+    ) -> HeadResult<Bytes> {
+        self.check_fenced()?;
+        self.check_range(offset, len)?;
+        let start = offset / BS * BS;
+        let stop = (offset + len).div_ceil(BS) * BS;
+        let all = self.read_aligned(Some(snapshot), start, stop - start).await?;
+        Ok(all.slice((offset - start) as usize..(offset - start + len) as usize))
+    }
+
+    async fn read_aligned(
+        &self,
+        snapshot: Option<&SnapshotId>,
+        offset: u64,
+        len: u64,
+    ) -> HeadResult<Bytes> {
         let pieces = self.pieces(offset, len);
         if let [(chunk, off, len)] = pieces[..] {
-            return self.read_piece(chunk, off, len).await;
+            return self.read_piece(snapshot, chunk, off, len).await;
         }
-        let parts = join_all(pieces.iter().map(|&(c, o, l)| self.read_piece(c, o, l))).await;
+        let parts =
+            join_all(pieces.iter().map(|&(c, o, l)| self.read_piece(snapshot, c, o, l))).await;
         let mut out = Vec::with_capacity(len as usize);
         for p in parts {
             out.extend_from_slice(&p?);
@@ -370,7 +392,13 @@ impl VolumeHead {
     /// Reads one piece from the local replica if in sync, else from the
     /// in-sync replicas in turn; a replica that fails is marked out of
     /// sync and the next is tried.
-    async fn read_piece(&self, chunk: u64, offset: u64, len: u64) -> HeadResult<Bytes> {
+    async fn read_piece(
+        &self,
+        snapshot: Option<&SnapshotId>,
+        chunk: u64,
+        offset: u64,
+        len: u64,
+    ) -> HeadResult<Bytes> {
         loop {
             let mut live = self.in_sync(chunk)?;
             let pick = match self.local.and_then(|l| live.iter().position(|&a| a == l)) {
@@ -378,7 +406,7 @@ impl VolumeHead {
                 None => self.next_read.fetch_add(1, Ordering::Relaxed) % live.len(),
             };
             let a = live.swap_remove(pick);
-            match self.peers[a].read(&self.spec.volume, offset, len).await {
+            match self.peers[a].read(&self.spec.volume, snapshot, offset, len).await {
                 Ok(data) => return Ok(data),
                 Err(e) => self.absorb(a, e)?,
             }
@@ -513,78 +541,5 @@ impl VolumeHead {
             }
         }
         Ok(total.digest(self.spec.geometry.size()))
-    }
-}
-
-/// A head as a frontend sees it: the [`BlockVolume`] calls of frontend
-/// threads (FUSE workers) run the head's async I/O on the agent's runtime.
-#[derive(Debug, Clone)]
-pub struct HeadVolume {
-    head: Arc<VolumeHead>,
-    runtime: tokio::runtime::Handle,
-}
-
-impl HeadVolume {
-    /// `runtime` must not be driven by the threads that call the
-    /// [`BlockVolume`] methods (they block on it).
-    pub fn new(head: Arc<VolumeHead>, runtime: tokio::runtime::Handle) -> Self {
-        HeadVolume { head, runtime }
-    }
-
-    pub fn head(&self) -> &Arc<VolumeHead> {
-        &self.head
-    }
-}
-
-fn frontend_error(e: HeadError) -> crate::frontend::VolumeIoError {
-    use crate::frontend::VolumeIoError;
-    match e {
-        HeadError::Range { offset, len, size, .. } => {
-            VolumeIoError::OutOfRange { offset, len, size }
-        }
-        HeadError::Fenced { .. } => VolumeIoError::ReadOnly(e.to_string()),
-        HeadError::Placement { .. }
-        | HeadError::NoReplica { .. }
-        | HeadError::Refused { .. }
-        | HeadError::Snapshot { .. }
-        | HeadError::MissingPeer { .. } => VolumeIoError::Io(e.to_string()),
-    }
-}
-
-impl crate::frontend::BlockVolume for HeadVolume {
-    fn size(&self) -> u64 {
-        self.head.size()
-    }
-
-    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), crate::frontend::VolumeIoError> {
-        let mut done = 0usize;
-        while done < buf.len() {
-            let n = (buf.len() - done).min(MAX_IO_BYTES as usize);
-            let data = self
-                .runtime
-                .block_on(self.head.read(offset + done as u64, n as u64))
-                .map_err(frontend_error)?;
-            buf[done..done + n].copy_from_slice(&data);
-            done += n;
-        }
-        Ok(())
-    }
-
-    fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), crate::frontend::VolumeIoError> {
-        for (i, part) in data.chunks(MAX_IO_BYTES as usize).enumerate() {
-            let at = offset + (i * MAX_IO_BYTES as usize) as u64;
-            self.runtime
-                .block_on(self.head.write(at, Bytes::copy_from_slice(part)))
-                .map_err(frontend_error)?;
-        }
-        Ok(())
-    }
-
-    fn flush(&self) -> Result<(), crate::frontend::VolumeIoError> {
-        self.runtime.block_on(self.head.flush()).map_err(frontend_error)
-    }
-
-    fn trim(&self, offset: u64, len: u64) -> Result<(), crate::frontend::VolumeIoError> {
-        self.runtime.block_on(self.head.trim(offset, len)).map_err(frontend_error)
     }
 }

@@ -6,7 +6,7 @@
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use cairn_api::{
-    Geometry, VolumeId,
+    Geometry, SnapshotId, VolumeId,
     agent::{
         REASON_METADATA, REASON_STALE_EPOCH,
         v1::{self as pb, volume_heads_server::VolumeHeads},
@@ -21,9 +21,10 @@ use crate::{
     frontend::{
         BlockVolume,
         fuse::{FuseFrontend, FuseMount},
+        head_volume::{HeadVolume, SnapshotVolume},
         loop_device,
     },
-    head::{HeadError, HeadSpec, HeadVolume, VolumeHead},
+    head::{HeadError, HeadSpec, VolumeHead},
     peer::{GrpcPeer, LocalPeer, ReplicaPeer},
     store::Store,
 };
@@ -59,12 +60,32 @@ fn field(e: FieldError) -> Status {
 struct OpenHead {
     head: Arc<VolumeHead>,
     fuse: Option<std::sync::Mutex<FuseMount>>,
+    /// Snapshots exposed read-only through FUSE.
+    snapshots: BTreeMap<SnapshotId, std::sync::Mutex<FuseMount>>,
 }
 
 impl OpenHead {
     fn fuse_file(&self) -> Option<std::path::PathBuf> {
         self.fuse.as_ref().map(|m| m.lock().unwrap().file().to_path_buf())
     }
+
+    /// Every FUSE file of this head: the head's and its snapshots'.
+    fn fuse_files(&self) -> Vec<std::path::PathBuf> {
+        self.fuse_file()
+            .into_iter()
+            .chain(self.snapshots.values().map(|m| m.lock().unwrap().file().to_path_buf()))
+            .collect()
+    }
+}
+
+/// Unmounts a FUSE mount off the runtime; refused while a loop device is
+/// attached (the message names it).
+async fn unmount(m: std::sync::Mutex<FuseMount>) -> Result<(), Status> {
+    let mut m = m.into_inner().unwrap();
+    tokio::task::spawn_blocking(move || m.unmount())
+        .await
+        .map_err(|e| Status::internal(format!("unmount task failed: {e}")))?
+        .map_err(|e| Status::failed_precondition(e.to_string()))
 }
 
 /// Volume heads open on this agent.
@@ -133,17 +154,15 @@ fn status_of(head: &VolumeHead, fuse_file: Option<std::path::PathBuf>) -> pb::He
 }
 
 impl HeadService {
-    /// Exposes `head` as `<fuse_dir>/<volume>/volume`.
-    async fn mount(&self, head: &Arc<VolumeHead>) -> Result<FuseMount, Status> {
+    /// Exposes `volume` as `<fuse_dir>/<name>/volume`.
+    async fn mount(&self, name: String, volume: Arc<dyn BlockVolume>) -> Result<FuseMount, Status> {
         let Some(dir) = &self.fuse_dir else {
             return Err(Status::failed_precondition(format!(
                 "agent {} has no --fuse-dir: start it with one to expose heads through FUSE",
                 self.agent
             )));
         };
-        let mountpoint = dir.join(head.volume().as_str());
-        let volume: Arc<dyn BlockVolume> =
-            Arc::new(HeadVolume::new(head.clone(), tokio::runtime::Handle::current()));
+        let mountpoint = dir.join(name);
         tokio::task::spawn_blocking(move || {
             std::fs::create_dir_all(&mountpoint)
                 .map_err(|e| Status::internal(format!("creating {}: {e}", mountpoint.display())))?;
@@ -157,24 +176,32 @@ impl HeadService {
     /// Refuses while a loop device over the head's FUSE file is attached,
     /// and says where its filesystem is mounted.
     fn check_detached(&self, volume: &VolumeId, open: &OpenHead) -> Result<(), Status> {
-        let Some(file) = open.fuse_file() else { return Ok(()) };
-        if let Some(device) = loop_device::devices_backed_by(&file).into_iter().next() {
-            let msg = match loop_device::mounted_at(&device) {
-                Some(at) => format!(
-                    "volume {volume} is mounted at {} (loop device {}): unmount it and detach the loop device first",
-                    at.display(),
-                    device.display()
-                ),
-                None => format!(
-                    "volume {volume} is attached to loop device {}: detach it first (losetup -d {})",
-                    device.display(),
-                    device.display()
-                ),
-            };
-            return Err(Status::failed_precondition(msg));
+        for file in open.fuse_files() {
+            check_file_detached(volume, &file)?;
         }
         Ok(())
     }
+}
+
+/// Refuses while a loop device is attached to `file`, saying where its
+/// filesystem is mounted.
+fn check_file_detached(volume: &VolumeId, file: &std::path::Path) -> Result<(), Status> {
+    let Some(device) = loop_device::devices_backed_by(file).into_iter().next() else {
+        return Ok(());
+    };
+    let msg = match loop_device::mounted_at(&device) {
+        Some(at) => format!(
+            "volume {volume} is mounted at {} (loop device {}): unmount it and detach the loop device first",
+            at.display(),
+            device.display()
+        ),
+        None => format!(
+            "volume {volume} is attached to loop device {}: detach it first (losetup -d {})",
+            device.display(),
+            device.display()
+        ),
+    };
+    Err(Status::failed_precondition(msg))
 }
 
 fn check_len(len: u64) -> Result<(), Status> {
@@ -255,8 +282,15 @@ impl VolumeHeads for HeadService {
         };
         let head =
             Arc::new(VolumeHead::open(spec, peers, Some(&self.agent)).await.map_err(head_status)?);
-        let fuse = if r.fuse { Some(self.mount(&head).await?) } else { None };
-        let open = OpenHead { head, fuse: fuse.map(std::sync::Mutex::new) };
+        let fuse = if r.fuse {
+            let volume: Arc<dyn BlockVolume> =
+                Arc::new(HeadVolume::new(head.clone(), tokio::runtime::Handle::current()));
+            Some(self.mount(head.volume().to_string(), volume).await?)
+        } else {
+            None
+        };
+        let open =
+            OpenHead { head, fuse: fuse.map(std::sync::Mutex::new), snapshots: BTreeMap::new() };
         let status = status_of(&open.head, open.fuse_file());
         heads.insert(volume, open);
         Ok(Response::new(status))
@@ -276,15 +310,9 @@ impl VolumeHeads for HeadService {
             )));
         };
         self.check_detached(&volume, open)?;
-        let mut open = heads.remove(&volume).expect("just found");
-        if let Some(m) = open.fuse.take() {
-            let mut m = m.into_inner().unwrap();
-            let unmounted = tokio::task::spawn_blocking(move || m.unmount().map(|()| m))
-                .await
-                .map_err(|e| Status::internal(format!("unmount task failed: {e}")))?;
-            if let Err(e) = unmounted {
-                return Err(Status::failed_precondition(e.to_string()));
-            }
+        let open = heads.remove(&volume).expect("just found");
+        for m in open.fuse.into_iter().chain(open.snapshots.into_values()) {
+            unmount(m).await?;
         }
         if let Err(e) = open.head.flush().await {
             tracing::warn!(%volume, error = %e, "flush at close failed");
@@ -360,6 +388,58 @@ impl VolumeHeads for HeadService {
             .get(&volume)
             .ok_or_else(|| Status::not_found(format!("no head of volume {volume} is open here")))?;
         Ok(Response::new(status_of(&open.head, open.fuse_file())))
+    }
+
+    #[tracing::instrument(skip_all, fields(volume = %req.get_ref().volume_id, snapshot = %req.get_ref().snapshot_id))]
+    async fn expose_snapshot(
+        &self,
+        req: Request<pb::ExposeSnapshotRequest>,
+    ) -> Result<Response<pb::ExposeSnapshotResponse>, Status> {
+        let r = req.into_inner();
+        let volume = convert::volume_id("volume_id", &r.volume_id).map_err(field)?;
+        let snap = convert::snapshot_id("snapshot_id", &r.snapshot_id).map_err(field)?;
+        let mut heads = self.heads.lock().await;
+        let open = heads.get_mut(&volume).ok_or_else(|| {
+            Status::not_found(format!("no head of volume {volume} is open here: OpenHead first"))
+        })?;
+        if let Some(m) = open.snapshots.get(&snap) {
+            let fuse_file = m.lock().unwrap().file().display().to_string();
+            return Ok(Response::new(pb::ExposeSnapshotResponse { fuse_file }));
+        }
+        // The snapshot must exist: read its first block before mounting.
+        open.head.read_snapshot(&snap, 0, 4096).await.map_err(head_status)?;
+        let view: Arc<dyn BlockVolume> = Arc::new(SnapshotVolume::new(
+            open.head.clone(),
+            snap.clone(),
+            tokio::runtime::Handle::current(),
+        ));
+        let m = self.mount(format!("{volume}@{snap}"), view).await?;
+        let fuse_file = m.file().display().to_string();
+        open.snapshots.insert(snap, std::sync::Mutex::new(m));
+        Ok(Response::new(pb::ExposeSnapshotResponse { fuse_file }))
+    }
+
+    #[tracing::instrument(skip_all, fields(volume = %req.get_ref().volume_id, snapshot = %req.get_ref().snapshot_id))]
+    async fn hide_snapshot(
+        &self,
+        req: Request<pb::HideSnapshotRequest>,
+    ) -> Result<Response<pb::HideSnapshotResponse>, Status> {
+        let r = req.into_inner();
+        let volume = convert::volume_id("volume_id", &r.volume_id).map_err(field)?;
+        let snap = convert::snapshot_id("snapshot_id", &r.snapshot_id).map_err(field)?;
+        let mut heads = self.heads.lock().await;
+        let Some(open) = heads.get_mut(&volume) else {
+            return Err(Status::not_found(format!("no head of volume {volume} is open here")));
+        };
+        let Some(m) = open.snapshots.get(&snap) else {
+            return Err(Status::not_found(format!(
+                "snapshot {snap} of volume {volume} is not exposed"
+            )));
+        };
+        let file = m.lock().unwrap().file().to_path_buf();
+        check_file_detached(&volume, &file)?;
+        unmount(open.snapshots.remove(&snap).expect("just found")).await?;
+        Ok(Response::new(pb::HideSnapshotResponse {}))
     }
 
     #[tracing::instrument(skip_all, fields(volume = %req.get_ref().volume_id))]

@@ -64,7 +64,14 @@ pub trait ReplicaPeer: Send + Sync + fmt::Debug {
         offset: u64,
         data: Bytes,
     ) -> PeerResult<()>;
-    async fn read(&self, volume: &VolumeId, offset: u64, len: u64) -> PeerResult<Bytes>;
+    /// Reads the head, or snapshot `snapshot`.
+    async fn read(
+        &self,
+        volume: &VolumeId,
+        snapshot: Option<&SnapshotId>,
+        offset: u64,
+        len: u64,
+    ) -> PeerResult<Bytes>;
     async fn trim(&self, volume: &VolumeId, epoch: u64, offset: u64, len: u64) -> PeerResult<()>;
     async fn flush(&self, volume: &VolumeId, epoch: u64) -> PeerResult<()>;
     async fn seal(
@@ -165,9 +172,15 @@ impl ReplicaPeer for LocalPeer {
         self.run(move |s| s.replica(&v)?.write(epoch, offset, &data)).await
     }
 
-    async fn read(&self, volume: &VolumeId, offset: u64, len: u64) -> PeerResult<Bytes> {
-        let v = volume.clone();
-        self.run(move |s| s.replica(&v)?.read(offset, len, None).map(Bytes::from)).await
+    async fn read(
+        &self,
+        volume: &VolumeId,
+        snapshot: Option<&SnapshotId>,
+        offset: u64,
+        len: u64,
+    ) -> PeerResult<Bytes> {
+        let (v, snap) = (volume.clone(), snapshot.cloned());
+        self.run(move |s| s.replica(&v)?.read(offset, len, snap.as_ref()).map(Bytes::from)).await
     }
 
     async fn trim(&self, volume: &VolumeId, epoch: u64, offset: u64, len: u64) -> PeerResult<()> {
@@ -301,12 +314,18 @@ impl ReplicaPeer for GrpcPeer {
         self.call(self.client.clone().write_blocks(req)).await.map(drop)
     }
 
-    async fn read(&self, volume: &VolumeId, offset: u64, len: u64) -> PeerResult<Bytes> {
+    async fn read(
+        &self,
+        volume: &VolumeId,
+        snapshot: Option<&SnapshotId>,
+        offset: u64,
+        len: u64,
+    ) -> PeerResult<Bytes> {
         let req = pb::ReadBlocksRequest {
             volume_id: volume.to_string(),
             offset,
             length: len,
-            snapshot_id: String::new(),
+            snapshot_id: snapshot.map(|s| s.to_string()).unwrap_or_default(),
         };
         self.call(self.client.clone().read_blocks(req)).await.map(|r| r.data)
     }

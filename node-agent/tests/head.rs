@@ -66,9 +66,15 @@ impl ReplicaPeer for Switch {
         self.check()?;
         self.inner.write(v, e, o, d).await
     }
-    async fn read(&self, v: &VolumeId, o: u64, l: u64) -> PeerResult<Bytes> {
+    async fn read(
+        &self,
+        v: &VolumeId,
+        s: Option<&SnapshotId>,
+        o: u64,
+        l: u64,
+    ) -> PeerResult<Bytes> {
         self.check()?;
-        self.inner.read(v, o, l).await
+        self.inner.read(v, s, o, l).await
     }
     async fn trim(&self, v: &VolumeId, e: u64, o: u64, l: u64) -> PeerResult<()> {
         self.check()?;

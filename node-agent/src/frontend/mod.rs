@@ -4,6 +4,7 @@
 //! same frontend serves a real head and the in-memory volume of the tests.
 
 pub mod fuse;
+pub mod head_volume;
 pub mod loop_device;
 
 use std::{fmt, io, path::PathBuf};
