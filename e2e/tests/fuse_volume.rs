@@ -31,7 +31,7 @@ fn skip_reason() -> Option<String> {
             return Some(format!("{need} is missing"));
         }
     }
-    for tool in ["losetup", "mkfs.ext4", "mount", "umount", "e2fsck"] {
+    for tool in ["losetup", "mkfs.ext4", "mount", "umount", "e2fsck", "fsfreeze"] {
         let found = std::env::var_os("PATH")
             .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()));
         if !found {
