@@ -3,6 +3,13 @@
 //! `cairn-bench store` measures the replica store in-process against a plain
 //! file on the same disk, in the same run. Each figure is one line on stdout,
 //! `figure <name> <value>`; progress and raw numbers go to stderr.
+//!
+//! `cairn-bench volume` measures a replicated volume's head, exposed
+//! through FUSE and a loop device, with fio against a loop device on a plain
+//! file on the same disk.
+
+#[path = "cairn-bench/volume.rs"]
+mod volume;
 
 use std::{
     fs::{File, OpenOptions},
@@ -45,6 +52,10 @@ struct Cli {
 enum Command {
     /// The replica store, in-process, against a plain file on the same disk.
     Store(StoreArgs),
+    /// A volume head through FUSE and a loop device, with fio, against a
+    /// loop device on a plain file on the same disk. Needs root and
+    /// /dev/fuse.
+    Volume(volume::VolumeArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -64,6 +75,7 @@ struct StoreArgs {
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Store(args) => store_bench(args),
+        Command::Volume(args) => volume::volume_bench(args),
     }
 }
 
