@@ -346,12 +346,7 @@ impl VolumeHead {
 
     /// Reads `len` bytes at any offset.
     pub async fn read(&self, offset: u64, len: u64) -> HeadResult<Bytes> {
-        self.check_fenced()?;
-        self.check_range(offset, len)?;
-        let start = offset / BS * BS;
-        let stop = (offset + len).div_ceil(BS) * BS;
-        let all = self.read_aligned(None, start, stop - start).await?;
-        Ok(all.slice((offset - start) as usize..(offset - start + len) as usize))
+        self.read_view(None, offset, len).await
     }
 
     /// Reads `len` bytes at any offset of snapshot `snapshot`, from the
@@ -362,11 +357,21 @@ impl VolumeHead {
         offset: u64,
         len: u64,
     ) -> HeadResult<Bytes> {
+        self.read_view(Some(snapshot), offset, len).await
+    }
+
+    /// Reads the head (`None`) or a snapshot at any offset.
+    pub async fn read_view(
+        &self,
+        snapshot: Option<&SnapshotId>,
+        offset: u64,
+        len: u64,
+    ) -> HeadResult<Bytes> {
         self.check_fenced()?;
         self.check_range(offset, len)?;
         let start = offset / BS * BS;
         let stop = (offset + len).div_ceil(BS) * BS;
-        let all = self.read_aligned(Some(snapshot), start, stop - start).await?;
+        let all = self.read_aligned(snapshot, start, stop - start).await?;
         Ok(all.slice((offset - start) as usize..(offset - start + len) as usize))
     }
 

@@ -6,16 +6,9 @@
 //! Invariant: after a load the in-memory state is exactly the last committed
 //! state; anything a commit did not name is freed, never served.
 
-use std::{
-    collections::{BTreeMap, BTreeSet},
-    path::PathBuf,
-    sync::Arc,
-};
+use std::{collections::BTreeSet, path::PathBuf, sync::Arc};
 
-use cairn_api::{
-    BLOCK_SIZE, VolumeId,
-    digest::{Accumulator, BlockHash},
-};
+use cairn_api::{BLOCK_SIZE, VolumeId, digest::BlockHash};
 use redb::ReadableDatabase;
 
 use crate::{
@@ -133,18 +126,8 @@ impl Replica {
         if removed {
             disk.sync_dir(&dir).map_err(|e| io("syncing the replica directory", &dir, e))?;
         }
-        let mut state = State {
-            geometry: record.geometry,
-            chunks: record.chunks,
-            layers,
-            next_layer: record.next_layer,
-            merged: BTreeMap::new(),
-            chunk_acc: BTreeMap::new(),
-            total_acc: Accumulator::default(),
-            pending: BTreeMap::new(),
-            touched: BTreeSet::new(),
-            epoch: record.epoch,
-        };
+        let mut state =
+            State::new(record.geometry, record.chunks, layers, record.next_layer, record.epoch);
         for li in 0..state.layers.len() {
             let no = state.layers[li].no;
             let entries: Vec<(u64, Entry)> =

@@ -85,6 +85,28 @@ struct Incoming {
 }
 
 impl State {
+    /// A state with `layers` and nothing indexed yet.
+    pub fn new(
+        geometry: Geometry,
+        chunks: ChunkSet,
+        layers: Vec<Layer>,
+        next_layer: u64,
+        epoch: u64,
+    ) -> Self {
+        State {
+            geometry,
+            chunks,
+            layers,
+            next_layer,
+            merged: BTreeMap::new(),
+            chunk_acc: BTreeMap::new(),
+            total_acc: Accumulator::default(),
+            pending: BTreeMap::new(),
+            touched: BTreeSet::new(),
+            epoch,
+        }
+    }
+
     pub fn head(&self) -> &Layer {
         self.layers.last().expect("a replica always has a head layer")
     }
@@ -155,18 +177,7 @@ impl Replica {
         disk.create_dir_all(&dir).map_err(|e| io("creating the replica directory", e))?;
         let parent = dir.parent().expect("replica dirs live under the data dir");
         disk.sync_dir(parent).map_err(|e| io("syncing the volumes directory", e))?;
-        let state = State {
-            geometry,
-            chunks,
-            layers: vec![Layer::new(&dir, 1, None)],
-            next_layer: 2,
-            merged: BTreeMap::new(),
-            chunk_acc: BTreeMap::new(),
-            total_acc: Accumulator::default(),
-            pending: BTreeMap::new(),
-            touched: BTreeSet::new(),
-            epoch: 0,
-        };
+        let state = State::new(geometry, chunks, vec![Layer::new(&dir, 1, None)], 2, 0);
         let tx = db.begin_write().map_err(meta("creating a replica"))?;
         {
             let mut t = tx.open_table(REPLICAS).map_err(meta("creating a replica"))?;
@@ -569,7 +580,7 @@ pub(crate) fn describe_layer(layer: &Layer) -> String {
     }
 }
 
-fn describe_chunks(chunks: &ChunkSet) -> String {
+pub(crate) fn describe_chunks(chunks: &ChunkSet) -> String {
     match chunks {
         ChunkSet::All => "all chunks".into(),
         ChunkSet::Some(s) if s.len() <= 8 => {

@@ -186,7 +186,7 @@ impl Replica {
                 volume: self.volume.clone(),
                 chunk,
                 offset: chunk * st.geometry.chunk_size(),
-                held: format!("{:?}", st.chunks),
+                held: crate::replica::describe_chunks(&st.chunks),
             });
         }
         Ok(())

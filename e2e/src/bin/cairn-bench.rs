@@ -277,20 +277,27 @@ fn create_file(path: &Path) -> anyhow::Result<File> {
         .with_context(|| format!("creating {}", path.display()))
 }
 
-fn store_bench(args: StoreArgs) -> anyhow::Result<()> {
-    let started = Instant::now();
-    let base = match &args.dir {
+/// A fresh work directory (removed on drop) in `dir`, else in `./target`
+/// when it exists, else in the system temp dir: the baseline files go in
+/// it too, so both sides use the same disk.
+fn work_dir(dir: Option<&Path>, prefix: &str) -> anyhow::Result<tempfile::TempDir> {
+    let base = match dir {
         Some(d) => {
             std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
-            d.clone()
+            d.to_path_buf()
         }
         None if Path::new("target").is_dir() => PathBuf::from("target"),
         None => std::env::temp_dir(),
     };
-    let tmp = tempfile::Builder::new()
-        .prefix("cairn-bench-")
+    tempfile::Builder::new()
+        .prefix(prefix)
         .tempdir_in(&base)
-        .with_context(|| format!("creating a work directory in {}", base.display()))?;
+        .with_context(|| format!("creating a work directory in {}", base.display()))
+}
+
+fn store_bench(args: StoreArgs) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let tmp = work_dir(args.dir.as_deref(), "cairn-bench-")?;
     let dir = tmp.path().canonicalize()?;
     let sizes = if args.quick { Sizes::quick() } else { Sizes::full() };
     eprintln!("cairn-bench store: working in {}", dir.display());

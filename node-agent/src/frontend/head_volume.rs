@@ -45,23 +45,32 @@ fn frontend_error(e: HeadError) -> VolumeIoError {
     }
 }
 
+/// Reads `buf.len()` bytes at `offset` of the head or a snapshot, in
+/// requests of at most [`MAX_IO_BYTES`].
+fn read_pieces(
+    runtime: &tokio::runtime::Handle,
+    head: &VolumeHead,
+    snapshot: Option<&SnapshotId>,
+    offset: u64,
+    buf: &mut [u8],
+) -> Result<(), VolumeIoError> {
+    for (i, part) in buf.chunks_mut(MAX_IO_BYTES as usize).enumerate() {
+        let at = offset + (i * MAX_IO_BYTES as usize) as u64;
+        let data = runtime
+            .block_on(head.read_view(snapshot, at, part.len() as u64))
+            .map_err(frontend_error)?;
+        part.copy_from_slice(&data);
+    }
+    Ok(())
+}
+
 impl BlockVolume for HeadVolume {
     fn size(&self) -> u64 {
         self.head.size()
     }
 
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), VolumeIoError> {
-        let mut done = 0usize;
-        while done < buf.len() {
-            let n = (buf.len() - done).min(MAX_IO_BYTES as usize);
-            let data = self
-                .runtime
-                .block_on(self.head.read(offset + done as u64, n as u64))
-                .map_err(frontend_error)?;
-            buf[done..done + n].copy_from_slice(&data);
-            done += n;
-        }
-        Ok(())
+        read_pieces(&self.runtime, &self.head, None, offset, buf)
     }
 
     fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), VolumeIoError> {
@@ -116,17 +125,7 @@ impl BlockVolume for SnapshotVolume {
     }
 
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), VolumeIoError> {
-        let mut done = 0usize;
-        while done < buf.len() {
-            let n = (buf.len() - done).min(MAX_IO_BYTES as usize);
-            let data = self
-                .runtime
-                .block_on(self.head.read_snapshot(&self.snapshot, offset + done as u64, n as u64))
-                .map_err(frontend_error)?;
-            buf[done..done + n].copy_from_slice(&data);
-            done += n;
-        }
-        Ok(())
+        read_pieces(&self.runtime, &self.head, Some(&self.snapshot), offset, buf)
     }
 
     fn write_at(&self, _offset: u64, _data: &[u8]) -> Result<(), VolumeIoError> {

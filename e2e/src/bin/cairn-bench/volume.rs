@@ -404,18 +404,7 @@ pub fn volume_bench(args: VolumeArgs) -> anyhow::Result<()> {
         eprintln!("cairn-bench volume: cannot run: {e:#}");
         std::process::exit(2);
     }
-    let base = match &args.dir {
-        Some(d) => {
-            std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
-            d.clone()
-        }
-        None if Path::new("target").is_dir() => PathBuf::from("target"),
-        None => std::env::temp_dir(),
-    };
-    let work = tempfile::Builder::new()
-        .prefix("cairn-bench-volume-")
-        .tempdir_in(&base)
-        .with_context(|| format!("creating a work directory in {}", base.display()))?;
+    let work = super::work_dir(args.dir.as_deref(), "cairn-bench-volume-")?;
     let mut rig = Rig {
         rt: tokio::runtime::Builder::new_multi_thread().enable_all().build()?,
         work: Some(work),
