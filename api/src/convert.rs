@@ -128,6 +128,23 @@ impl From<&ReplicaInfo> for pb::ReplicaInfo {
     }
 }
 
+impl TryFrom<&pb::ReplicaInfo> for ReplicaInfo {
+    type Error = FieldError;
+    fn try_from(r: &pb::ReplicaInfo) -> Result<Self, FieldError> {
+        Ok(ReplicaInfo {
+            volume: volume_id("volume_id", &r.volume_id)?,
+            geometry: crate::Geometry::new(r.size_bytes, r.chunk_size_bytes)
+                .map_err(|e| FieldError::Invalid { field: "size_bytes", message: e.to_string() })?,
+            chunks: ChunkSet::try_from(r.chunks.clone())?,
+            sealed_layers: r.sealed_layers,
+            epoch: r.epoch,
+            head_blocks: r.head_blocks,
+            used_bytes: r.used_bytes,
+            serving: r.serving,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

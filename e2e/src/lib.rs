@@ -94,6 +94,17 @@ impl AgentProcess {
         Self::spawn(data_dir, "127.0.0.1:0".parse().unwrap(), Some(name), args)
     }
 
+    /// Starts an agent named `name` on `listen` with extra arguments: an
+    /// agent restarted on its old address, say.
+    pub fn start_on(
+        data_dir: &Path,
+        name: &str,
+        listen: SocketAddr,
+        args: &[&std::ffi::OsStr],
+    ) -> anyhow::Result<Self> {
+        Self::spawn(data_dir, listen, Some(name), args)
+    }
+
     /// Starts an agent listening on `listen` (port 0 picks one).
     pub fn start_with(data_dir: &Path, listen: SocketAddr) -> anyhow::Result<Self> {
         Self::spawn(data_dir, listen, None, &[])

@@ -3,8 +3,10 @@
 //! agent, attached with a loop device, formatted ext4 and mounted; files
 //! written and checked; a snapshot taken while a writer writes (the
 //! filesystem frozen for that instant) mounts read-only as a clean
-//! filesystem; an agent killed with SIGKILL while files are being written;
-//! closing the head refused while the filesystem is mounted.
+//! filesystem; an agent killed with SIGKILL while files are being written,
+//! restarted and rebuilt while a writer keeps writing, after which every
+//! chunk's replicas have equal digests; closing the head refused while the
+//! filesystem is mounted.
 //!
 //! Needs root, /dev/fuse and loop devices; skipped with a message otherwise.
 
@@ -81,6 +83,39 @@ impl Drop for Attached {
     }
 }
 
+/// Every chunk's replicas, on whichever agents hold them, have equal head
+/// digests.
+async fn assert_chunk_replicas_agree(agents: &[Option<AgentProcess>]) {
+    let mut by_chunk: std::collections::BTreeMap<u64, Vec<(String, Vec<u8>)>> = Default::default();
+    for (i, a) in agents.iter().enumerate() {
+        let mut client = a.as_ref().unwrap().client().await.unwrap();
+        let resp = client
+            .chunk_digests(pb::ChunkDigestsRequest {
+                volume_id: VOL.into(),
+                snapshot_id: String::new(),
+                chunks: vec![],
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        for c in resp.chunks {
+            by_chunk
+                .entry(c.chunk)
+                .or_default()
+                .push((format!("a{}", i + 1), c.accumulator.to_vec()));
+        }
+    }
+    assert_eq!(by_chunk.len() as u64, GIB / (64 << 20), "every chunk is held");
+    for (chunk, accs) in by_chunk {
+        assert_eq!(accs.len(), 2, "chunk {chunk} has two replicas");
+        assert_eq!(
+            accs[0].1, accs[1].1,
+            "chunk {chunk}: replicas on {} and {} differ",
+            accs[0].0, accs[1].0
+        );
+    }
+}
+
 fn checksum(path: &Path) -> blake3::Hash {
     blake3::hash(&std::fs::read(path).unwrap())
 }
@@ -93,16 +128,18 @@ async fn ext4_on_a_striped_volume_keeps_its_files_when_an_agent_is_killed() {
     }
     let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
     let fuse_dir = tempfile::tempdir().unwrap();
+    let args: [&OsStr; 6] = [
+        OsStr::new("--fuse-dir"),
+        fuse_dir.path().as_os_str(),
+        OsStr::new("--peer-timeout-ms"),
+        OsStr::new("2000"),
+        OsStr::new("--rebuild-interval-ms"),
+        OsStr::new("200"),
+    ];
     let mut agents: Vec<Option<AgentProcess>> = dirs
         .iter()
         .enumerate()
         .map(|(i, d)| {
-            let args: [&OsStr; 4] = [
-                OsStr::new("--fuse-dir"),
-                fuse_dir.path().as_os_str(),
-                OsStr::new("--peer-timeout-ms"),
-                OsStr::new("2000"),
-            ];
             Some(AgentProcess::start_args(d.path(), &format!("a{}", i + 1), &args).unwrap())
         })
         .collect();
@@ -123,6 +160,7 @@ async fn ext4_on_a_striped_volume_keeps_its_files_when_an_agent_is_killed() {
             })
             .collect(),
         fuse: true,
+        stale_agents: vec![],
     };
     let mut heads = agents[0].as_ref().unwrap().heads().await.unwrap();
     let status = heads.open_head(request(&agents)).await.unwrap().into_inner();
@@ -206,6 +244,7 @@ async fn ext4_on_a_striped_volume_keeps_its_files_when_an_agent_is_killed() {
         .await
         .unwrap();
 
+    let a2_addr = agents[1].as_ref().unwrap().addr();
     agents[1].take().unwrap().kill9().unwrap();
     for i in 6..12 {
         let p = write_file(i);
@@ -213,13 +252,57 @@ async fn ext4_on_a_striped_volume_keeps_its_files_when_an_agent_is_killed() {
     }
     run("sync", &[]);
 
-    let health = heads
-        .get_head_status(pb::HeadStatusRequest { volume_id: VOL.into() })
-        .await
-        .unwrap()
-        .into_inner();
+    let status = |mut heads: cairn_e2e::HeadsClient| async move {
+        heads
+            .get_head_status(pb::HeadStatusRequest { volume_id: VOL.into() })
+            .await
+            .unwrap()
+            .into_inner()
+    };
+    let health = status(heads.clone()).await;
     let a2 = health.replicas.iter().find(|r| r.agent == "a2").unwrap();
     assert!(!a2.in_sync, "the killed agent is out of sync: {health:?}");
+
+    // It comes back on its address and is rebuilt while a writer writes.
+    agents[1] = Some(AgentProcess::start_on(dirs[1].path(), "a2", a2_addr, &args).unwrap());
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (stop, dir) = (stop.clone(), mnt.path().to_path_buf());
+        std::thread::spawn(move || {
+            let mut written = Vec::new();
+            let mut i = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) || i < 4 {
+                let path = dir.join(format!("during-rebuild-{i}"));
+                let data = pattern(500 + i, (1 << 20) + i as usize * 513);
+                std::fs::write(&path, &data).unwrap();
+                written.push((path, blake3::hash(&data)));
+                i += 1;
+            }
+            written
+        })
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    let mut seen_progress = false;
+    loop {
+        let health = status(heads.clone()).await;
+        let a2 = health.replicas.iter().find(|r| r.agent == "a2").unwrap().clone();
+        seen_progress |= a2.rebuild.is_some();
+        if a2.in_sync {
+            assert!(a2.last_rebuild.starts_with("rebuilt"), "{a2:?}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "a2 not rebuilt in time: {health:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let during = writer.join().unwrap();
+    run("sync", &[]);
+    eprintln!("rebuild progress seen: {seen_progress}; files written during it: {}", during.len());
+    heads.head_flush(pb::HeadFlushRequest { volume_id: VOL.into() }).await.unwrap();
+    assert_chunk_replicas_agree(&agents).await;
+    for (p, sum) in during {
+        sums.push((p, sum));
+    }
 
     // Closing the head under a mounted filesystem is refused, saying where.
     let err = heads.close_head(pb::CloseHeadRequest { volume_id: VOL.into() }).await.unwrap_err();

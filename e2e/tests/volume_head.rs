@@ -38,6 +38,7 @@ impl Site {
             layout_version: 1,
             epoch,
             fuse: false,
+            stale_agents: vec![],
             agents: self
                 .agents
                 .iter()

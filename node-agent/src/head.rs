@@ -5,11 +5,19 @@
 //! the in-sync replicas in turn.
 //!
 //! Invariants: a replica that fails a write, a flush or a read (or does not
-//! answer) is marked out of sync and gets no more I/O from this head; an
-//! acknowledged write is on every replica still in sync; a refusal for a
-//! stale epoch fences this head for good; a snapshot holds new writes,
-//! drains those in flight, and is sealed on every in-sync replica or on
-//! none (it is deleted where it was sealed if any seal fails).
+//! answer) is marked out of sync and gets no more I/O from this head until
+//! it is rebuilt; an acknowledged write is on every replica still in sync; a
+//! refusal for a stale epoch fences this head for good; a snapshot holds new
+//! writes, drains those in flight, and is sealed on every in-sync replica or
+//! on none (it is deleted where it was sealed if any seal fails).
+//!
+//! Rebuild (see `docs/design.md`, "Rebuild"): an out-of-sync replica is
+//! recreated empty, gets the sealed layers copied from in-sync replicas and
+//! sealed under the same ids (per-chunk digests compared), then *catches
+//! up*: writes reach it too while the head layer's blocks are copied under
+//! the exclusive read-modify-write lock, so a copy never overwrites a newer
+//! write; it rejoins only when its per-chunk head digests equal the
+//! sources'.
 
 use std::{
     collections::BTreeMap,
@@ -17,6 +25,7 @@ use std::{
         Arc, Mutex,
         atomic::{AtomicUsize, Ordering},
     },
+    time::{Duration, Instant},
 };
 
 use bytes::Bytes;
@@ -24,10 +33,11 @@ use cairn_api::{
     Accumulator, BLOCK_SIZE, ChunkSet, Digest, Geometry, SnapshotId, VolumeId,
     block::MAX_IO_BYTES,
     placement::{PlacementAgent, PlacementError, place},
+    snapshot::{ReplicaInfo, SnapshotInfo},
 };
-use futures::future::join_all;
+use futures::{StreamExt, future::join_all};
 
-use crate::peer::{PeerError, PeerErrorKind, ReplicaPeer};
+use crate::peer::{CopiedBlock, PeerError, PeerErrorKind, ReplicaPeer};
 
 /// The most bytes one head read or write may carry.
 pub const MAX_HEAD_IO: u64 = 16 << 20;
@@ -43,6 +53,9 @@ pub struct HeadSpec {
     pub agents: Vec<PlacementAgent>,
     /// Grows with every new head of this volume; replicas refuse lower ones.
     pub epoch: u64,
+    /// Agents whose replicas are known to have missed writes: they start
+    /// out of sync and are rebuilt before they serve.
+    pub stale: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -78,6 +91,8 @@ pub enum HeadError {
     Snapshot { volume: VolumeId, snapshot: SnapshotId, failures: String },
     #[error("volume {volume}: no peer given for agent {agent}")]
     MissingPeer { volume: VolumeId, agent: String },
+    #[error("volume {volume}: rebuild of the replica on agent {agent} failed: {reason}")]
+    Rebuild { volume: VolumeId, agent: String, reason: String },
 }
 
 pub type HeadResult<T> = Result<T, HeadError>;
@@ -90,7 +105,61 @@ pub struct AgentHealth {
     pub chunks: u64,
     /// `None` while in sync; why it is out of sync otherwise.
     pub out_of_sync: Option<String>,
+    /// Set while the replica is being rebuilt.
+    pub rebuild: Option<RebuildProgress>,
+    /// How the last rebuild of this replica ended.
+    pub last_rebuild: Option<String>,
 }
+
+/// Where a rebuild is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RebuildPhase {
+    /// Copying sealed layers, oldest first.
+    Layers,
+    /// Copying the head layer's blocks; new writes reach the replica too.
+    Head,
+    /// Comparing the per-chunk head digests with the sources'.
+    Verify,
+}
+
+impl RebuildPhase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RebuildPhase::Layers => "layers",
+            RebuildPhase::Head => "head",
+            RebuildPhase::Verify => "verify",
+        }
+    }
+}
+
+/// How far a rebuild is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RebuildProgress {
+    pub phase: RebuildPhase,
+    pub layers_done: u32,
+    pub layers_total: u32,
+    /// Bytes of block data written to the replica, all phases.
+    pub bytes_done: u64,
+    pub head_blocks_done: u64,
+    pub head_blocks_total: u64,
+    pub started: Instant,
+}
+
+/// What a finished rebuild did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RebuildReport {
+    pub agent: String,
+    pub layers: u32,
+    pub bytes: u64,
+    pub head_blocks: u64,
+    pub elapsed: Duration,
+}
+
+/// The largest run of head-layer blocks copied under one hold of the
+/// exclusive read-modify-write lock: small, so writes wait little.
+const HEAD_COPY_BATCH: u64 = 256 << 10;
+/// The largest write a layer copy sends at once.
+const LAYER_COPY_RUN: u64 = 1 << 20;
 
 #[derive(Debug)]
 pub struct VolumeHead {
@@ -107,6 +176,16 @@ pub struct VolumeHead {
     out_of_sync: Mutex<BTreeMap<usize, String>>,
     fenced: Mutex<Option<String>>,
     next_read: AtomicUsize,
+    /// Agents catching up: writes and trims reach them too, reads and
+    /// flushes do not. `Some(reason)` once one of those failed there: the
+    /// rebuild then stops.
+    catching_up: Mutex<BTreeMap<usize, Option<String>>>,
+    /// Shared by a catch-up, exclusive for a snapshot, which waits until
+    /// catch-ups end (a catching-up replica cannot seal a snapshot yet).
+    /// Taken before `gate`.
+    catchup_gate: tokio::sync::RwLock<()>,
+    rebuilds: Mutex<BTreeMap<usize, RebuildProgress>>,
+    last_rebuild: Mutex<BTreeMap<usize, String>>,
 }
 
 const BS: u64 = BLOCK_SIZE;
@@ -148,6 +227,10 @@ impl VolumeHead {
             out_of_sync: Default::default(),
             fenced: Default::default(),
             next_read: AtomicUsize::new(0),
+            catching_up: Default::default(),
+            catchup_gate: Default::default(),
+            rebuilds: Default::default(),
+            last_rebuild: Default::default(),
         };
         let held = head.chunks_by_agent();
         let opens = held.iter().map(|(&a, chunks)| {
@@ -155,20 +238,57 @@ impl VolumeHead {
             let (volume, geometry, epoch) = (volume.clone(), head.spec.geometry, head.spec.epoch);
             let set = ChunkSet::Some(chunks.iter().copied().collect());
             async move {
-                peer.ensure(&volume, geometry, set).await?;
-                peer.fence(&volume, epoch).await.map(drop)
+                let info = peer.ensure(&volume, geometry, set).await?;
+                peer.fence(&volume, epoch).await?;
+                Ok::<_, PeerError>(info)
             }
         });
         let results = join_all(opens).await;
+        let mut infos = BTreeMap::new();
         for (&a, res) in held.keys().zip(results) {
-            if let Err(e) = res {
-                head.absorb(a, e)?;
+            match res {
+                Ok(info) => drop(infos.insert(a, info)),
+                Err(e) => head.absorb(a, e)?,
             }
         }
+        head.mark_stale_at_open(&infos);
         for c in 0..head.chunks.len() as u64 {
             head.in_sync(c)?;
         }
         Ok(head)
+    }
+
+    /// Marks out of sync, before any I/O, the replicas that cannot be
+    /// current: those the caller named stale, and per chunk those with
+    /// fewer snapshots than another replica of the chunk or empty while
+    /// another holds data (new, or wiped by an unfinished rebuild).
+    fn mark_stale_at_open(&self, infos: &BTreeMap<usize, ReplicaInfo>) {
+        let mut out = self.out_of_sync.lock().unwrap();
+        for name in &self.spec.stale {
+            if let Some(a) = self.spec.agents.iter().position(|x| &x.name == name) {
+                out.entry(a).or_insert_with(|| "named stale when the head was opened".into());
+            }
+        }
+        let has_data = |i: &ReplicaInfo| i.sealed_layers > 0 || i.head_blocks > 0;
+        for holders in &self.chunks {
+            let known: Vec<(usize, &ReplicaInfo)> =
+                holders.iter().filter_map(|a| infos.get(a).map(|i| (*a, i))).collect();
+            let most = known.iter().map(|(_, i)| i.sealed_layers).max().unwrap_or(0);
+            let any_data = known.iter().any(|(_, i)| has_data(i));
+            for (a, info) in known {
+                let why = if info.sealed_layers < most {
+                    format!(
+                        "has {} snapshots where another replica of its chunks has {most}",
+                        info.sealed_layers
+                    )
+                } else if any_data && !has_data(info) {
+                    "empty while another replica of its chunks holds data".to_string()
+                } else {
+                    continue;
+                };
+                out.entry(a).or_insert(why);
+            }
+        }
     }
 
     pub fn volume(&self) -> &VolumeId {
@@ -195,14 +315,28 @@ impl VolumeHead {
 
     /// Health of every agent holding a replica of the volume.
     pub fn health(&self) -> Vec<AgentHealth> {
-        let out = self.out_of_sync.lock().unwrap();
+        let out = self.out_of_sync.lock().unwrap().clone();
+        let rebuilds = self.rebuilds.lock().unwrap().clone();
+        let last = self.last_rebuild.lock().unwrap().clone();
         self.chunks_by_agent()
             .into_iter()
             .map(|(a, chunks)| AgentHealth {
                 agent: self.spec.agents[a].name.clone(),
                 chunks: chunks.len() as u64,
                 out_of_sync: out.get(&a).cloned(),
+                rebuild: rebuilds.get(&a).cloned(),
+                last_rebuild: last.get(&a).cloned(),
             })
+            .collect()
+    }
+
+    /// The agents whose replicas are out of sync and not being rebuilt.
+    pub fn needs_rebuild(&self) -> Vec<String> {
+        let out = self.out_of_sync.lock().unwrap();
+        let rebuilds = self.rebuilds.lock().unwrap();
+        out.keys()
+            .filter(|a| !rebuilds.contains_key(a))
+            .map(|&a| self.spec.agents[a].name.clone())
             .collect()
     }
 
@@ -331,17 +465,38 @@ impl VolumeHead {
         Fut: Future<Output = Result<(), PeerError>>,
     {
         let targets = self.in_sync(chunk)?;
+        let catching: Vec<usize> = {
+            let cu = self.catching_up.lock().unwrap();
+            let holders = &self.chunks[chunk as usize];
+            holders.iter().copied().filter(|a| matches!(cu.get(a), Some(None))).collect()
+        };
         let calls = targets
             .iter()
+            .chain(&catching)
             .map(|&a| op(self.peers[a].clone(), self.spec.volume.clone(), self.spec.epoch));
         let results = join_all(calls).await;
-        for (&a, res) in targets.iter().zip(results) {
+        let (main, extra) = results.split_at(targets.len());
+        for (&a, res) in targets.iter().zip(main) {
             if let Err(e) = res {
-                self.absorb(a, e)?;
+                self.absorb(a, e.clone())?;
+            }
+        }
+        for (&a, res) in catching.iter().zip(extra) {
+            match res {
+                Err(e) if e.kind == PeerErrorKind::Fenced => self.absorb(a, e.clone())?,
+                Err(e) => self.stop_catch_up(a, e.to_string()),
+                Ok(()) => {}
             }
         }
         self.check_fenced()?;
         self.in_sync(chunk).map(drop)
+    }
+
+    /// A write to a catching-up replica failed: its rebuild stops.
+    fn stop_catch_up(&self, agent: usize, reason: String) {
+        if let Some(slot) = self.catching_up.lock().unwrap().get_mut(&agent) {
+            slot.get_or_insert(reason);
+        }
     }
 
     /// Reads `len` bytes at any offset.
@@ -491,6 +646,7 @@ impl VolumeHead {
     /// was sealed. Returns the volume digest as of the snapshot.
     pub async fn snapshot(&self, id: &SnapshotId, generation: u64) -> HeadResult<Digest> {
         self.check_fenced()?;
+        let _no_catch_up = self.catchup_gate.write().await;
         let _hold = self.gate.write().await;
         self.flush_all().await?;
         let agents = self.live_agents();
@@ -546,5 +702,482 @@ impl VolumeHead {
             }
         }
         Ok(total.digest(self.spec.geometry.size()))
+    }
+
+    /// Rebuilds the out-of-sync replica on `agent` from the in-sync ones
+    /// while I/O goes on; on success it is in sync again. On failure it
+    /// stays out of sync (with the reason) and may be rebuilt again later.
+    pub async fn rebuild(&self, agent: &str) -> HeadResult<RebuildReport> {
+        self.check_fenced()?;
+        let volume = self.spec.volume.clone();
+        let failed = |reason: String| HeadError::Rebuild {
+            volume: volume.clone(),
+            agent: agent.to_string(),
+            reason,
+        };
+        let x = self
+            .spec
+            .agents
+            .iter()
+            .position(|a| a.name == agent)
+            .ok_or_else(|| failed("it is not one of the volume's agents".into()))?;
+        let chunks: Vec<u64> = self.chunks_by_agent().remove(&x).unwrap_or_default();
+        if chunks.is_empty() {
+            return Err(failed("it holds no chunk of the volume".into()));
+        }
+        if !self.out_of_sync.lock().unwrap().contains_key(&x) {
+            return Err(failed("its replica is in sync: nothing to rebuild".into()));
+        }
+        {
+            let mut rebuilds = self.rebuilds.lock().unwrap();
+            if rebuilds.contains_key(&x) {
+                return Err(failed("a rebuild of it is already running".into()));
+            }
+            rebuilds.insert(
+                x,
+                RebuildProgress {
+                    phase: RebuildPhase::Layers,
+                    layers_done: 0,
+                    layers_total: 0,
+                    bytes_done: 0,
+                    head_blocks_done: 0,
+                    head_blocks_total: 0,
+                    started: Instant::now(),
+                },
+            );
+        }
+        tracing::info!(%volume, agent, chunks = chunks.len(), "rebuild started");
+        let started = Instant::now();
+        let res = self.rebuild_replica(x, &chunks).await;
+        self.catching_up.lock().unwrap().remove(&x);
+        let progress = self.rebuilds.lock().unwrap().remove(&x);
+        let elapsed = started.elapsed();
+        match res {
+            Ok(()) => {
+                let p = progress.expect("progress is kept while rebuilding");
+                let report = RebuildReport {
+                    agent: agent.to_string(),
+                    layers: p.layers_done,
+                    bytes: p.bytes_done,
+                    head_blocks: p.head_blocks_done,
+                    elapsed,
+                };
+                let text = format!(
+                    "rebuilt in {:.1} s: {} snapshot layers, {} head blocks, {} MiB copied",
+                    elapsed.as_secs_f64(),
+                    report.layers,
+                    report.head_blocks,
+                    report.bytes >> 20
+                );
+                tracing::info!(%volume, agent, "{text}");
+                self.last_rebuild.lock().unwrap().insert(x, text);
+                Ok(report)
+            }
+            Err(e) => {
+                let reason = match &e {
+                    HeadError::Rebuild { reason, .. } => reason.clone(),
+                    other => other.to_string(),
+                };
+                tracing::warn!(%volume, agent, error = %reason, "rebuild failed");
+                let text = format!("failed after {:.1} s: {reason}", elapsed.as_secs_f64());
+                self.last_rebuild.lock().unwrap().insert(x, text);
+                if let Some(why) = self.out_of_sync.lock().unwrap().get_mut(&x) {
+                    *why = format!("rebuild failed: {reason}");
+                }
+                Err(match e {
+                    HeadError::Rebuild { .. } | HeadError::Fenced { .. } => e,
+                    other => failed(other.to_string()),
+                })
+            }
+        }
+    }
+
+    fn progress(&self, x: usize, f: impl FnOnce(&mut RebuildProgress)) {
+        if let Some(p) = self.rebuilds.lock().unwrap().get_mut(&x) {
+            f(p);
+        }
+    }
+
+    fn rebuild_error(&self, x: usize, reason: impl Into<String>) -> HeadError {
+        HeadError::Rebuild {
+            volume: self.spec.volume.clone(),
+            agent: self.spec.agents[x].name.clone(),
+            reason: reason.into(),
+        }
+    }
+
+    /// An in-sync replica of `chunk` to copy from: this agent's if in sync,
+    /// else the first in-sync one.
+    fn source_for(&self, chunk: u64) -> HeadResult<usize> {
+        let live = self.in_sync(chunk)?;
+        Ok(self.local.filter(|l| live.contains(l)).unwrap_or(live[0]))
+    }
+
+    /// The volume's snapshots as the in-sync replicas have them (a snapshot
+    /// is sealed on every in-sync replica or on none), oldest first.
+    async fn source_snapshots(&self, chunk: u64) -> HeadResult<Vec<SnapshotInfo>> {
+        loop {
+            let src = self.source_for(chunk)?;
+            match self.peers[src].snapshots(&self.spec.volume).await {
+                Ok(mut snaps) => {
+                    snaps.sort_by_key(|s| s.generation);
+                    return Ok(snaps);
+                }
+                Err(e) => self.absorb(src, e)?,
+            }
+        }
+    }
+
+    async fn rebuild_replica(&self, x: usize, chunks: &[u64]) -> HeadResult<()> {
+        let (volume, epoch) = (&self.spec.volume, self.spec.epoch);
+        let target = self.peers[x].clone();
+        let on_target = |e: PeerError| match e.kind {
+            PeerErrorKind::Fenced => self
+                .absorb(x, e)
+                .err()
+                .unwrap_or_else(|| self.rebuild_error(x, "fenced by a newer head".to_string())),
+            _ => self.rebuild_error(x, e.to_string()),
+        };
+        // 1. A fresh replica, fenced at this head's epoch.
+        target.delete_replica(volume).await.map_err(on_target)?;
+        let set = ChunkSet::Some(chunks.iter().copied().collect());
+        target.ensure(volume, self.spec.geometry, set).await.map_err(on_target)?;
+        target.fence(volume, epoch).await.map_err(on_target)?;
+
+        // 2. Sealed layers, oldest first, until no new snapshot appeared;
+        // then, with I/O held for a moment, the replica starts catching up.
+        let mut copied = 0u64;
+        let _catching_up = loop {
+            let todo: Vec<SnapshotInfo> = self
+                .source_snapshots(chunks[0])
+                .await?
+                .into_iter()
+                .filter(|s| s.generation > copied)
+                .collect();
+            if todo.is_empty() {
+                let catch_up = self.catchup_gate.read().await;
+                let hold = self.gate.write().await;
+                let newer =
+                    self.source_snapshots(chunks[0]).await?.iter().any(|s| s.generation > copied);
+                if newer {
+                    continue;
+                }
+                self.catching_up.lock().unwrap().insert(x, None);
+                drop(hold);
+                break catch_up;
+            }
+            self.progress(x, |p| p.layers_total = p.layers_done + todo.len() as u32);
+            for snap in todo {
+                self.copy_layer(x, chunks, &snap).await?;
+                copied = snap.generation;
+                self.progress(x, |p| p.layers_done += 1);
+            }
+        };
+
+        // 3. The head layer, while writes reach the replica too.
+        self.progress(x, |p| p.phase = RebuildPhase::Head);
+        for &chunk in chunks {
+            self.copy_head_chunk(x, chunk).await?;
+        }
+
+        // 4. Durable, then compared with I/O held: equal per-chunk digests
+        // put it back in sync.
+        self.progress(x, |p| p.phase = RebuildPhase::Verify);
+        target.flush(volume, epoch).await.map_err(on_target)?;
+        let _hold = self.gate.write().await;
+        target.flush(volume, epoch).await.map_err(on_target)?;
+        self.check_catching_up(x)?;
+        self.compare_digests(x, chunks, None).await?;
+        self.catching_up.lock().unwrap().remove(&x);
+        self.out_of_sync.lock().unwrap().remove(&x);
+        Ok(())
+    }
+
+    fn check_catching_up(&self, x: usize) -> HeadResult<()> {
+        match self.catching_up.lock().unwrap().get(&x) {
+            Some(None) => Ok(()),
+            Some(Some(reason)) => {
+                Err(self
+                    .rebuild_error(x, format!("a write to it failed while catching up: {reason}")))
+            }
+            None => Err(self.rebuild_error(x, "it stopped catching up")),
+        }
+    }
+
+    /// Copies snapshot `snap`'s layer of every chunk of `x` from in-sync
+    /// replicas, seals it on `x` under the same id and generation, and
+    /// checks its per-chunk digests as of the snapshot against theirs.
+    async fn copy_layer(&self, x: usize, chunks: &[u64], snap: &SnapshotInfo) -> HeadResult<()> {
+        let (volume, epoch) = (&self.spec.volume, self.spec.epoch);
+        for &chunk in chunks {
+            loop {
+                let src = self.source_for(chunk)?;
+                match self.copy_layer_chunk(x, src, chunk, &snap.id).await {
+                    Ok(()) => break,
+                    Err(CopyError::Source(e)) => self.absorb(src, e)?,
+                    Err(CopyError::Target(e)) => return Err(e),
+                }
+            }
+        }
+        self.peers[x]
+            .seal(volume, epoch, &snap.id, snap.generation)
+            .await
+            .map_err(|e| self.rebuild_error(x, format!("sealing snapshot {}: {e}", snap.id)))?;
+        self.compare_digests(x, chunks, Some(&snap.id)).await
+    }
+
+    async fn copy_layer_chunk(
+        &self,
+        x: usize,
+        src: usize,
+        chunk: u64,
+        snap: &SnapshotId,
+    ) -> Result<(), CopyError> {
+        let mut stream = self.peers[src]
+            .stream_layer(&self.spec.volume, snap, &[chunk])
+            .await
+            .map_err(CopyError::Source)?;
+        while let Some(batch) = stream.next().await {
+            let batch = batch.map_err(CopyError::Source)?;
+            let writes = layer_runs(&batch).into_iter().map(|run| self.put_run(x, run));
+            for res in join_all(writes).await {
+                res.map_err(CopyError::Target)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes (or, for zero blocks, trims) one run of blocks on `x`.
+    async fn put_run(&self, x: usize, run: Run) -> HeadResult<()> {
+        let (volume, epoch) = (&self.spec.volume, self.spec.epoch);
+        let peer = &self.peers[x];
+        let res = match run {
+            Run::Data(offset, data) => {
+                let n = data.len() as u64;
+                let res = peer.write(volume, epoch, offset, data).await;
+                self.progress(x, |p| p.bytes_done += n);
+                res
+            }
+            Run::Zero(offset, len) => peer.trim(volume, epoch, offset, len).await,
+        };
+        res.map_err(|e| self.rebuild_error(x, e.to_string()))
+    }
+
+    /// Copies the head layer's blocks of `chunk` to the catching-up `x`,
+    /// in small batches, each read from the in-sync replicas and written to
+    /// `x` under the exclusive read-modify-write lock.
+    async fn copy_head_chunk(&self, x: usize, chunk: u64) -> HeadResult<()> {
+        let volume = &self.spec.volume;
+        let mut start = self.spec.geometry.chunk_blocks(chunk).start;
+        loop {
+            let src = self.source_for(chunk)?;
+            let (blocks, next) = match self.peers[src].head_blocks(volume, &[chunk], start).await {
+                Ok(page) => page,
+                Err(e) => {
+                    self.absorb(src, e)?;
+                    continue;
+                }
+            };
+            self.progress(x, |p| p.head_blocks_total += blocks.len() as u64);
+            for batch in block_batches(&blocks, HEAD_COPY_BATCH / BS) {
+                self.check_catching_up(x)?;
+                let _exclusive = self.rmw.write().await;
+                for &(first, count) in &batch {
+                    let data = self.read_aligned(None, first * BS, count * BS).await?;
+                    self.put_run(x, Run::Data(first * BS, data)).await?;
+                    self.progress(x, |p| p.head_blocks_done += count);
+                }
+            }
+            match next {
+                Some(n) => start = n,
+                None => return Ok(()),
+            }
+        }
+    }
+
+    /// Compares `x`'s per-chunk digests (of the head, or as of a snapshot)
+    /// with those of in-sync replicas.
+    async fn compare_digests(
+        &self,
+        x: usize,
+        chunks: &[u64],
+        snapshot: Option<&SnapshotId>,
+    ) -> HeadResult<()> {
+        let volume = &self.spec.volume;
+        let mine = self.peers[x]
+            .chunk_digests(volume, snapshot, chunks)
+            .await
+            .map_err(|e| self.rebuild_error(x, format!("reading its digests: {e}")))?;
+        let mut by_source: BTreeMap<usize, Vec<u64>> = BTreeMap::new();
+        for &c in chunks {
+            by_source.entry(self.source_for(c)?).or_default().push(c);
+        }
+        let mut theirs = BTreeMap::new();
+        for (src, cs) in by_source {
+            match self.peers[src].chunk_digests(volume, snapshot, &cs).await {
+                Ok(accs) => theirs.extend(accs),
+                Err(e) => {
+                    self.absorb(src, e.clone())?;
+                    return Err(self.rebuild_error(x, format!("reading a source's digests: {e}")));
+                }
+            }
+        }
+        for (c, acc) in mine {
+            if theirs.get(&c) != Some(&acc) {
+                let what = snapshot.map_or("the head".to_string(), |s| format!("snapshot {s}"));
+                return Err(self.rebuild_error(
+                    x,
+                    format!("chunk {c} of {what} differs from the in-sync replicas after the copy"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Rebuilds out-of-sync replicas as long as the head is open: every
+    /// `every`, each out-of-sync agent not being rebuilt is tried, one at a
+    /// time; one that fails (still down, say) waits twice as long before the
+    /// next try, up to a minute.
+    pub async fn heal(self: Arc<Self>, every: Duration) {
+        let mut wait: BTreeMap<String, (Instant, Duration)> = BTreeMap::new();
+        loop {
+            tokio::time::sleep(every).await;
+            if self.is_fenced() {
+                return;
+            }
+            for agent in self.needs_rebuild() {
+                if wait.get(&agent).is_some_and(|(at, _)| Instant::now() < *at) {
+                    continue;
+                }
+                match self.rebuild(&agent).await {
+                    Ok(_) => drop(wait.remove(&agent)),
+                    Err(e) => {
+                        let backoff = wait.get(&agent).map_or(every, |(_, d)| *d * 2);
+                        let backoff = backoff.min(Duration::from_secs(60));
+                        tracing::debug!(volume = %self.spec.volume, %agent, error = %e, ?backoff, "rebuild to be retried");
+                        wait.insert(agent, (Instant::now() + backoff, backoff));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A copy step failed on the source (try another replica) or on the
+/// replica being rebuilt (the rebuild fails).
+enum CopyError {
+    Source(PeerError),
+    Target(HeadError),
+}
+
+/// A run of consecutive blocks to put on a replica being rebuilt.
+#[derive(Debug, PartialEq, Eq)]
+enum Run {
+    /// Data at a byte offset.
+    Data(u64, Bytes),
+    /// Zero (trimmed) blocks: byte offset, length.
+    Zero(u64, u64),
+}
+
+/// Cuts a batch of copied blocks (ascending) into runs of consecutive
+/// data blocks (at most [`LAYER_COPY_RUN`] bytes) and of zero blocks.
+fn layer_runs(blocks: &[CopiedBlock]) -> Vec<Run> {
+    let mut runs = Vec::new();
+    let mut i = 0;
+    while i < blocks.len() {
+        let first = blocks[i].block;
+        let zero = blocks[i].data.is_none();
+        let mut n = 1;
+        while let Some(b) = blocks.get(i + n) {
+            if b.block != first + n as u64
+                || b.data.is_none() != zero
+                || (!zero && (n as u64 + 1) * BS > LAYER_COPY_RUN)
+            {
+                break;
+            }
+            n += 1;
+        }
+        let part = &blocks[i..i + n];
+        runs.push(if zero {
+            Run::Zero(first * BS, n as u64 * BS)
+        } else if n == 1 {
+            Run::Data(first * BS, part[0].data.clone().expect("data block"))
+        } else {
+            let mut buf = Vec::with_capacity(n * BS as usize);
+            for b in part {
+                buf.extend_from_slice(b.data.as_ref().expect("data block"));
+            }
+            Run::Data(first * BS, buf.into())
+        });
+        i += n;
+    }
+    runs
+}
+
+/// Groups ascending block indexes into batches of runs `(first, count)`,
+/// each batch covering at most `max_blocks` blocks.
+fn block_batches(blocks: &[u64], max_blocks: u64) -> Vec<Vec<(u64, u64)>> {
+    let mut batches: Vec<Vec<(u64, u64)>> = Vec::new();
+    let mut in_batch = max_blocks;
+    for &b in blocks {
+        if in_batch == max_blocks {
+            batches.push(Vec::new());
+            in_batch = 0;
+        }
+        let batch = batches.last_mut().expect("a batch is open");
+        match batch.last_mut() {
+            Some((first, count)) if *first + *count == b => *count += 1,
+            _ => batch.push((b, 1)),
+        }
+        in_batch += 1;
+    }
+    batches
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(block: u64, byte: u8) -> CopiedBlock {
+        CopiedBlock { block, data: Some(Bytes::from(vec![byte; BS as usize])) }
+    }
+
+    #[test]
+    fn layer_runs_join_consecutive_blocks_of_one_kind() {
+        let zero = |block| CopiedBlock { block, data: None };
+        let runs = layer_runs(&[data(1, 1), data(2, 2), zero(3), zero(4), data(7, 7)]);
+        assert_eq!(runs.len(), 3);
+        match &runs[0] {
+            Run::Data(off, d) => {
+                assert_eq!(*off, BS);
+                assert_eq!(d.len() as u64, 2 * BS);
+                assert_eq!((d[0], d[BS as usize]), (1, 2));
+            }
+            other => panic!("expected data, got {other:?}"),
+        }
+        assert_eq!(runs[1], Run::Zero(3 * BS, 2 * BS));
+        assert!(matches!(&runs[2], Run::Data(off, d) if *off == 7 * BS && d.len() as u64 == BS));
+    }
+
+    #[test]
+    fn layer_runs_stop_at_the_run_limit() {
+        let n = LAYER_COPY_RUN / BS + 3;
+        let blocks: Vec<CopiedBlock> = (0..n).map(|b| data(b, b as u8)).collect();
+        let runs = layer_runs(&blocks);
+        let lens: Vec<u64> = runs
+            .iter()
+            .map(|r| match r {
+                Run::Data(_, d) => d.len() as u64,
+                Run::Zero(..) => panic!("no zero blocks here"),
+            })
+            .collect();
+        assert_eq!(lens, vec![LAYER_COPY_RUN, 3 * BS]);
+    }
+
+    #[test]
+    fn block_batches_bound_blocks_and_join_runs() {
+        let batches = block_batches(&[0, 1, 2, 5, 6, 9], 4);
+        assert_eq!(batches, vec![vec![(0, 3), (5, 1)], vec![(6, 1), (9, 1)]]);
+        assert!(block_batches(&[], 4).is_empty());
     }
 }

@@ -41,6 +41,7 @@ pub fn head_status(e: HeadError) -> Status {
         HeadError::Fenced { .. } | HeadError::Refused { .. } => Status::failed_precondition(msg),
         HeadError::Snapshot { .. } => Status::aborted(msg),
         HeadError::MissingPeer { .. } => Status::invalid_argument(msg),
+        HeadError::Rebuild { .. } => Status::aborted(msg),
     };
     if fenced {
         status.metadata_mut().insert(
@@ -55,10 +56,22 @@ fn field(e: FieldError) -> Status {
     Status::invalid_argument(e.to_string())
 }
 
+/// The task that rebuilds a head's out-of-sync replicas; stopped when the
+/// head is closed or replaced.
+#[derive(Debug)]
+struct HealTask(tokio::task::AbortHandle);
+
+impl Drop for HealTask {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// A head open on this agent, with its FUSE mount if it has one.
 #[derive(Debug)]
 struct OpenHead {
     head: Arc<VolumeHead>,
+    _heal: HealTask,
     fuse: Option<std::sync::Mutex<FuseMount>>,
     /// Snapshots exposed read-only through FUSE.
     snapshots: BTreeMap<SnapshotId, std::sync::Mutex<FuseMount>>,
@@ -88,6 +101,9 @@ async fn unmount(m: std::sync::Mutex<FuseMount>) -> Result<(), Status> {
         .map_err(|e| Status::failed_precondition(e.to_string()))
 }
 
+/// How often a head looks for out-of-sync replicas to rebuild, by default.
+pub const DEFAULT_HEAL_EVERY: Duration = Duration::from_secs(1);
+
 /// Volume heads open on this agent.
 #[derive(Debug)]
 pub struct HeadService {
@@ -96,6 +112,8 @@ pub struct HeadService {
     peer_timeout: Duration,
     /// Where FUSE mounts of heads go: `<fuse_dir>/<volume>/volume`.
     fuse_dir: Option<std::path::PathBuf>,
+    /// How often a head looks for out-of-sync replicas to rebuild.
+    heal_every: Duration,
     heads: tokio::sync::Mutex<BTreeMap<VolumeId, OpenHead>>,
 }
 
@@ -114,8 +132,15 @@ impl HeadService {
             agent: agent.into(),
             peer_timeout,
             fuse_dir,
+            heal_every: DEFAULT_HEAL_EVERY,
             heads: Default::default(),
         }
+    }
+
+    /// Sets how often heads look for out-of-sync replicas to rebuild.
+    pub fn with_heal_every(mut self, every: Duration) -> Self {
+        self.heal_every = every;
+        self
     }
 
     pub fn into_server(self) -> pb::volume_heads_server::VolumeHeadsServer<Self> {
@@ -148,6 +173,16 @@ fn status_of(head: &VolumeHead, fuse_file: Option<std::path::PathBuf>) -> pb::He
                 chunks: h.chunks,
                 in_sync: h.out_of_sync.is_none(),
                 reason: h.out_of_sync.unwrap_or_default(),
+                rebuild: h.rebuild.map(|p| pb::RebuildProgress {
+                    phase: p.phase.as_str().to_string(),
+                    layers_done: p.layers_done,
+                    layers_total: p.layers_total,
+                    bytes_done: p.bytes_done,
+                    head_blocks_done: p.head_blocks_done,
+                    head_blocks_total: p.head_blocks_total,
+                    elapsed_ms: p.started.elapsed().as_millis() as u64,
+                }),
+                last_rebuild: h.last_rebuild.unwrap_or_default(),
             })
             .collect(),
     }
@@ -279,6 +314,7 @@ impl VolumeHeads for HeadService {
             layout_version: r.layout_version,
             agents,
             epoch: r.epoch,
+            stale: r.stale_agents.clone(),
         };
         let head =
             Arc::new(VolumeHead::open(spec, peers, Some(&self.agent)).await.map_err(head_status)?);
@@ -289,8 +325,13 @@ impl VolumeHeads for HeadService {
         } else {
             None
         };
-        let open =
-            OpenHead { head, fuse: fuse.map(std::sync::Mutex::new), snapshots: BTreeMap::new() };
+        let heal = HealTask(tokio::spawn(head.clone().heal(self.heal_every)).abort_handle());
+        let open = OpenHead {
+            head,
+            _heal: heal,
+            fuse: fuse.map(std::sync::Mutex::new),
+            snapshots: BTreeMap::new(),
+        };
         let status = status_of(&open.head, open.fuse_file());
         heads.insert(volume, open);
         Ok(Response::new(status))

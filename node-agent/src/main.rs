@@ -40,6 +40,10 @@ struct Args {
     /// replica out of sync, in milliseconds.
     #[arg(long, env = "CAIRN_PEER_TIMEOUT_MS", default_value_t = 5000)]
     peer_timeout_ms: u64,
+    /// How often an open volume head looks for out-of-sync replicas (an
+    /// agent that came back, say) to rebuild, in milliseconds.
+    #[arg(long, env = "CAIRN_REBUILD_INTERVAL_MS", default_value_t = 1000)]
+    rebuild_interval_ms: u64,
     /// Directory for the FUSE mounts of heads opened with fuse=true
     /// (`<dir>/<volume>/volume`). Without it, heads cannot be exposed
     /// through FUSE.
@@ -105,6 +109,7 @@ async fn main() -> anyhow::Result<()> {
                 std::time::Duration::from_millis(args.peer_timeout_ms),
                 args.fuse_dir.clone(),
             )
+            .with_heal_every(std::time::Duration::from_millis(args.rebuild_interval_ms.max(10)))
             .into_server(),
         )
         .add_service(reflection)

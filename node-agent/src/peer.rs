@@ -7,16 +7,18 @@
 //! [`PeerErrorKind::Fenced`], whichever way the peer is reached, so the head
 //! stops for good instead of marking replicas out of sync.
 
-use std::{fmt, sync::Arc, time::Duration};
+use std::{fmt, pin::Pin, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use cairn_api::{
-    Accumulator, ChunkSet, Geometry, SnapshotId, VolumeId,
+    Accumulator, BLOCK_SIZE, ChunkSet, Geometry, SnapshotId, VolumeId,
     agent::{
         REASON_METADATA, REASON_STALE_EPOCH,
         v1::{self as pb, replica_store_client::ReplicaStoreClient},
     },
+    snapshot::{ReplicaInfo, SnapshotInfo},
 };
+use futures::{Stream, StreamExt};
 use tonic::transport::Channel;
 
 use crate::{error::Error, store::Store};
@@ -44,18 +46,32 @@ pub struct PeerError {
 
 pub type PeerResult<T> = Result<T, PeerError>;
 
+/// A block copied out of a replica, its CRC32C checked on receipt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CopiedBlock {
+    pub block: u64,
+    /// `None` for a zero (trimmed) block.
+    pub data: Option<Bytes>,
+}
+
+/// Batches of blocks in ascending order; the first error ends it.
+pub type BlockStream = Pin<Box<dyn Stream<Item = PeerResult<Vec<CopiedBlock>>> + Send>>;
+
 /// The replica of one volume on one agent, as a head uses it.
 #[tonic::async_trait]
 pub trait ReplicaPeer: Send + Sync + fmt::Debug {
     /// The agent's name (as in the placement).
     fn agent(&self) -> &str;
-    /// Creates the replica if missing (idempotent for the same geometry).
+    /// Creates the replica if missing (idempotent for the same geometry);
+    /// returns what it holds.
     async fn ensure(
         &self,
         volume: &VolumeId,
         geometry: Geometry,
         chunks: ChunkSet,
-    ) -> PeerResult<()>;
+    ) -> PeerResult<ReplicaInfo>;
+    /// Deletes the replica and all its snapshots; a missing one is fine.
+    async fn delete_replica(&self, volume: &VolumeId) -> PeerResult<()>;
     async fn fence(&self, volume: &VolumeId, epoch: u64) -> PeerResult<u64>;
     async fn write(
         &self,
@@ -88,6 +104,44 @@ pub trait ReplicaPeer: Send + Sync + fmt::Debug {
         snapshot: Option<&SnapshotId>,
         chunks: &[u64],
     ) -> PeerResult<Vec<(u64, Accumulator)>>;
+    /// The replica's snapshots, oldest first.
+    async fn snapshots(&self, volume: &VolumeId) -> PeerResult<Vec<SnapshotInfo>>;
+    /// Streams snapshot `snapshot`'s layer (its changed blocks, trimmed ones
+    /// as zero blocks) of `chunks`.
+    async fn stream_layer(
+        &self,
+        volume: &VolumeId,
+        snapshot: &SnapshotId,
+        chunks: &[u64],
+    ) -> PeerResult<BlockStream>;
+    /// One page of the head layer's block indexes in `chunks`, from
+    /// `start` on; and where the next page starts.
+    async fn head_blocks(
+        &self,
+        volume: &VolumeId,
+        chunks: &[u64],
+        start: u64,
+    ) -> PeerResult<(Vec<u64>, Option<u64>)>;
+}
+
+fn local_error(agent: &str, e: Error) -> PeerError {
+    let kind = match &e {
+        Error::StaleEpoch { .. } => PeerErrorKind::Fenced,
+        Error::Checksum { .. } | Error::Corrupt { .. } => PeerErrorKind::Corrupt,
+        Error::Io { .. }
+        | Error::StoreIo { .. }
+        | Error::Meta { .. }
+        | Error::NotServing { .. } => PeerErrorKind::Unavailable,
+        Error::ReplicaNotFound { .. }
+        | Error::ReplicaExists { .. }
+        | Error::SnapshotNotFound { .. }
+        | Error::SnapshotExists { .. }
+        | Error::StaleGeneration { .. }
+        | Error::Range { .. }
+        | Error::Geometry { .. }
+        | Error::ChunkNotHeld { .. } => PeerErrorKind::Refused,
+    };
+    PeerError { agent: agent.to_string(), kind, message: e.to_string() }
 }
 
 /// This agent's own store.
@@ -108,29 +162,9 @@ impl LocalPeer {
     ) -> PeerResult<T> {
         let store = self.store.clone();
         let res = tokio::task::spawn_blocking(move || f(&store)).await;
-        let kind_of = |e: &Error| match e {
-            Error::StaleEpoch { .. } => PeerErrorKind::Fenced,
-            Error::Checksum { .. } | Error::Corrupt { .. } => PeerErrorKind::Corrupt,
-            Error::Io { .. }
-            | Error::StoreIo { .. }
-            | Error::Meta { .. }
-            | Error::NotServing { .. } => PeerErrorKind::Unavailable,
-            Error::ReplicaNotFound { .. }
-            | Error::ReplicaExists { .. }
-            | Error::SnapshotNotFound { .. }
-            | Error::SnapshotExists { .. }
-            | Error::StaleGeneration { .. }
-            | Error::Range { .. }
-            | Error::Geometry { .. }
-            | Error::ChunkNotHeld { .. } => PeerErrorKind::Refused,
-        };
         match res {
             Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(PeerError {
-                agent: self.name.clone(),
-                kind: kind_of(&e),
-                message: e.to_string(),
-            }),
+            Ok(Err(e)) => Err(local_error(&self.name, e)),
             Err(e) => Err(PeerError {
                 agent: self.name.clone(),
                 kind: PeerErrorKind::Unavailable,
@@ -151,9 +185,18 @@ impl ReplicaPeer for LocalPeer {
         volume: &VolumeId,
         geometry: Geometry,
         chunks: ChunkSet,
-    ) -> PeerResult<()> {
+    ) -> PeerResult<ReplicaInfo> {
         let v = volume.clone();
-        self.run(move |s| s.create_replica(&v, geometry, chunks).map(drop)).await
+        self.run(move |s| s.create_replica(&v, geometry, chunks).map(|r| r.info())).await
+    }
+
+    async fn delete_replica(&self, volume: &VolumeId) -> PeerResult<()> {
+        let v = volume.clone();
+        self.run(move |s| match s.delete_replica(&v) {
+            Err(Error::ReplicaNotFound { .. }) => Ok(()),
+            other => other,
+        })
+        .await
     }
 
     async fn fence(&self, volume: &VolumeId, epoch: u64) -> PeerResult<u64> {
@@ -218,7 +261,53 @@ impl ReplicaPeer for LocalPeer {
         let (v, snap, chunks) = (volume.clone(), snapshot.cloned(), chunks.to_vec());
         self.run(move |s| s.replica(&v)?.chunk_digests(snap.as_ref(), &chunks)).await
     }
+
+    async fn snapshots(&self, volume: &VolumeId) -> PeerResult<Vec<SnapshotInfo>> {
+        let v = volume.clone();
+        self.run(move |s| s.replica(&v)?.snapshots()).await
+    }
+
+    async fn stream_layer(
+        &self,
+        volume: &VolumeId,
+        snapshot: &SnapshotId,
+        chunks: &[u64],
+    ) -> PeerResult<BlockStream> {
+        let snap = snapshot.clone();
+        let rx = crate::stream::spawn_stream(
+            self.store.clone(),
+            volume.clone(),
+            chunks.to_vec(),
+            LOCAL_STREAM_BATCH,
+            move |r, c| r.list_layer(&snap, c),
+        );
+        let name = self.name.clone();
+        let stream = tokio_stream::wrappers::ReceiverStream::new(rx).map(move |batch| {
+            let blocks = batch.map_err(|e| local_error(&name, e))?;
+            Ok(blocks
+                .into_iter()
+                .map(|b| CopiedBlock { block: b.block, data: b.data.map(Bytes::from) })
+                .collect())
+        });
+        Ok(Box::pin(stream))
+    }
+
+    async fn head_blocks(
+        &self,
+        volume: &VolumeId,
+        chunks: &[u64],
+        start: u64,
+    ) -> PeerResult<(Vec<u64>, Option<u64>)> {
+        let (v, chunks) = (volume.clone(), chunks.to_vec());
+        self.run(move |s| {
+            s.replica(&v)?.list_head_blocks(&chunks, start, crate::service::HEAD_BLOCKS_PAGE)
+        })
+        .await
+    }
 }
+
+/// Blocks per batch of a local stream (1 MiB of data).
+const LOCAL_STREAM_BATCH: usize = 256;
 
 /// Another agent, over gRPC.
 #[derive(Debug, Clone)]
@@ -261,6 +350,10 @@ impl GrpcPeer {
         PeerError { agent: self.name.clone(), kind, message: s.message().to_string() }
     }
 
+    fn bad_answer(&self, message: String) -> PeerError {
+        PeerError { agent: self.name.clone(), kind: PeerErrorKind::Unavailable, message }
+    }
+
     async fn call<T, F>(&self, f: F) -> PeerResult<T>
     where
         F: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
@@ -288,14 +381,25 @@ impl ReplicaPeer for GrpcPeer {
         volume: &VolumeId,
         geometry: Geometry,
         chunks: ChunkSet,
-    ) -> PeerResult<()> {
+    ) -> PeerResult<ReplicaInfo> {
         let req = pb::CreateReplicaRequest {
             volume_id: volume.to_string(),
             size_bytes: geometry.size(),
             chunk_size_bytes: geometry.chunk_size(),
             chunks: Some((&chunks).into()),
         };
-        self.call(self.client.clone().create_replica(req)).await.map(drop)
+        let info = self.call(self.client.clone().create_replica(req)).await?;
+        ReplicaInfo::try_from(&info).map_err(|e| self.bad_answer(format!("replica info: {e}")))
+    }
+
+    async fn delete_replica(&self, volume: &VolumeId) -> PeerResult<()> {
+        let req = pb::DeleteReplicaRequest { volume_id: volume.to_string() };
+        match tokio::time::timeout(self.timeout, self.client.clone().delete_replica(req)).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(s)) if s.code() == tonic::Code::NotFound => Ok(()),
+            Ok(Err(s)) => Err(self.error(s)),
+            Err(_) => Err(self.bad_answer(format!("no answer within {:?}", self.timeout))),
+        }
     }
 
     async fn fence(&self, volume: &VolumeId, epoch: u64) -> PeerResult<u64> {
@@ -385,6 +489,98 @@ impl ReplicaPeer for GrpcPeer {
                     message: format!("chunk {} accumulator is not 32 bytes", c.chunk),
                 })?;
                 Ok((c.chunk, Accumulator::from_bytes(&bytes)))
+            })
+            .collect()
+    }
+
+    async fn snapshots(&self, volume: &VolumeId) -> PeerResult<Vec<SnapshotInfo>> {
+        let req = pb::ListSnapshotsRequest { volume_id: volume.to_string() };
+        let resp = self.call(self.client.clone().list_snapshots(req)).await?;
+        resp.snapshots
+            .iter()
+            .map(|s| SnapshotInfo::try_from(s).map_err(|e| self.bad_answer(format!("{e}"))))
+            .collect()
+    }
+
+    async fn stream_layer(
+        &self,
+        volume: &VolumeId,
+        snapshot: &SnapshotId,
+        chunks: &[u64],
+    ) -> PeerResult<BlockStream> {
+        let req = pb::StreamLayerRequest {
+            volume_id: volume.to_string(),
+            snapshot_id: snapshot.to_string(),
+            chunks: chunks.to_vec(),
+        };
+        let stream = self.call(self.client.clone().stream_layer(req)).await?;
+        let peer = self.clone();
+        let batches = futures::stream::unfold(Some(stream), move |state| {
+            let peer = peer.clone();
+            async move {
+                let mut stream = state?;
+                let next = match tokio::time::timeout(peer.timeout, stream.message()).await {
+                    Ok(Ok(Some(batch))) => peer.check_batch(batch),
+                    Ok(Ok(None)) => return None,
+                    Ok(Err(s)) => Err(peer.error(s)),
+                    Err(_) => {
+                        Err(peer.bad_answer(format!("stream stalled for {:?}", peer.timeout)))
+                    }
+                };
+                let more = next.is_ok().then_some(stream);
+                Some((next, more))
+            }
+        });
+        Ok(Box::pin(batches))
+    }
+
+    async fn head_blocks(
+        &self,
+        volume: &VolumeId,
+        chunks: &[u64],
+        start: u64,
+    ) -> PeerResult<(Vec<u64>, Option<u64>)> {
+        let req = pb::ListHeadBlocksRequest {
+            volume_id: volume.to_string(),
+            chunks: chunks.to_vec(),
+            start_block: start,
+            limit: 0,
+        };
+        let resp = self.call(self.client.clone().list_head_blocks(req)).await?;
+        Ok((resp.blocks, resp.next_block))
+    }
+}
+
+impl GrpcPeer {
+    /// Checks a received batch: every block 4096 bytes (or empty for a zero
+    /// block) matching its CRC32C.
+    fn check_batch(&self, batch: pb::BlockBatch) -> PeerResult<Vec<CopiedBlock>> {
+        batch
+            .blocks
+            .into_iter()
+            .map(|b| {
+                if b.data.is_empty() {
+                    return Ok(CopiedBlock { block: b.index, data: None });
+                }
+                if b.data.len() as u64 != BLOCK_SIZE {
+                    return Err(self.bad_answer(format!(
+                        "block {} arrived with {} bytes, not {BLOCK_SIZE}",
+                        b.index,
+                        b.data.len()
+                    )));
+                }
+                let actual = crc32c::crc32c(&b.data);
+                if actual != b.crc32c {
+                    return Err(PeerError {
+                        agent: self.name.clone(),
+                        kind: PeerErrorKind::Corrupt,
+                        message: format!(
+                            "block {} arrived with CRC32C {actual:#010x}, sent as {:#010x}",
+                            b.index, b.crc32c
+                        ),
+                    });
+                }
+                Ok(CopiedBlock { block: b.index, data: Some(b.data) })
             })
             .collect()
     }

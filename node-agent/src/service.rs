@@ -16,11 +16,14 @@ use tonic::{Request, Response, Status};
 use crate::{
     error::Error,
     store::Store,
-    stream::{Listed, StreamedBlock},
+    stream::{Listed, StreamedBlock, spawn_stream},
 };
 
 /// Blocks per streamed batch (1 MiB of data).
 const STREAM_BATCH: usize = 256;
+/// Head-block indexes per page by default, and at most.
+pub const HEAD_BLOCKS_PAGE: usize = 65536;
+pub const MAX_HEAD_BLOCKS_PAGE: usize = 262144;
 /// The largest gRPC message accepted or sent: a 4 MiB write plus framing.
 pub const MAX_MESSAGE_BYTES: usize = 8 << 20;
 
@@ -95,37 +98,21 @@ impl ReplicaStoreService {
             .map_err(status)
     }
 
-    /// Streams blocks one chunk at a time, so memory stays bounded by one
-    /// chunk's blocks whatever the volume size.
+    /// Streams blocks one chunk at a time (see [`spawn_stream`]).
     fn stream(
         &self,
         volume: cairn_api::VolumeId,
         chunks: Vec<u64>,
         list: impl Fn(&crate::Replica, &[u64]) -> Result<Vec<Listed>, Error> + Send + 'static,
     ) -> Result<Response<ReceiverStream<Result<pb::BlockBatch, Status>>>, Status> {
-        let store = self.store.clone();
+        let mut blocks = spawn_stream(self.store.clone(), volume, chunks, STREAM_BATCH, list);
         let (tx, rx) = tokio::sync::mpsc::channel(4);
-        tokio::task::spawn_blocking(move || {
-            let send_err = |e: Error| drop(tx.blocking_send(Err(status(e))));
-            let replica = match store.replica(&volume) {
-                Ok(r) => r,
-                Err(e) => return send_err(e),
-            };
-            let chunks = match replica.stream_chunks(&chunks) {
-                Ok(c) => c,
-                Err(e) => return send_err(e),
-            };
-            for chunk in chunks {
-                let items = match list(&replica, &[chunk]) {
-                    Ok(items) => items,
-                    Err(e) => return send_err(e),
-                };
-                for batch in items.chunks(STREAM_BATCH) {
-                    let msg = replica.read_listed(batch).map(to_batch).map_err(status);
-                    let failed = msg.is_err();
-                    if tx.blocking_send(msg).is_err() || failed {
-                        return;
-                    }
+        tokio::spawn(async move {
+            while let Some(msg) = blocks.recv().await {
+                let msg = msg.map(to_batch).map_err(status);
+                let failed = msg.is_err();
+                if tx.send(msg).await.is_err() || failed {
+                    return;
                 }
             }
         });
@@ -344,6 +331,28 @@ impl ReplicaStore for ReplicaStoreService {
         let volume = convert::volume_id("volume_id", &r.volume_id).map_err(field)?;
         let snap = convert::snapshot_id("snapshot_id", &r.snapshot_id).map_err(field)?;
         self.stream(volume, r.chunks, move |rep, c| rep.list_image(&snap, c))
+    }
+
+    #[tracing::instrument(skip_all, fields(volume = %req.get_ref().volume_id))]
+    async fn list_head_blocks(
+        &self,
+        req: Request<pb::ListHeadBlocksRequest>,
+    ) -> Result<Response<pb::ListHeadBlocksResponse>, Status> {
+        let r = req.into_inner();
+        let volume = convert::volume_id("volume_id", &r.volume_id).map_err(field)?;
+        let limit = match r.limit {
+            0 => HEAD_BLOCKS_PAGE,
+            n if n as usize > MAX_HEAD_BLOCKS_PAGE => {
+                return Err(Status::invalid_argument(format!(
+                    "limit {n} is over the most indexes one page may carry ({MAX_HEAD_BLOCKS_PAGE}); ask for fewer and follow next_block"
+                )));
+            }
+            n => n as usize,
+        };
+        let (blocks, next_block) = self
+            .run(move |s| s.replica(&volume)?.list_head_blocks(&r.chunks, r.start_block, limit))
+            .await?;
+        Ok(Response::new(pb::ListHeadBlocksResponse { blocks, next_block }))
     }
 
     #[tracing::instrument(skip_all)]

@@ -133,6 +133,32 @@ impl Replica {
             .collect())
     }
 
+    /// The indexes of the head layer's blocks (written or trimmed since the
+    /// last seal) in `chunks` (every held chunk when empty), from block
+    /// `start` on, at most `limit` of them; and where the next page starts
+    /// if there is more.
+    pub fn list_head_blocks(
+        &self,
+        chunks: &[u64],
+        start: u64,
+        limit: usize,
+    ) -> Result<(Vec<u64>, Option<u64>)> {
+        let st = self.read_state()?;
+        let mut out = Vec::new();
+        for r in self.block_ranges(&st, chunks)? {
+            if r.end <= start {
+                continue;
+            }
+            for b in st.head().map.range(r.start.max(start)..r.end).map(|(b, _)| *b) {
+                if out.len() == limit {
+                    return Ok((out, Some(b)));
+                }
+                out.push(b);
+            }
+        }
+        Ok((out, None))
+    }
+
     /// Reads listed blocks, one file read per run of consecutive slots,
     /// checking each block's CRC32C.
     pub fn read_listed(&self, items: &[Listed]) -> Result<Vec<StreamedBlock>> {
@@ -182,4 +208,42 @@ impl Replica {
         }
         Ok(out)
     }
+}
+
+/// Streams blocks of `volume` one chunk at a time from the blocking pool, in
+/// batches of `batch` blocks, so memory stays bounded by one chunk's
+/// listing whatever the volume size. The first error ends the stream.
+pub fn spawn_stream(
+    store: Arc<crate::Store>,
+    volume: cairn_api::VolumeId,
+    chunks: Vec<u64>,
+    batch: usize,
+    list: impl Fn(&Replica, &[u64]) -> Result<Vec<Listed>> + Send + 'static,
+) -> tokio::sync::mpsc::Receiver<Result<Vec<StreamedBlock>>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tokio::task::spawn_blocking(move || {
+        let send_err = |e: Error| drop(tx.blocking_send(Err(e)));
+        let replica = match store.replica(&volume) {
+            Ok(r) => r,
+            Err(e) => return send_err(e),
+        };
+        let chunks = match replica.stream_chunks(&chunks) {
+            Ok(c) => c,
+            Err(e) => return send_err(e),
+        };
+        for chunk in chunks {
+            let items = match list(&replica, &[chunk]) {
+                Ok(items) => items,
+                Err(e) => return send_err(e),
+            };
+            for part in items.chunks(batch) {
+                let msg = replica.read_listed(part);
+                let failed = msg.is_err();
+                if tx.blocking_send(msg).is_err() || failed {
+                    return;
+                }
+            }
+        }
+    });
+    rx
 }

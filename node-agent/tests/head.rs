@@ -1,7 +1,8 @@
 //! The volume head over several in-process agents (each its own store on a
 //! simulated disk, reached through `LocalPeer`, some behind a switch that
 //! makes them fail): striping, N-way writes, reads, failure handling,
-//! all-or-nothing snapshots, placement-independent digests and fencing.
+//! all-or-nothing snapshots, placement-independent digests, fencing and
+//! rebuilding a replica while writes go on.
 
 use std::{
     collections::BTreeMap,
@@ -17,11 +18,13 @@ use cairn_agent::{
     Store,
     disk::SimDisk,
     head::{HeadError, HeadSpec, VolumeHead},
-    peer::{LocalPeer, PeerError, PeerErrorKind, PeerResult, ReplicaPeer},
+    peer::{BlockStream, LocalPeer, PeerError, PeerErrorKind, PeerResult, ReplicaPeer},
 };
 use cairn_api::{
-    Accumulator, BLOCK_SIZE, ChunkSet, Geometry, SnapshotId, VolumeId, digest::image_digest,
+    Accumulator, BLOCK_SIZE, ChunkSet, Geometry, SnapshotId, VolumeId,
+    digest::image_digest,
     placement::PlacementAgent,
+    snapshot::{ReplicaInfo, SnapshotInfo},
 };
 
 const SIZE: u64 = 8 << 20;
@@ -54,9 +57,35 @@ impl ReplicaPeer for Switch {
     fn agent(&self) -> &str {
         self.inner.agent()
     }
-    async fn ensure(&self, v: &VolumeId, g: Geometry, c: ChunkSet) -> PeerResult<()> {
+    async fn ensure(&self, v: &VolumeId, g: Geometry, c: ChunkSet) -> PeerResult<ReplicaInfo> {
         self.check()?;
         self.inner.ensure(v, g, c).await
+    }
+    async fn delete_replica(&self, v: &VolumeId) -> PeerResult<()> {
+        self.check()?;
+        self.inner.delete_replica(v).await
+    }
+    async fn snapshots(&self, v: &VolumeId) -> PeerResult<Vec<SnapshotInfo>> {
+        self.check()?;
+        self.inner.snapshots(v).await
+    }
+    async fn stream_layer(
+        &self,
+        v: &VolumeId,
+        s: &SnapshotId,
+        c: &[u64],
+    ) -> PeerResult<BlockStream> {
+        self.check()?;
+        self.inner.stream_layer(v, s, c).await
+    }
+    async fn head_blocks(
+        &self,
+        v: &VolumeId,
+        c: &[u64],
+        start: u64,
+    ) -> PeerResult<(Vec<u64>, Option<u64>)> {
+        self.check()?;
+        self.inner.head_blocks(v, c, start).await
     }
     async fn fence(&self, v: &VolumeId, e: u64) -> PeerResult<u64> {
         self.check()?;
@@ -148,6 +177,7 @@ impl Cluster {
                 .map(|i| PlacementAgent::new(format!("agent-{i}"), None))
                 .collect(),
             epoch,
+            stale: vec![],
         }
     }
 
@@ -289,4 +319,167 @@ async fn a_newer_head_fences_the_old_one_for_good() {
     assert_eq!(&new.read(0, 8192).await.unwrap()[..], &[1u8; 8192][..]);
     // An older epoch cannot even open.
     assert!(matches!(c.open(2, 1).await, Err(HeadError::Fenced { .. })));
+}
+
+/// Every chunk's replicas hold the same content: per-chunk digests of the
+/// head and of every snapshot are equal on all agents holding the chunk.
+fn assert_replicas_agree(c: &Cluster, snapshots: &[&SnapshotId]) {
+    let views: Vec<Option<&SnapshotId>> =
+        std::iter::once(None).chain(snapshots.iter().map(|s| Some(*s))).collect();
+    for view in views {
+        let mut by_chunk: BTreeMap<u64, Vec<(usize, Accumulator)>> = BTreeMap::new();
+        for (i, s) in c.stores.iter().enumerate() {
+            let r = s.replica(&vol()).unwrap();
+            for (chunk, acc) in r.chunk_digests(view, &[]).unwrap() {
+                by_chunk.entry(chunk).or_default().push((i, acc));
+            }
+        }
+        assert_eq!(by_chunk.len() as u64, SIZE / CHUNK, "every chunk is held");
+        for (chunk, accs) in by_chunk {
+            assert_eq!(accs.len(), 2, "chunk {chunk} has 2 replicas");
+            assert_eq!(accs[0].1, accs[1].1, "chunk {chunk} ({view:?}): agents {accs:?} differ");
+        }
+    }
+}
+
+/// Writes random-sized pieces at random offsets through `head` until
+/// `stop`, keeping `model` in step; returns how many writes it made.
+async fn keep_writing(
+    head: Arc<VolumeHead>,
+    model: Arc<std::sync::Mutex<Vec<u8>>>,
+    stop: Arc<AtomicBool>,
+    seed: u64,
+) -> u64 {
+    let mut x = seed | 1;
+    let mut n = 0;
+    while !stop.load(Ordering::SeqCst) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let len = 1 + (x % 20_000) as usize;
+        let offset = (x >> 20) % (SIZE - len as u64);
+        let data = pattern(x, len);
+        model.lock().unwrap()[offset as usize..offset as usize + len].copy_from_slice(&data);
+        head.write(offset, Bytes::from(data)).await.unwrap();
+        n += 1;
+    }
+    n
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_that_comes_back_is_rebuilt_while_writes_go_on() {
+    let c = cluster(3);
+    let head = Arc::new(c.open(2, 1).await.unwrap());
+    let mut m = vec![0u8; SIZE as usize];
+    put(&head, &mut m, 0, pattern(11, 6 << 20)).await;
+    let s1 = SnapshotId::new("s1").unwrap();
+    head.snapshot(&s1, 1).await.unwrap();
+    head.trim(1 << 20, 1 << 20).await.unwrap();
+    m[1 << 20..2 << 20].fill(0);
+    put(&head, &mut m, 3 << 20, pattern(12, 1 << 20)).await;
+    // Agent 1 goes away; writes, a trim and a snapshot happen without it.
+    c.switches[1].down.store(true, Ordering::SeqCst);
+    put(&head, &mut m, 5 << 20, pattern(13, 3 << 20)).await;
+    let s2 = SnapshotId::new("s2").unwrap();
+    head.snapshot(&s2, 2).await.unwrap();
+    head.trim(0, 300 << 10).await.unwrap();
+    m[..300 << 10].fill(0);
+    put(&head, &mut m, 7, pattern(14, 100_000)).await;
+    assert_eq!(head.needs_rebuild(), vec!["agent-1".to_string()]);
+    let err = head.rebuild("agent-1").await.unwrap_err().to_string();
+    assert!(err.contains("agent-1") && err.contains("connection refused"), "{err}");
+    let health = head.health();
+    let h1 = health.iter().find(|h| h.agent == "agent-1").unwrap();
+    assert!(h1.last_rebuild.as_deref().unwrap().starts_with("failed"), "{h1:?}");
+    assert!(h1.out_of_sync.is_some(), "a failed rebuild leaves it out of sync");
+
+    // It comes back and is rebuilt while a writer keeps going.
+    c.switches[1].down.store(false, Ordering::SeqCst);
+    let model = Arc::new(std::sync::Mutex::new(m));
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = tokio::spawn(keep_writing(head.clone(), model.clone(), stop.clone(), 99));
+    let report = head.rebuild("agent-1").await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    stop.store(true, Ordering::SeqCst);
+    let writes = writer.await.unwrap();
+    assert!(writes > 0, "writes went on during the rebuild");
+    assert_eq!(report.layers, 2, "{report:?}");
+    assert!(report.bytes > 0 && report.head_blocks > 0, "{report:?}");
+    assert!(head.health().iter().all(|h| h.out_of_sync.is_none() && h.rebuild.is_none()));
+    assert!(head.needs_rebuild().is_empty());
+    head.flush().await.unwrap();
+    assert_replicas_agree(&c, &[&s1, &s2]);
+    let model = model.lock().unwrap().clone();
+    assert!(head.read(0, SIZE).await.unwrap()[..] == model[..], "no acknowledged write lost");
+    assert_eq!(head.digest(None).await.unwrap(), model_digest(&model));
+    // The rebuilt replica serves: with the other two down in turn, every
+    // chunk agent 1 holds reads back as written.
+    for other in [0usize, 2] {
+        let head = c.open(2, 3 + other as u64).await.unwrap();
+        c.switches[other].down.store(true, Ordering::SeqCst);
+        for chunk in 0..SIZE / CHUNK {
+            if let Ok(got) = head.read(chunk * CHUNK, CHUNK).await {
+                let at = (chunk * CHUNK) as usize;
+                assert!(got[..] == model[at..at + CHUNK as usize], "chunk {chunk}");
+            }
+        }
+        c.switches[other].down.store(false, Ordering::SeqCst);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_snapshot_taken_during_a_rebuild_reaches_the_rebuilt_replica() {
+    let c = cluster(3);
+    let head = Arc::new(c.open(2, 1).await.unwrap());
+    let mut m = vec![0u8; SIZE as usize];
+    put(&head, &mut m, 0, pattern(21, SIZE as usize)).await;
+    c.switches[2].down.store(true, Ordering::SeqCst);
+    put(&head, &mut m, 4096, pattern(22, 2 << 20)).await;
+    c.switches[2].down.store(false, Ordering::SeqCst);
+    let snaps: Vec<SnapshotId> =
+        (1..=4).map(|i| SnapshotId::new(format!("during-{i}")).unwrap()).collect();
+    let rebuild = tokio::spawn({
+        let head = head.clone();
+        async move { head.rebuild("agent-2").await }
+    });
+    for (i, s) in snaps.iter().enumerate() {
+        head.write(i as u64 * 8192, Bytes::from(pattern(30 + i as u64, 8192))).await.unwrap();
+        head.snapshot(s, 10 + i as u64).await.unwrap();
+    }
+    rebuild.await.unwrap().unwrap();
+    let refs: Vec<&SnapshotId> = snaps.iter().collect();
+    assert_replicas_agree(&c, &refs);
+    for s in &c.stores {
+        let have = s.replica(&vol()).unwrap().snapshots().unwrap();
+        assert_eq!(have.len(), snaps.len(), "every replica has every snapshot");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reopened_head_rebuilds_an_empty_replica_by_itself() {
+    let c = cluster(3);
+    let mut m = vec![0u8; SIZE as usize];
+    {
+        let head = c.open(2, 1).await.unwrap();
+        put(&head, &mut m, 100, pattern(41, 5 << 20)).await;
+        head.snapshot(&SnapshotId::new("before").unwrap(), 1).await.unwrap();
+        put(&head, &mut m, 6 << 20, pattern(42, 1 << 20)).await;
+        head.flush().await.unwrap();
+    }
+    // Agent 0's disk is replaced: its replica is gone.
+    c.stores[0].delete_replica(&vol()).unwrap();
+    let head = Arc::new(c.open(2, 2).await.unwrap());
+    let h0 = head.health().into_iter().find(|h| h.agent == "agent-0").unwrap();
+    assert!(h0.out_of_sync.as_deref().unwrap().contains("has 0 snapshots"), "{h0:?}");
+    assert!(head.read(0, SIZE).await.unwrap()[..] == m[..], "reads avoid the empty replica");
+    let heal = tokio::spawn(head.clone().heal(std::time::Duration::from_millis(20)));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while head.health().iter().any(|h| h.out_of_sync.is_some()) {
+        assert!(std::time::Instant::now() < deadline, "not healed: {:?}", head.health());
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    heal.abort();
+    let h0 = head.health().into_iter().find(|h| h.agent == "agent-0").unwrap();
+    assert!(h0.last_rebuild.as_deref().unwrap().starts_with("rebuilt"), "{h0:?}");
+    assert_replicas_agree(&c, &[&SnapshotId::new("before").unwrap()]);
 }

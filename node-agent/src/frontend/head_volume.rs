@@ -41,7 +41,8 @@ fn frontend_error(e: HeadError) -> VolumeIoError {
         | HeadError::NoReplica { .. }
         | HeadError::Refused { .. }
         | HeadError::Snapshot { .. }
-        | HeadError::MissingPeer { .. } => VolumeIoError::Io(e.to_string()),
+        | HeadError::MissingPeer { .. }
+        | HeadError::Rebuild { .. } => VolumeIoError::Io(e.to_string()),
     }
 }
 
