@@ -113,7 +113,7 @@ async fn main() -> anyhow::Result<()> {
             .into_server(),
         )
         .add_service(reflection)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown())
+        .serve_with_incoming_shutdown(incoming(listener), shutdown())
         .await?;
 
     tracing::info!("shutting down: flushing replicas");
@@ -130,4 +130,17 @@ async fn shutdown() {
         _ = term.recv() => tracing::info!("SIGTERM received"),
         _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
     }
+}
+
+/// Accepted connections with Nagle's algorithm off: a small response (a
+/// write's acknowledgement) must not wait for a delayed ACK (~40 ms).
+fn incoming(
+    listener: TcpListener,
+) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    use futures::StreamExt;
+    TcpListenerStream::new(listener).map(|conn| {
+        let conn = conn?;
+        conn.set_nodelay(true)?;
+        Ok(conn)
+    })
 }

@@ -6,8 +6,11 @@
 //!
 //! `cairn-bench volume` measures a replicated volume's head, exposed
 //! through FUSE and a loop device, with fio against a loop device on a plain
-//! file on the same disk.
+//! file on the same disk, and then a replica rebuild; `cairn-bench rebuild`
+//! runs only the rebuild part (no root needed).
 
+#[path = "cairn-bench/rebuild.rs"]
+mod rebuild;
 #[path = "cairn-bench/volume.rs"]
 mod volume;
 
@@ -56,6 +59,9 @@ enum Command {
     /// loop device on a plain file on the same disk. Needs root and
     /// /dev/fuse.
     Volume(volume::VolumeArgs),
+    /// Rebuilding a replica of a 1 GiB volume with 512 MiB written, and
+    /// 4 KiB write latency during it (also part of `volume`). No root needed.
+    Rebuild(rebuild::RebuildArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -76,6 +82,7 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Store(args) => store_bench(args),
         Command::Volume(args) => volume::volume_bench(args),
+        Command::Rebuild(args) => rebuild::rebuild_bench(args),
     }
 }
 
