@@ -14,9 +14,9 @@
 //! Rebuild (see `docs/design.md`, "Rebuild"): an out-of-sync replica is
 //! recreated empty, gets the sealed layers copied from in-sync replicas and
 //! sealed under the same ids (per-chunk digests compared), then *catches
-//! up*: writes reach it too while the head layer's blocks are copied under
-//! the exclusive read-modify-write lock, so a copy never overwrites a newer
-//! write; it rejoins only when its per-chunk head digests equal the
+//! up*: writes reach it too while the head layer's blocks are copied, each
+//! run holding its byte range exclusively, so a copy never overwrites a
+//! newer write; it rejoins only when its per-chunk head digests equal the
 //! sources'.
 
 use std::{
@@ -37,7 +37,10 @@ use cairn_api::{
 };
 use futures::{StreamExt, future::join_all};
 
-use crate::peer::{CopiedBlock, PeerError, PeerErrorKind, ReplicaPeer};
+use crate::{
+    peer::{CopiedBlock, PeerError, PeerErrorKind, ReplicaPeer},
+    range_lock::RangeLocks,
+};
 
 /// The most bytes one head read or write may carry.
 pub const MAX_HEAD_IO: u64 = 16 << 20;
@@ -155,8 +158,8 @@ pub struct RebuildReport {
     pub elapsed: Duration,
 }
 
-/// The largest run of head-layer blocks copied under one hold of the
-/// exclusive read-modify-write lock: small, so writes wait little.
+/// The most head-layer blocks copied under one exclusive range: writes to
+/// those blocks wait for the copy.
 const HEAD_COPY_BATCH: u64 = 256 << 10;
 /// The largest write a layer copy sends at once.
 const LAYER_COPY_RUN: u64 = 1 << 20;
@@ -173,6 +176,9 @@ pub struct VolumeHead {
     gate: tokio::sync::RwLock<()>,
     /// Shared by aligned writes, exclusive for read-modify-write.
     rmw: tokio::sync::RwLock<()>,
+    /// Byte ranges being written (shared) or copied by a rebuild
+    /// (exclusive): a write waits only for a copy of the blocks it touches.
+    ranges: RangeLocks,
     out_of_sync: Mutex<BTreeMap<usize, String>>,
     fenced: Mutex<Option<String>>,
     next_read: AtomicUsize,
@@ -224,6 +230,7 @@ impl VolumeHead {
             local,
             gate: Default::default(),
             rmw: Default::default(),
+            ranges: Default::default(),
             out_of_sync: Default::default(),
             fenced: Default::default(),
             next_read: AtomicUsize::new(0),
@@ -446,6 +453,7 @@ impl VolumeHead {
     }
 
     async fn write_aligned(&self, offset: u64, data: Bytes) -> HeadResult<()> {
+        let _range = self.ranges.shared(offset, offset + data.len() as u64).await;
         let pieces = self.pieces(offset, data.len() as u64);
         let writes = pieces.iter().map(|&(chunk, off, len)| {
             let part = data.slice((off - offset) as usize..(off - offset + len) as usize);
@@ -603,6 +611,7 @@ impl VolumeHead {
             trims.push((chunk, at, stop - at));
             at = stop;
         }
+        let _range = self.ranges.shared(first, last).await;
         let ops = trims.iter().map(|&(chunk, off, n)| {
             self.fan_out(chunk, move |peer, volume, epoch| async move {
                 peer.trim(&volume, epoch, off, n).await
@@ -964,8 +973,9 @@ impl VolumeHead {
     }
 
     /// Copies the head layer's blocks of `chunk` to the catching-up `x`,
-    /// in small batches, each read from the in-sync replicas and written to
-    /// `x` under the exclusive read-modify-write lock.
+    /// in runs of at most [`HEAD_COPY_BATCH`] bytes, each read from the
+    /// in-sync replicas and written to `x` holding its byte range
+    /// exclusively (writes to it wait; writes elsewhere do not).
     async fn copy_head_chunk(&self, x: usize, chunk: u64) -> HeadResult<()> {
         let volume = &self.spec.volume;
         let mut start = self.spec.geometry.chunk_blocks(chunk).start;
@@ -981,10 +991,11 @@ impl VolumeHead {
             self.progress(x, |p| p.head_blocks_total += blocks.len() as u64);
             for batch in block_batches(&blocks, HEAD_COPY_BATCH / BS) {
                 self.check_catching_up(x)?;
-                let _exclusive = self.rmw.write().await;
-                for &(first, count) in &batch {
-                    let data = self.read_aligned(None, first * BS, count * BS).await?;
-                    self.put_run(x, Run::Data(first * BS, data)).await?;
+                for (first, count) in batch {
+                    let (start, end) = (first * BS, (first + count) * BS);
+                    let _copying = self.ranges.exclusive(start, end).await;
+                    let data = self.read_aligned(None, start, end - start).await?;
+                    self.put_run(x, Run::Data(start, data)).await?;
                     self.progress(x, |p| p.head_blocks_done += count);
                 }
             }

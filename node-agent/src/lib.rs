@@ -13,6 +13,7 @@ pub mod layer;
 pub mod lock;
 pub mod meta;
 pub mod peer;
+pub mod range_lock;
 pub mod recovery;
 pub mod replica;
 pub mod service;

@@ -205,10 +205,7 @@ async fn measure_async(dir: &Path) -> anyhow::Result<Vec<(&'static str, f64, &'s
     for a in agents {
         a.terminate()?;
     }
-    Ok(vec![
-        ("rebuild_mib_s", mib_s, "(measured)"),
-        ("rebuild_write_p99_ratio", ratio, "<= 3"),
-    ])
+    Ok(vec![("rebuild_mib_s", mib_s, "(measured)"), ("rebuild_write_p99_ratio", ratio, "<= 3")])
 }
 
 async fn status(heads: &HeadsClient, agent: &str) -> anyhow::Result<pb::ReplicaHealth> {
