@@ -375,8 +375,11 @@ impl VolumeHead {
                 Err(HeadError::Refused { volume: self.spec.volume.clone(), source: e })
             }
             PeerErrorKind::Unavailable | PeerErrorKind::Corrupt => {
-                tracing::warn!(volume = %self.spec.volume, agent = %e.agent, error = %e.message, "replica out of sync");
-                self.out_of_sync.lock().unwrap().entry(agent).or_insert(e.to_string());
+                let mut out = self.out_of_sync.lock().unwrap();
+                if !out.contains_key(&agent) {
+                    tracing::warn!(volume = %self.spec.volume, agent = %e.agent, error = %e.message, "replica out of sync");
+                    out.insert(agent, e.to_string());
+                }
                 Ok(())
             }
         }
@@ -787,7 +790,7 @@ impl VolumeHead {
                     HeadError::Rebuild { reason, .. } => reason.clone(),
                     other => other.to_string(),
                 };
-                tracing::warn!(%volume, agent, error = %reason, "rebuild failed");
+                tracing::info!(%volume, agent, error = %reason, "rebuild failed");
                 let text = format!("failed after {:.1} s: {reason}", elapsed.as_secs_f64());
                 self.last_rebuild.lock().unwrap().insert(x, text);
                 if let Some(why) = self.out_of_sync.lock().unwrap().get_mut(&x) {
@@ -1065,7 +1068,9 @@ impl VolumeHead {
                     Err(e) => {
                         let backoff = wait.get(&agent).map_or(every, |(_, d)| *d * 2);
                         let backoff = backoff.min(Duration::from_secs(60));
-                        tracing::debug!(volume = %self.spec.volume, %agent, error = %e, ?backoff, "rebuild to be retried");
+                        if !wait.contains_key(&agent) {
+                            tracing::warn!(volume = %self.spec.volume, %agent, error = %e, "rebuild failed; retrying with backoff up to 60 s");
+                        }
                         wait.insert(agent, (Instant::now() + backoff, backoff));
                     }
                 }

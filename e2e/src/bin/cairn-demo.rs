@@ -1,8 +1,12 @@
-//! cairn-demo: Cairn in one command. Starts a real `cairn-agent` on a data
-//! dir, writes a volume, snapshots it twice, checks every byte and every
-//! digest against an in-memory reference, streams a snapshot's delta,
+//! cairn-demo: Cairn in one command. Part one starts a real `cairn-agent`
+//! on a data dir, writes a volume, snapshots it twice, checks every byte and
+//! every digest against an in-memory reference, streams a snapshot's delta,
 //! restarts the agent and checks again, then deletes a snapshot and shows
-//! the space come back.
+//! the space come back. Part two (`striped`) stripes a volume over three
+//! agents with two replicas, mounts ext4 on it through FUSE and a loop
+//! device where root and /dev/fuse are there (gRPC I/O otherwise), kills an
+//! agent while writing, brings it back and has it rebuilt while writing, and
+//! checks every file, the filesystem and every chunk's replicas.
 //!
 //! ```text
 //! cargo run --release -p cairn-e2e --bin cairn-demo [-- --keep] [-- --data-dir DIR]
@@ -25,6 +29,9 @@ use anyhow::{Context, Result, bail, ensure};
 use cairn_api::{Accumulator, BLOCK_SIZE, Digest, agent::v1 as pb};
 use cairn_e2e::{AgentClient, AgentProcess, Reference, disk_usage, pattern};
 use clap::Parser;
+
+#[path = "cairn-demo/striped.rs"]
+mod striped;
 
 const BS: u64 = BLOCK_SIZE;
 const MIB: u64 = 1 << 20;
@@ -194,7 +201,8 @@ impl Demo {
         for node in &mut self.nodes {
             node.stop()?;
         }
-        Ok(())
+        let mut part_two = striped::Striped::new(&self.data_dir);
+        part_two.run(self).await
     }
 
     async fn start_agent(&mut self) -> Result<()> {
@@ -620,7 +628,15 @@ impl DataDir {
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    println!("Cairn demo: one agent, one volume, two snapshots, every byte checked.");
+    println!("Cairn demo: one agent, one volume, two snapshots, every byte checked;");
+    match striped::no_filesystem() {
+        None => println!(
+            "then a volume striped over three agents, ext4 on FUSE + loop, an agent killed and rebuilt."
+        ),
+        Some(why) => println!(
+            "then a volume striped over three agents, an agent killed and rebuilt (gRPC I/O: no filesystem, {why})."
+        ),
+    }
     let data_dir = match DataDir::new(args.data_dir) {
         Ok(d) => d,
         Err(e) => {
