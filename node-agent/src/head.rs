@@ -375,10 +375,11 @@ impl VolumeHead {
                 Err(HeadError::Refused { volume: self.spec.volume.clone(), source: e })
             }
             PeerErrorKind::Unavailable | PeerErrorKind::Corrupt => {
-                let mut out = self.out_of_sync.lock().unwrap();
-                if !out.contains_key(&agent) {
+                if let std::collections::btree_map::Entry::Vacant(v) =
+                    self.out_of_sync.lock().unwrap().entry(agent)
+                {
                     tracing::warn!(volume = %self.spec.volume, agent = %e.agent, error = %e.message, "replica out of sync");
-                    out.insert(agent, e.to_string());
+                    v.insert(e.to_string());
                 }
                 Ok(())
             }
