@@ -37,6 +37,9 @@ const BUSY_FILES: u64 = 32;
 /// flood that would leave the rebuild no disk time on a small machine.
 const WRITER_PAUSE: Duration = Duration::from_millis(10);
 
+/// An agent's name and its accumulator for one chunk.
+type AgentDigest = (String, Vec<u8>);
+
 /// How the volume reaches the demo.
 enum Access {
     /// ext4 on a loop device over the head's FUSE file.
@@ -454,7 +457,7 @@ impl Striped {
             }
         };
         heads.head_flush(pb::HeadFlushRequest { volume_id: VOLUME.into() }).await?;
-        let mut by_chunk: BTreeMap<(&str, u64), Vec<(String, Vec<u8>)>> = BTreeMap::new();
+        let mut by_chunk: BTreeMap<(&str, u64), Vec<AgentDigest>> = BTreeMap::new();
         for ((i, a), view) in
             self.agents.iter().enumerate().flat_map(|ia| [(ia, ""), (ia, SNAPSHOT)])
         {
