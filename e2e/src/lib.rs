@@ -16,6 +16,8 @@ use cairn_api::agent::v1::{
 };
 use tonic::transport::Channel;
 
+pub mod netns;
+
 /// A gRPC client of one agent's replica store.
 pub type AgentClient = ReplicaStoreClient<Channel>;
 /// A gRPC client of one agent's volume heads.
@@ -110,14 +112,45 @@ impl AgentProcess {
         Self::spawn(data_dir, listen, None, &[])
     }
 
+    /// Starts an agent named `name` inside network namespace `netns` (see
+    /// [`netns::Lan`]), listening on `listen` there. Needs root.
+    pub fn start_in_netns(
+        netns: &str,
+        data_dir: &Path,
+        name: &str,
+        listen: SocketAddr,
+        args: &[&std::ffi::OsStr],
+    ) -> anyhow::Result<Self> {
+        Self::spawn_in(Some(netns), data_dir, listen, Some(name), args)
+    }
+
     fn spawn(
         data_dir: &Path,
         listen: SocketAddr,
         name: Option<&str>,
         extra: &[&std::ffi::OsStr],
     ) -> anyhow::Result<Self> {
+        Self::spawn_in(None, data_dir, listen, name, extra)
+    }
+
+    fn spawn_in(
+        netns: Option<&str>,
+        data_dir: &Path,
+        listen: SocketAddr,
+        name: Option<&str>,
+        extra: &[&std::ffi::OsStr],
+    ) -> anyhow::Result<Self> {
         let bin = agent_binary()?;
-        let mut cmd = Command::new(&bin);
+        // `ip netns exec` enters the namespace and execs the agent, so the
+        // child's pid is the agent's.
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(&bin);
+                c
+            }
+            None => Command::new(&bin),
+        };
         if let Some(name) = name {
             cmd.arg("--name").arg(name);
         }

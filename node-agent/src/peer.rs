@@ -347,7 +347,14 @@ impl GrpcPeer {
             | tonic::Code::OutOfRange => PeerErrorKind::Refused,
             _ => PeerErrorKind::Unavailable,
         };
-        PeerError { agent: self.name.clone(), kind, message: s.message().to_string() }
+        let message = match s.code() {
+            // The channel's own deadline ("Timeout expired") is silence.
+            tonic::Code::Cancelled | tonic::Code::DeadlineExceeded => {
+                format!("no answer within {:?} ({})", self.timeout, s.message())
+            }
+            _ => s.message().to_string(),
+        };
+        PeerError { agent: self.name.clone(), kind, message }
     }
 
     fn bad_answer(&self, message: String) -> PeerError {
