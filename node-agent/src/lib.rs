@@ -3,6 +3,7 @@
 //! service; the `cairn-agent` binary serves it.
 
 pub mod commit;
+pub mod copy;
 pub mod disk;
 pub mod error;
 pub mod extent;
