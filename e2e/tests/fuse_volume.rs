@@ -320,3 +320,56 @@ async fn ext4_on_a_striped_volume_keeps_its_files_when_an_agent_is_killed() {
     drop(fs);
     heads.close_head(pb::CloseHeadRequest { volume_id: VOL.into() }).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_killed_head_agent_leaves_no_dead_mount_in_the_way() {
+    if let Some(why) = skip_reason() {
+        eprintln!("skipped: needs root, /dev/fuse and loop devices ({why})");
+        return;
+    }
+    let data = tempfile::tempdir().unwrap();
+    let fuse_dir = tempfile::tempdir().unwrap();
+    let args = [OsStr::new("--fuse-dir"), fuse_dir.path().as_os_str()];
+    let agent = AgentProcess::start_args(data.path(), "solo", &args).unwrap();
+    let request = |epoch, endpoint: String| pb::OpenHeadRequest {
+        volume_id: "solo-vol".into(),
+        size_bytes: 64 << 20,
+        chunk_size_bytes: 64 << 20,
+        replicas: 1,
+        layout_version: 1,
+        epoch,
+        agents: vec![pb::HeadAgent { name: "solo".into(), endpoint, domain: String::new() }],
+        fuse: true,
+        stale_agents: vec![],
+    };
+    let mut heads = agent.heads().await.unwrap();
+    let status = heads.open_head(request(1, agent.endpoint())).await.unwrap().into_inner();
+    let device = run("losetup", &["--find", "--show", "--sector-size", "4096", &status.fuse_file]);
+    let detach = Attached { device, mnt: PathBuf::new(), mounted: false };
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&status.fuse_file).unwrap();
+        f.write_all_at(&pattern(1, 8192), 0).unwrap();
+        f.sync_all().unwrap();
+    }
+
+    agent.kill9().unwrap();
+    let dead = std::fs::metadata(&status.fuse_file).unwrap_err();
+    assert_eq!(dead.raw_os_error(), Some(libc::ENOTCONN), "the old mount is dead: {dead}");
+
+    // A new agent detaches the dead mount at start, so the head can be
+    // exposed at the same place again, with the data written before.
+    let agent = AgentProcess::start_args(data.path(), "solo", &args).unwrap();
+    let mut heads = agent.heads().await.unwrap();
+    let again = heads.open_head(request(2, agent.endpoint())).await.unwrap().into_inner();
+    assert_eq!(again.fuse_file, status.fuse_file);
+    let mut got = vec![0u8; 8192];
+    {
+        use std::os::unix::fs::FileExt;
+        std::fs::File::open(&again.fuse_file).unwrap().read_exact_at(&mut got, 0).unwrap();
+    }
+    assert_eq!(got, pattern(1, 8192));
+    drop(detach);
+    heads.close_head(pb::CloseHeadRequest { volume_id: "solo-vol".into() }).await.unwrap();
+    agent.terminate().unwrap();
+}

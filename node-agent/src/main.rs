@@ -91,6 +91,10 @@ async fn main() -> anyhow::Result<()> {
     let store = Arc::new(store);
     tracing::info!(replicas = store.replicas().len(), "replica store open");
 
+    if let Some(dir) = &args.fuse_dir {
+        report_stale_mounts(dir);
+    }
+
     let listener =
         TcpListener::bind(args.listen).await.with_context(|| format!("binding {}", args.listen))?;
     let addr = listener.local_addr()?;
@@ -143,4 +147,29 @@ fn incoming(
         conn.set_nodelay(true)?;
         Ok(conn)
     })
+}
+
+/// Detaches the FUSE mounts a previous, killed agent left under `dir`, and
+/// tells the operator what still holds the dead volumes.
+fn report_stale_mounts(dir: &std::path::Path) {
+    for m in cairn_agent::frontend::stale::clean_stale_mounts(dir) {
+        match &m.detached {
+            Ok(()) => {
+                tracing::warn!(mountpoint = %m.mountpoint.display(), "detached a dead FUSE mount left by a previous agent")
+            }
+            Err(e) => {
+                tracing::error!(mountpoint = %m.mountpoint.display(), error = %e, "a dead FUSE mount left by a previous agent could not be detached: unmount it with umount -l")
+            }
+        }
+        for (device, fs) in &m.loop_devices {
+            match fs {
+                Some(at) => {
+                    tracing::error!(device = %device.display(), mounted_at = %at.display(), "this loop device was on the dead volume and its filesystem is still mounted: unmount it (umount -l), detach the device (losetup -d), then attach the reopened head")
+                }
+                None => {
+                    tracing::warn!(device = %device.display(), "this loop device was on the dead volume: detach it (losetup -d)")
+                }
+            }
+        }
+    }
 }

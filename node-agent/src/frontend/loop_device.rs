@@ -216,7 +216,7 @@ pub fn devices_backed_by(file: &Path) -> Vec<PathBuf> {
 }
 
 /// The file behind a loop device, `None` when it is not attached.
-fn backing_file(device: &Path) -> Option<PathBuf> {
+pub(crate) fn backing_file(device: &Path) -> Option<PathBuf> {
     read_sys(device, "loop/backing_file").map(PathBuf::from)
 }
 
@@ -273,7 +273,7 @@ fn read_sys(device: &Path, attr: &str) -> Option<String> {
 }
 
 /// Undoes the octal escapes (`\040` for a space) of `/proc/self/mountinfo`.
-fn unescape(field: &str) -> PathBuf {
+pub(crate) fn unescape(field: &str) -> PathBuf {
     let bytes = field.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;

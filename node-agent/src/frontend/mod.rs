@@ -6,6 +6,7 @@
 pub mod fuse;
 pub mod head_volume;
 pub mod loop_device;
+pub mod stale;
 
 use std::{fmt, io, path::PathBuf};
 
