@@ -17,6 +17,7 @@ use cairn_api::agent::v1::{
 use tonic::transport::Channel;
 
 pub mod netns;
+pub mod proxy;
 
 /// A gRPC client of one agent's replica store.
 pub type AgentClient = ReplicaStoreClient<Channel>;
