@@ -254,6 +254,12 @@ impl Replica {
         Ok(st.epoch)
     }
 
+    /// Stops serving for good: the store replaced this handle by a reloaded
+    /// one, so nothing may be written through this one.
+    pub(crate) fn retire(&self, why: &str) {
+        *self.failed.lock().unwrap() = Some(why.to_string());
+    }
+
     /// Stops serving after an I/O or metadata error: the in-memory state may
     /// no longer match the disk, so nothing more is served until reopened.
     pub(crate) fn fail(&self, e: Error) -> Error {

@@ -17,7 +17,7 @@ use cairn_api::{ChunkSet, Geometry, VolumeId};
 use crate::{
     disk::{Disk, RedbBackend},
     error::{Error, Result, meta},
-    meta::{BLOCKS, CHUNK_ACC, REPLICAS, load_records},
+    meta::{BLOCKS, CHUNK_ACC, REPLICAS, encode_record, load_records},
     replica::Replica,
 };
 
@@ -161,6 +161,53 @@ impl Store {
             .ok_or_else(|| Error::ReplicaNotFound { volume: volume.clone() })?
             .1
             .map_err(|e| Error::Corrupt { volume: volume.to_string(), detail: e.to_string() })?;
+        let r = Arc::new(Replica::load(
+            volume.clone(),
+            self.dir(volume),
+            self.disk.clone(),
+            self.db.clone(),
+            record,
+        )?);
+        replicas.insert(volume.clone(), r.clone());
+        Ok(r)
+    }
+
+    /// Reverts the head to the newest snapshot (to empty if there is none):
+    /// every write since the last seal, flushed or not, is dropped. One
+    /// commit replaces the head layer's record by a fresh, empty head and
+    /// drops the old head's block records; then the replica is reloaded
+    /// from disk, which removes the old head's file. A crash before the
+    /// commit leaves the head as it was durably; after it, reverted.
+    /// Refused below the admitted epoch, like a write.
+    pub fn revert_head(&self, volume: &VolumeId, epoch: u64) -> Result<Arc<Replica>> {
+        let mut replicas = self.replicas.write().unwrap();
+        let Some(replica) = replicas.get(volume).cloned() else {
+            return Err(Error::ReplicaNotFound { volume: volume.clone() });
+        };
+        let record = {
+            let mut st = replica.write_state()?;
+            replica.admit(&mut st, epoch)?;
+            let old_head = st.head().no;
+            let mut record = st.record();
+            let head = record.layers.last_mut().expect("a replica has a head");
+            head.no = record.next_layer;
+            record.next_layer += 1;
+            let v = volume.as_str();
+            let tx = self.db.begin_write().map_err(meta("reverting the head"))?;
+            {
+                tx.open_table(REPLICAS)
+                    .map_err(meta("reverting the head"))?
+                    .insert(v, &encode_record(&record)[..])
+                    .map_err(meta("reverting the head"))?;
+                let mut t = tx.open_table(BLOCKS).map_err(meta("reverting the head"))?;
+                t.retain_in((v, old_head, 0)..=(v, old_head, u64::MAX), |_, _| false)
+                    .map_err(meta("reverting the head"))?;
+            }
+            tx.commit().map_err(meta("reverting the head")).map_err(|e| replica.fail(e))?;
+            // Whoever still holds the old object must not write through it.
+            replica.retire("its head was reverted; this handle is stale");
+            record
+        };
         let r = Arc::new(Replica::load(
             volume.clone(),
             self.dir(volume),

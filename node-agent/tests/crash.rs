@@ -46,6 +46,7 @@ enum Op {
     Flush,
     Seal(&'static str, u64),
     Delete(&'static str),
+    Revert,
 }
 
 fn scenario() -> Vec<Op> {
@@ -71,6 +72,10 @@ fn scenario() -> Vec<Op> {
         Seal("s3", 3),
         Write(2, vec![19]),
         Flush,
+        Write(9, vec![20]),
+        Revert,
+        Write(4, vec![21]),
+        Flush,
     ]
 }
 
@@ -93,6 +98,7 @@ fn apply_model(m: &mut Model, op: &Op) {
         Op::Flush => {}
         Op::Seal(id, _) => m.snaps.push((id.to_string(), m.head.clone())),
         Op::Delete(id) => m.snaps.retain(|(s, _)| s != id),
+        Op::Revert => m.head = m.snaps.last().map(|(_, img)| img.clone()).unwrap_or_default(),
     }
 }
 
@@ -107,6 +113,7 @@ fn run_op(store: &Store, op: &Op) -> cairn_agent::Result<()> {
         Op::Flush => r.flush(0),
         Op::Seal(id, g) => r.seal(0, &SnapshotId::new(*id).unwrap(), *g).map(|_| ()),
         Op::Delete(id) => r.delete_snapshot(&SnapshotId::new(*id).unwrap()),
+        Op::Revert => store.revert_head(&vol(), 0).map(drop),
     }
 }
 
