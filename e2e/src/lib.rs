@@ -12,7 +12,8 @@ use std::{
 
 use anyhow::{Context, bail};
 use cairn_api::agent::v1::{
-    replica_store_client::ReplicaStoreClient, volume_heads_client::VolumeHeadsClient,
+    replica_store_client::ReplicaStoreClient, snapshot_copy_client::SnapshotCopyClient,
+    volume_heads_client::VolumeHeadsClient,
 };
 use tonic::transport::Channel;
 
@@ -23,6 +24,15 @@ pub mod proxy;
 pub type AgentClient = ReplicaStoreClient<Channel>;
 /// A gRPC client of one agent's volume heads.
 pub type HeadsClient = VolumeHeadsClient<Channel>;
+/// A gRPC client of one agent's copy receiver.
+pub type CopyClient = SnapshotCopyClient<Channel>;
+
+/// A client of `agent`'s copy receiver (`SnapshotCopy`).
+pub async fn copy_client(agent: &AgentProcess) -> anyhow::Result<CopyClient> {
+    Ok(SnapshotCopyClient::new(channel(agent.addr()).await?)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES))
+}
 
 /// The largest gRPC message the harness sends or accepts.
 pub const MAX_MESSAGE_BYTES: usize = 8 << 20;

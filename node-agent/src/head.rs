@@ -38,7 +38,7 @@ use cairn_api::{
 use futures::{StreamExt, future::join_all};
 
 use crate::{
-    peer::{CopiedBlock, PeerError, PeerErrorKind, ReplicaPeer},
+    peer::{BlockStream, CopiedBlock, PeerError, PeerErrorKind, ReplicaPeer, StreamKind},
     range_lock::RangeLocks,
 };
 
@@ -717,6 +717,70 @@ impl VolumeHead {
         Ok(total.digest(self.spec.geometry.size()))
     }
 
+    /// The volume's snapshots, oldest first (as the in-sync replicas have
+    /// them).
+    pub async fn snapshots(&self) -> HeadResult<Vec<SnapshotInfo>> {
+        self.check_fenced()?;
+        self.source_snapshots(0).await
+    }
+
+    /// Drops every write since the newest snapshot on every in-sync
+    /// replica, with I/O held: the volume is as of its newest snapshot (or
+    /// empty) afterwards. A replica that fails is marked out of sync (its
+    /// rebuild copies the reverted state).
+    pub async fn revert(&self) -> HeadResult<()> {
+        self.check_fenced()?;
+        let _no_catch_up = self.catchup_gate.write().await;
+        let _hold = self.gate.write().await;
+        let agents = self.live_agents();
+        let (volume, epoch) = (&self.spec.volume, self.spec.epoch);
+        let results =
+            join_all(agents.iter().map(|&a| self.peers[a].revert_head(volume, epoch))).await;
+        for (&a, res) in agents.iter().zip(results) {
+            if let Err(e) = res {
+                self.absorb(a, e)?;
+            }
+        }
+        self.check_fenced()?;
+        for c in 0..self.chunks.len() as u64 {
+            self.in_sync(c)?;
+        }
+        Ok(())
+    }
+
+    /// A stream of `snapshot`'s layer or image of `chunk`, from an in-sync
+    /// replica (this agent's if possible), and the agent it comes from.
+    pub async fn snapshot_stream(
+        &self,
+        chunk: u64,
+        snapshot: &SnapshotId,
+        kind: StreamKind,
+    ) -> HeadResult<(BlockStream, usize)> {
+        self.check_fenced()?;
+        loop {
+            let src = self.source_for(chunk)?;
+            match self.peers[src].stream(&self.spec.volume, snapshot, &[chunk], kind).await {
+                Ok(s) => return Ok((s, src)),
+                Err(e) => self.absorb(src, e)?,
+            }
+        }
+    }
+
+    /// A source of [`VolumeHead::snapshot_stream`] failed mid-stream: it is
+    /// marked out of sync (a refusal is returned as the caller's error).
+    pub fn source_failed(&self, agent: usize, e: PeerError) -> HeadResult<()> {
+        self.absorb(agent, e)
+    }
+
+    pub fn geometry(&self) -> Geometry {
+        self.spec.geometry
+    }
+
+    /// The number of chunks of the volume.
+    pub fn chunk_count(&self) -> u64 {
+        self.chunks.len() as u64
+    }
+
     /// Rebuilds the out-of-sync replica on `agent` from the in-sync ones
     /// while I/O goes on; on success it is in sync again. On failure it
     /// stays out of sync (with the reason) and may be rebuilt again later.
@@ -947,7 +1011,7 @@ impl VolumeHead {
         snap: &SnapshotId,
     ) -> Result<(), CopyError> {
         let mut stream = self.peers[src]
-            .stream_layer(&self.spec.volume, snap, &[chunk])
+            .stream(&self.spec.volume, snap, &[chunk], StreamKind::Layer)
             .await
             .map_err(CopyError::Source)?;
         while let Some(batch) = stream.next().await {
@@ -1089,7 +1153,7 @@ enum CopyError {
 
 /// A run of consecutive blocks to put on a replica being rebuilt.
 #[derive(Debug, PartialEq, Eq)]
-enum Run {
+pub(crate) enum Run {
     /// Data at a byte offset.
     Data(u64, Bytes),
     /// Zero (trimmed) blocks: byte offset, length.
@@ -1098,7 +1162,7 @@ enum Run {
 
 /// Cuts a batch of copied blocks (ascending) into runs of consecutive
 /// data blocks (at most [`LAYER_COPY_RUN`] bytes) and of zero blocks.
-fn layer_runs(blocks: &[CopiedBlock]) -> Vec<Run> {
+pub(crate) fn layer_runs(blocks: &[CopiedBlock]) -> Vec<Run> {
     let mut runs = Vec::new();
     let mut i = 0;
     while i < blocks.len() {

@@ -18,6 +18,10 @@ use cairn_api::{
 use tonic::{Request, Response, Status};
 
 use crate::{
+    copy::{
+        bandwidth::{Limiter, Policy, Rate, SystemClock},
+        sender::{CopyError, CopyProgress, LinkTarget, send_snapshot},
+    },
     frontend::{
         BlockVolume,
         fuse::{FuseFrontend, FuseMount},
@@ -72,6 +76,10 @@ impl Drop for HealTask {
 struct OpenHead {
     head: Arc<VolumeHead>,
     _heal: HealTask,
+    /// The running or last copy of the volume to another site.
+    copy: Arc<std::sync::Mutex<CopyProgress>>,
+    /// Held while a copy runs: one copy per volume at a time.
+    copying: Arc<tokio::sync::Mutex<()>>,
     fuse: Option<std::sync::Mutex<FuseMount>>,
     /// Snapshots exposed read-only through FUSE.
     snapshots: BTreeMap<SnapshotId, std::sync::Mutex<FuseMount>>,
@@ -114,7 +122,18 @@ pub struct HeadService {
     fuse_dir: Option<std::path::PathBuf>,
     /// How often a head looks for out-of-sync replicas to rebuild.
     heal_every: Duration,
-    heads: tokio::sync::Mutex<BTreeMap<VolumeId, OpenHead>>,
+    heads: Arc<tokio::sync::Mutex<BTreeMap<VolumeId, OpenHead>>>,
+}
+
+/// Finds the heads open on this agent, for services beside `VolumeHeads`
+/// (a copy receiver writes into the target volume's head).
+#[derive(Debug, Clone)]
+pub struct HeadLookup(Arc<tokio::sync::Mutex<BTreeMap<VolumeId, OpenHead>>>);
+
+impl HeadLookup {
+    pub async fn get(&self, volume: &VolumeId) -> Option<Arc<VolumeHead>> {
+        self.0.lock().await.get(volume).map(|h| h.head.clone())
+    }
 }
 
 impl HeadService {
@@ -141,6 +160,11 @@ impl HeadService {
     pub fn with_heal_every(mut self, every: Duration) -> Self {
         self.heal_every = every;
         self
+    }
+
+    /// A handle that finds this service's open heads.
+    pub fn lookup(&self) -> HeadLookup {
+        HeadLookup(self.heads.clone())
     }
 
     pub fn into_server(self) -> pb::volume_heads_server::VolumeHeadsServer<Self> {
@@ -329,6 +353,8 @@ impl VolumeHeads for HeadService {
         let open = OpenHead {
             head,
             _heal: heal,
+            copy: Default::default(),
+            copying: Default::default(),
             fuse: fuse.map(std::sync::Mutex::new),
             snapshots: BTreeMap::new(),
         };
@@ -493,5 +519,83 @@ impl VolumeHeads for HeadService {
         let head = self.head(&r.volume_id).await?;
         let digest = head.digest(snap.as_ref()).await.map_err(head_status)?;
         Ok(Response::new(pb::HeadDigestResponse { digest: digest.0.to_vec().into() }))
+    }
+
+    #[tracing::instrument(skip_all, fields(volume = %req.get_ref().volume_id, snapshot = %req.get_ref().snapshot_id))]
+    async fn copy_snapshot(
+        &self,
+        req: Request<pb::CopySnapshotRequest>,
+    ) -> Result<Response<pb::CopySnapshotResponse>, Status> {
+        let r = req.into_inner();
+        let volume = convert::volume_id("volume_id", &r.volume_id).map_err(field)?;
+        let snapshot = convert::snapshot_id("snapshot_id", &r.snapshot_id).map_err(field)?;
+        let base = convert::optional_snapshot_id("base_snapshot_id", &r.base_snapshot_id)
+            .map_err(field)?;
+        if r.link_id.is_empty() || r.target_endpoint.is_empty() {
+            return Err(Status::invalid_argument("link_id and target_endpoint are required"));
+        }
+        let (head, progress, copying) = {
+            let heads = self.heads.lock().await;
+            let open = heads.get(&volume).ok_or_else(|| {
+                Status::not_found(format!(
+                    "no head of volume {volume} is open on agent {}: open it first (OpenHead)",
+                    self.agent
+                ))
+            })?;
+            (open.head.clone(), open.copy.clone(), open.copying.clone())
+        };
+        let _one = copying.try_lock().map_err(|_| {
+            Status::failed_precondition(format!(
+                "a copy of volume {volume} is already running: wait for it (GetCopyProgress)"
+            ))
+        })?;
+        let rate = match r.rate_bytes_per_sec {
+            0 => Rate::Unlimited,
+            n => Rate::BytesPerSec(n),
+        };
+        let limiter = Limiter::new(Arc::new(SystemClock::default()), Policy::Fixed(rate), None)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let target = LinkTarget {
+            endpoint: r.target_endpoint,
+            link_id: r.link_id,
+            secret: r.pairing_secret,
+        };
+        let report = send_snapshot(&head, &target, &snapshot, base.as_ref(), &limiter, &progress)
+            .await
+            .map_err(|e| match e {
+                CopyError::Head(h) => head_status(h),
+                CopyError::Snapshot { .. } => Status::failed_precondition(e.to_string()),
+                CopyError::Connect { .. } => Status::unavailable(e.to_string()),
+                CopyError::Receiver { ref status, .. } => Status::new(status.code(), e.to_string()),
+            })?;
+        Ok(Response::new(pb::CopySnapshotResponse {
+            digest: report.digest.0.to_vec().into(),
+            already_present: report.already_present,
+            resumed_from_block: report.resumed_from_block,
+            bytes_sent: report.bytes_sent,
+            blocks_sent: report.blocks_sent,
+            elapsed_ms: report.elapsed.as_millis() as u64,
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(volume = %req.get_ref().volume_id))]
+    async fn get_copy_progress(
+        &self,
+        req: Request<pb::CopyProgressRequest>,
+    ) -> Result<Response<pb::CopyProgressResponse>, Status> {
+        let volume = convert::volume_id("volume_id", &req.get_ref().volume_id).map_err(field)?;
+        let heads = self.heads.lock().await;
+        let open = heads.get(&volume).ok_or_else(|| {
+            Status::not_found(format!("no head of volume {volume} is open on agent {}", self.agent))
+        })?;
+        let p = open.copy.lock().unwrap().clone();
+        Ok(Response::new(pb::CopyProgressResponse {
+            snapshot_id: p.snapshot,
+            bytes_durable: p.bytes_durable,
+            bytes_sent: p.bytes_sent,
+            resumed_from_block: p.resumed_from_block,
+            rate_bytes_per_sec: p.rate,
+            done: p.done,
+        }))
     }
 }

@@ -44,6 +44,13 @@ struct Args {
     /// agent that came back, say) to rebuild, in milliseconds.
     #[arg(long, env = "CAIRN_REBUILD_INTERVAL_MS", default_value_t = 1000)]
     rebuild_interval_ms: u64,
+    /// A copy receiver makes its progress durable (a checkpoint a broken
+    /// copy resumes from) after this many MiB...
+    #[arg(long, env = "CAIRN_COPY_CHECKPOINT_MIB", default_value_t = 8)]
+    copy_checkpoint_mib: u64,
+    /// ...or after this many milliseconds, whichever comes first.
+    #[arg(long, env = "CAIRN_COPY_CHECKPOINT_MS", default_value_t = 5000)]
+    copy_checkpoint_ms: u64,
     /// Directory for the FUSE mounts of heads opened with fuse=true
     /// (`<dir>/<volume>/volume`). Without it, heads cannot be exposed
     /// through FUSE.
@@ -104,18 +111,22 @@ async fn main() -> anyhow::Result<()> {
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(cairn_api::FILE_DESCRIPTOR_SET)
         .build_v1()?;
+    let heads = HeadService::new(
+        store.clone(),
+        name.clone(),
+        std::time::Duration::from_millis(args.peer_timeout_ms),
+        args.fuse_dir.clone(),
+    )
+    .with_heal_every(std::time::Duration::from_millis(args.rebuild_interval_ms.max(10)));
+    let copies = cairn_agent::copy::receiver::CopyService::new(store.clone(), heads.lookup())
+        .with_checkpoints(
+            args.copy_checkpoint_mib.max(1) << 20,
+            std::time::Duration::from_millis(args.copy_checkpoint_ms.max(10)),
+        );
     tonic::transport::Server::builder()
         .add_service(ReplicaStoreService::new(store.clone()).into_server())
-        .add_service(
-            HeadService::new(
-                store.clone(),
-                name.clone(),
-                std::time::Duration::from_millis(args.peer_timeout_ms),
-                args.fuse_dir.clone(),
-            )
-            .with_heal_every(std::time::Duration::from_millis(args.rebuild_interval_ms.max(10)))
-            .into_server(),
-        )
+        .add_service(heads.into_server())
+        .add_service(copies.into_server())
         .add_service(reflection)
         .serve_with_incoming_shutdown(incoming(listener), shutdown())
         .await?;

@@ -22,6 +22,10 @@ use serde::{Deserialize, Serialize};
 pub const REPLICAS: TableDefinition<&str, &[u8]> = TableDefinition::new("replicas");
 pub const BLOCKS: TableDefinition<(&str, u64, u64), &[u8]> = TableDefinition::new("blocks");
 pub const CHUNK_ACC: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("chunk_acc");
+/// Remote copy: links this agent receives and copy checkpoints, by link id
+/// (JSON values; see `copy::state`).
+pub const LINKS: TableDefinition<&str, &[u8]> = TableDefinition::new("links");
+pub const CHECKPOINTS: TableDefinition<&str, &[u8]> = TableDefinition::new("copy_checkpoints");
 
 /// Blocks per `blocks` record: 64 blocks (256 KiB) share one record, so a
 /// sequential write updates one record per 256 KiB.

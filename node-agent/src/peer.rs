@@ -54,6 +54,16 @@ pub struct CopiedBlock {
     pub data: Option<Bytes>,
 }
 
+/// What a block stream carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamKind {
+    /// A snapshot's layer: the blocks changed since the snapshot before it,
+    /// trimmed ones as zero blocks.
+    Layer,
+    /// The image as of a snapshot: every written (non-zero) block.
+    Image,
+}
+
 /// Batches of blocks in ascending order; the first error ends it.
 pub type BlockStream = Pin<Box<dyn Stream<Item = PeerResult<Vec<CopiedBlock>>> + Send>>;
 
@@ -72,6 +82,8 @@ pub trait ReplicaPeer: Send + Sync + fmt::Debug {
     ) -> PeerResult<ReplicaInfo>;
     /// Deletes the replica and all its snapshots; a missing one is fine.
     async fn delete_replica(&self, volume: &VolumeId) -> PeerResult<()>;
+    /// Drops every write since the newest snapshot.
+    async fn revert_head(&self, volume: &VolumeId, epoch: u64) -> PeerResult<()>;
     async fn fence(&self, volume: &VolumeId, epoch: u64) -> PeerResult<u64>;
     async fn write(
         &self,
@@ -106,13 +118,14 @@ pub trait ReplicaPeer: Send + Sync + fmt::Debug {
     ) -> PeerResult<Vec<(u64, Accumulator)>>;
     /// The replica's snapshots, oldest first.
     async fn snapshots(&self, volume: &VolumeId) -> PeerResult<Vec<SnapshotInfo>>;
-    /// Streams snapshot `snapshot`'s layer (its changed blocks, trimmed ones
-    /// as zero blocks) of `chunks`.
-    async fn stream_layer(
+    /// Streams snapshot `snapshot`'s layer or image (see [`StreamKind`]) of
+    /// `chunks`.
+    async fn stream(
         &self,
         volume: &VolumeId,
         snapshot: &SnapshotId,
         chunks: &[u64],
+        kind: StreamKind,
     ) -> PeerResult<BlockStream>;
     /// One page of the head layer's block indexes in `chunks`, from
     /// `start` on; and where the next page starts.
@@ -188,6 +201,11 @@ impl ReplicaPeer for LocalPeer {
     ) -> PeerResult<ReplicaInfo> {
         let v = volume.clone();
         self.run(move |s| s.create_replica(&v, geometry, chunks).map(|r| r.info())).await
+    }
+
+    async fn revert_head(&self, volume: &VolumeId, epoch: u64) -> PeerResult<()> {
+        let v = volume.clone();
+        self.run(move |s| s.revert_head(&v, epoch).map(drop)).await
     }
 
     async fn delete_replica(&self, volume: &VolumeId) -> PeerResult<()> {
@@ -267,11 +285,12 @@ impl ReplicaPeer for LocalPeer {
         self.run(move |s| s.replica(&v)?.snapshots()).await
     }
 
-    async fn stream_layer(
+    async fn stream(
         &self,
         volume: &VolumeId,
         snapshot: &SnapshotId,
         chunks: &[u64],
+        kind: StreamKind,
     ) -> PeerResult<BlockStream> {
         let snap = snapshot.clone();
         let rx = crate::stream::spawn_stream(
@@ -279,7 +298,10 @@ impl ReplicaPeer for LocalPeer {
             volume.clone(),
             chunks.to_vec(),
             LOCAL_STREAM_BATCH,
-            move |r, c| r.list_layer(&snap, c),
+            move |r, c| match kind {
+                StreamKind::Layer => r.list_layer(&snap, c),
+                StreamKind::Image => r.list_image(&snap, c),
+            },
         );
         let name = self.name.clone();
         let stream = tokio_stream::wrappers::ReceiverStream::new(rx).map(move |batch| {
@@ -399,6 +421,11 @@ impl ReplicaPeer for GrpcPeer {
         ReplicaInfo::try_from(&info).map_err(|e| self.bad_answer(format!("replica info: {e}")))
     }
 
+    async fn revert_head(&self, volume: &VolumeId, epoch: u64) -> PeerResult<()> {
+        let req = pb::RevertHeadRequest { volume_id: volume.to_string(), epoch };
+        self.call(self.client.clone().revert_head(req)).await.map(drop)
+    }
+
     async fn delete_replica(&self, volume: &VolumeId) -> PeerResult<()> {
         let req = pb::DeleteReplicaRequest { volume_id: volume.to_string() };
         match tokio::time::timeout(self.timeout, self.client.clone().delete_replica(req)).await {
@@ -509,18 +536,25 @@ impl ReplicaPeer for GrpcPeer {
             .collect()
     }
 
-    async fn stream_layer(
+    async fn stream(
         &self,
         volume: &VolumeId,
         snapshot: &SnapshotId,
         chunks: &[u64],
+        kind: StreamKind,
     ) -> PeerResult<BlockStream> {
-        let req = pb::StreamLayerRequest {
-            volume_id: volume.to_string(),
-            snapshot_id: snapshot.to_string(),
-            chunks: chunks.to_vec(),
+        let (volume_id, snapshot_id) = (volume.to_string(), snapshot.to_string());
+        let chunks = chunks.to_vec();
+        let stream = match kind {
+            StreamKind::Layer => {
+                let req = pb::StreamLayerRequest { volume_id, snapshot_id, chunks };
+                self.call(self.client.clone().stream_layer(req)).await?
+            }
+            StreamKind::Image => {
+                let req = pb::StreamImageRequest { volume_id, snapshot_id, chunks };
+                self.call(self.client.clone().stream_image(req)).await?
+            }
         };
-        let stream = self.call(self.client.clone().stream_layer(req)).await?;
         let peer = self.clone();
         let batches = futures::stream::unfold(Some(stream), move |state| {
             let peer = peer.clone();

@@ -334,6 +334,17 @@ impl ReplicaStore for ReplicaStoreService {
     }
 
     #[tracing::instrument(skip_all, fields(volume = %req.get_ref().volume_id))]
+    async fn revert_head(
+        &self,
+        req: Request<pb::RevertHeadRequest>,
+    ) -> Result<Response<pb::RevertHeadResponse>, Status> {
+        let r = req.into_inner();
+        let volume = convert::volume_id("volume_id", &r.volume_id).map_err(field)?;
+        self.run(move |s| s.revert_head(&volume, r.epoch).map(drop)).await?;
+        Ok(Response::new(pb::RevertHeadResponse {}))
+    }
+
+    #[tracing::instrument(skip_all, fields(volume = %req.get_ref().volume_id))]
     async fn list_head_blocks(
         &self,
         req: Request<pb::ListHeadBlocksRequest>,

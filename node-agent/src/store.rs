@@ -95,6 +95,41 @@ impl Store {
         &self.root
     }
 
+    /// Durably sets (`Some`) or removes (`None`) `key` in one of the small
+    /// tables beside the replicas (remote-copy links and checkpoints).
+    pub fn put_meta(
+        &self,
+        table: redb::TableDefinition<&str, &[u8]>,
+        key: &str,
+        value: Option<&[u8]>,
+    ) -> Result<()> {
+        let tx = self.db.begin_write().map_err(meta("writing copy metadata"))?;
+        {
+            let mut t = tx.open_table(table).map_err(meta("writing copy metadata"))?;
+            match value {
+                Some(v) => drop(t.insert(key, v).map_err(meta("writing copy metadata"))?),
+                None => drop(t.remove(key).map_err(meta("writing copy metadata"))?),
+            }
+        }
+        tx.commit().map_err(meta("writing copy metadata"))
+    }
+
+    /// Reads `key` from one of the small tables (see [`Store::put_meta`]).
+    pub fn get_meta(
+        &self,
+        table: redb::TableDefinition<&str, &[u8]>,
+        key: &str,
+    ) -> Result<Option<Vec<u8>>> {
+        use redb::ReadableDatabase;
+        let tx = self.db.begin_read().map_err(meta("reading copy metadata"))?;
+        let t = match tx.open_table(table) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(e) => return Err(meta("reading copy metadata")(e)),
+        };
+        Ok(t.get(key).map_err(meta("reading copy metadata"))?.map(|v| v.value().to_vec()))
+    }
+
     fn dir(&self, volume: &VolumeId) -> PathBuf {
         self.root.join("volumes").join(volume.as_str())
     }

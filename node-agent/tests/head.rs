@@ -18,7 +18,7 @@ use cairn_agent::{
     Store,
     disk::SimDisk,
     head::{HeadError, HeadSpec, VolumeHead},
-    peer::{BlockStream, LocalPeer, PeerError, PeerErrorKind, PeerResult, ReplicaPeer},
+    peer::{BlockStream, LocalPeer, PeerError, PeerErrorKind, PeerResult, ReplicaPeer, StreamKind},
 };
 use cairn_api::{
     Accumulator, BLOCK_SIZE, ChunkSet, Geometry, SnapshotId, VolumeId,
@@ -65,18 +65,23 @@ impl ReplicaPeer for Switch {
         self.check()?;
         self.inner.delete_replica(v).await
     }
+    async fn revert_head(&self, v: &VolumeId, e: u64) -> PeerResult<()> {
+        self.check()?;
+        self.inner.revert_head(v, e).await
+    }
     async fn snapshots(&self, v: &VolumeId) -> PeerResult<Vec<SnapshotInfo>> {
         self.check()?;
         self.inner.snapshots(v).await
     }
-    async fn stream_layer(
+    async fn stream(
         &self,
         v: &VolumeId,
         s: &SnapshotId,
         c: &[u64],
+        k: StreamKind,
     ) -> PeerResult<BlockStream> {
         self.check()?;
-        self.inner.stream_layer(v, s, c).await
+        self.inner.stream(v, s, c, k).await
     }
     async fn head_blocks(
         &self,
