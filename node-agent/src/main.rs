@@ -10,7 +10,7 @@ use cairn_agent::{
 };
 use clap::{Parser, ValueEnum};
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum LogFormat {
@@ -108,7 +108,13 @@ async fn main() -> anyhow::Result<()> {
             .into_server(),
         )
         .add_service(reflection)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown())
+        // tonic applies its TCP_NODELAY default only to listeners it binds
+        // itself: without it, Nagle holds small replies back until the
+        // peer's delayed ACK (~40 ms), a stall on every few replica writes.
+        .serve_with_incoming_shutdown(
+            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            shutdown(),
+        )
         .await?;
 
     tracing::info!("shutting down: flushing replicas");
