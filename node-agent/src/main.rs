@@ -5,7 +5,10 @@ use std::{net::SocketAddr, path::PathBuf, sync::Arc};
 
 use anyhow::Context;
 use cairn_agent::{
-    disk::FileDisk, head_service::HeadService, lock::DataDirLock, service::ReplicaStoreService,
+    disk::FileDisk,
+    head_service::HeadService,
+    lock::DataDirLock,
+    service::{self, ReplicaStoreService},
     store::Store,
 };
 use clap::{Parser, ValueEnum};
@@ -97,6 +100,9 @@ async fn main() -> anyhow::Result<()> {
         .register_encoded_file_descriptor_set(cairn_api::FILE_DESCRIPTOR_SET)
         .build_v1()?;
     tonic::transport::Server::builder()
+        .initial_connection_window_size(service::H2_CONNECTION_WINDOW)
+        .initial_stream_window_size(service::H2_STREAM_WINDOW)
+        .max_frame_size(service::H2_MAX_FRAME)
         .add_service(ReplicaStoreService::new(store.clone()).into_server())
         .add_service(
             HeadService::new(

@@ -236,6 +236,9 @@ impl GrpcPeer {
             .map_err(|e| format!("agent endpoint {endpoint:?} is not a URI: {e}"))?
             .connect_timeout(timeout)
             .timeout(timeout)
+            .initial_connection_window_size(crate::service::H2_CONNECTION_WINDOW)
+            .initial_stream_window_size(crate::service::H2_STREAM_WINDOW)
+            .max_frame_size(crate::service::H2_MAX_FRAME)
             .connect_lazy();
         let client = ReplicaStoreClient::new(channel)
             .max_decoding_message_size(crate::service::MAX_MESSAGE_BYTES)

@@ -23,6 +23,15 @@ use crate::{
 const STREAM_BATCH: usize = 256;
 /// The largest gRPC message accepted or sent: a 4 MiB write plus framing.
 pub const MAX_MESSAGE_BYTES: usize = 8 << 20;
+/// HTTP/2 receive window of a whole connection, on both ends. hyper's
+/// defaults (1 MiB on a server) let only one 1 MiB write at a time be in
+/// flight to an agent; a volume head keeps many.
+pub const H2_CONNECTION_WINDOW: u32 = 64 << 20;
+/// HTTP/2 receive window of one call: a whole message of the largest write.
+pub const H2_STREAM_WINDOW: u32 = 8 << 20;
+/// Largest HTTP/2 frame either end accepts: a 1 MiB write travels in one
+/// frame instead of 64 of the 16 KiB default.
+pub const H2_MAX_FRAME: u32 = 1 << 20;
 
 /// Maps a store error to the gRPC status a client acts on. Exhaustive: a
 /// new variant must choose its code.
