@@ -7,7 +7,7 @@
 //! Invariant: every byte handed back was read from a slot a committed or
 //! pending entry names and matched that entry's CRC32C, or is a zero block.
 
-use std::sync::Arc;
+use std::sync::{Arc, TryLockError};
 
 use cairn_api::{BLOCK_SIZE, SnapshotId, block::MAX_IO_BYTES};
 
@@ -15,7 +15,7 @@ use crate::{
     disk::DiskFile,
     error::{Error, Result},
     meta::Entry,
-    replica::{PARALLEL_BYTES, Replica},
+    replica::{PARALLEL_BYTES, Replica, State},
 };
 
 const BS: usize = BLOCK_SIZE as usize;
@@ -55,6 +55,40 @@ impl Replica {
         snapshot: Option<&SnapshotId>,
     ) -> Result<()> {
         let st = self.read_state()?;
+        self.read_locked(&st, offset, buf, snapshot)
+    }
+
+    /// [`Replica::read`] of fewer than [`PARALLEL_BYTES`], if no writer holds
+    /// the replica's lock now; `None`, with nothing done, otherwise. For
+    /// async threads, which must not wait behind a commit.
+    pub fn try_read(
+        &self,
+        offset: u64,
+        len: u64,
+        snapshot: Option<&SnapshotId>,
+    ) -> Option<Result<Vec<u8>>> {
+        if len >= PARALLEL_BYTES as u64 {
+            return None;
+        }
+        if let Err(e) = self.check_serving() {
+            return Some(Err(e));
+        }
+        let st = match self.state.try_read() {
+            Ok(g) => g,
+            Err(TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(TryLockError::WouldBlock) => return None,
+        };
+        let mut out = vec![0u8; len as usize];
+        Some(self.read_locked(&st, offset, &mut out, snapshot).map(|()| out))
+    }
+
+    fn read_locked(
+        &self,
+        st: &State,
+        offset: u64,
+        buf: &mut [u8],
+        snapshot: Option<&SnapshotId>,
+    ) -> Result<()> {
         let (top, size) = match snapshot {
             None => (st.layers.len() - 1, st.geometry.size()),
             Some(id) => {
@@ -62,7 +96,7 @@ impl Replica {
                 (i, st.layers[i].snapshot.as_ref().expect("sealed").size)
             }
         };
-        let range = self.check_range(&st, offset, buf.len() as u64, MAX_IO_BYTES, size)?;
+        let range = self.check_range(st, offset, buf.len() as u64, MAX_IO_BYTES, size)?;
         let n = range.count() as usize;
         // Resolve every block to (layer index, entry) or zero.
         let mut found: Vec<Option<(usize, Entry)>> = vec![None; n];
@@ -121,7 +155,7 @@ impl Replica {
             for (j, d) in out.chunks_exact(BS).enumerate() {
                 let pos = x.pos + j;
                 let (_, e) = found[pos].expect("resolved");
-                self.verify(&st, range.start() + pos as u64, d, &e, layer)?;
+                self.verify(st, range.start() + pos as u64, d, &e, layer)?;
             }
             Ok(())
         };

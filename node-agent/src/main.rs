@@ -5,12 +5,15 @@ use std::{net::SocketAddr, path::PathBuf, sync::Arc};
 
 use anyhow::Context;
 use cairn_agent::{
-    disk::FileDisk, head_service::HeadService, lock::DataDirLock, service::ReplicaStoreService,
+    disk::FileDisk,
+    head_service::HeadService,
+    lock::DataDirLock,
+    service::{self, ReplicaStoreService},
     store::Store,
 };
 use clap::{Parser, ValueEnum};
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum LogFormat {
@@ -124,11 +127,20 @@ async fn main() -> anyhow::Result<()> {
             std::time::Duration::from_millis(args.copy_checkpoint_ms.max(10)),
         );
     tonic::transport::Server::builder()
+        .initial_connection_window_size(service::H2_CONNECTION_WINDOW)
+        .initial_stream_window_size(service::H2_STREAM_WINDOW)
+        .max_frame_size(service::H2_MAX_FRAME)
         .add_service(ReplicaStoreService::new(store.clone()).into_server())
         .add_service(heads.into_server())
         .add_service(copies.into_server())
         .add_service(reflection)
-        .serve_with_incoming_shutdown(incoming(listener), shutdown())
+        // tonic applies its TCP_NODELAY default only to listeners it binds
+        // itself: without it, Nagle holds small replies back until the
+        // peer's delayed ACK (~40 ms), a stall on every few replica writes.
+        .serve_with_incoming_shutdown(
+            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            shutdown(),
+        )
         .await?;
 
     tracing::info!("shutting down: flushing replicas");
@@ -145,19 +157,6 @@ async fn shutdown() {
         _ = term.recv() => tracing::info!("SIGTERM received"),
         _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
     }
-}
-
-/// Accepted connections with Nagle's algorithm off: a small response (a
-/// write's acknowledgement) must not wait for a delayed ACK (~40 ms).
-fn incoming(
-    listener: TcpListener,
-) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
-    use futures::StreamExt;
-    TcpListenerStream::new(listener).map(|conn| {
-        let conn = conn?;
-        conn.set_nodelay(true)?;
-        Ok(conn)
-    })
 }
 
 /// Detaches the FUSE mounts a previous, killed agent left under `dir`, and

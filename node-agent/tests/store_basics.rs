@@ -246,3 +246,32 @@ fn a_lower_epoch_is_refused_for_good_even_after_a_crash() {
     r.seal(6, &snap("s1"), 1).unwrap();
     assert_eq!(read_block(&store, 0, Some("s1")), block(3));
 }
+
+#[test]
+fn try_write_and_try_read_act_like_write_and_read_or_leave_the_replica_alone() {
+    let disk = SimDisk::new();
+    let store = open(&disk);
+    let r = store
+        .create_replica(&vol(), Geometry::new(1 << 20, 1 << 16).unwrap(), ChunkSet::All)
+        .unwrap();
+    r.fence(2).unwrap();
+    // Same result as write: data, zeros, digest, flush.
+    r.try_write(2, BLOCK_SIZE, &block(7)).expect("lock free, epoch admitted").unwrap();
+    r.try_write(2, 2 * BLOCK_SIZE, &block(0)).expect("lock free").unwrap();
+    assert_eq!(r.try_read(BLOCK_SIZE, BLOCK_SIZE, None).expect("lock free").unwrap(), block(7));
+    assert_eq!(read_block(&store, 2, None), block(0));
+    // Refusals are the same as write's.
+    assert!(r.try_write(1, 0, &block(1)).expect("decided at once").is_err());
+    assert!(r.try_write(2, 100, &block(1)).expect("decided at once").is_err());
+    // A higher epoch must be committed first, a large write hashes on every
+    // core, a large read too: none of them is done in place.
+    assert!(r.try_write(3, 0, &block(1)).is_none());
+    assert!(r.try_write(2, 0, &vec![1u8; 256 * B]).is_none());
+    assert!(r.try_read(0, 256 * BLOCK_SIZE, None).is_none());
+    assert_eq!(read_block(&store, 0, None), block(0));
+    assert_eq!(r.info().epoch, 2);
+    r.flush(2).unwrap();
+    drop((r, store));
+    let store = open(&disk);
+    assert_eq!(read_block(&store, 1, None), block(7));
+}

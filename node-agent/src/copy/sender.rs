@@ -131,6 +131,8 @@ pub async fn send_snapshot(
     let channel = tonic::transport::Endpoint::from_shared(target.endpoint.clone())
         .map_err(|e| connect(e.to_string()))?
         .tcp_nodelay(true)
+        .initial_connection_window_size(crate::service::H2_CONNECTION_WINDOW)
+        .initial_stream_window_size(crate::service::H2_STREAM_WINDOW)
         .connect()
         .await
         .map_err(|e| connect(e.to_string()))?;

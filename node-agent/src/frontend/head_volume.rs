@@ -1,7 +1,8 @@
 //! Heads as frontends see them: [`HeadVolume`] serves a volume head's I/O
 //! and [`SnapshotVolume`] a snapshot of it, read-only, through the
 //! [`BlockVolume`] seam. Frontend threads (FUSE workers) block on the
-//! agent's runtime, which they must not be part of.
+//! agent's runtime, which they must not be part of; calls to the local
+//! replica run on them directly ([`on_frontend_thread`]).
 
 use std::sync::Arc;
 
@@ -9,7 +10,10 @@ use bytes::Bytes;
 use cairn_api::{SnapshotId, block::MAX_IO_BYTES};
 
 use super::{BlockVolume, VolumeIoError};
-use crate::head::{HeadError, VolumeHead};
+use crate::{
+    head::{HeadError, VolumeHead},
+    peer::on_frontend_thread,
+};
 
 /// A head as a frontend sees it: the [`BlockVolume`] calls of frontend
 /// threads (FUSE workers) run the head's async I/O on the agent's runtime.
@@ -46,6 +50,11 @@ fn frontend_error(e: HeadError) -> VolumeIoError {
     }
 }
 
+/// Runs a head future to completion on this (frontend) thread.
+fn block_on<F: Future>(runtime: &tokio::runtime::Handle, f: F) -> F::Output {
+    on_frontend_thread(|| runtime.block_on(f))
+}
+
 /// Reads `buf.len()` bytes at `offset` of the head or a snapshot, in
 /// requests of at most [`MAX_IO_BYTES`].
 fn read_pieces(
@@ -57,8 +66,7 @@ fn read_pieces(
 ) -> Result<(), VolumeIoError> {
     for (i, part) in buf.chunks_mut(MAX_IO_BYTES as usize).enumerate() {
         let at = offset + (i * MAX_IO_BYTES as usize) as u64;
-        let data = runtime
-            .block_on(head.read_view(snapshot, at, part.len() as u64))
+        let data = block_on(runtime, head.read_view(snapshot, at, part.len() as u64))
             .map_err(frontend_error)?;
         part.copy_from_slice(&data);
     }
@@ -77,19 +85,18 @@ impl BlockVolume for HeadVolume {
     fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), VolumeIoError> {
         for (i, part) in data.chunks(MAX_IO_BYTES as usize).enumerate() {
             let at = offset + (i * MAX_IO_BYTES as usize) as u64;
-            self.runtime
-                .block_on(self.head.write(at, Bytes::copy_from_slice(part)))
+            block_on(&self.runtime, self.head.write(at, Bytes::copy_from_slice(part)))
                 .map_err(frontend_error)?;
         }
         Ok(())
     }
 
     fn flush(&self) -> Result<(), VolumeIoError> {
-        self.runtime.block_on(self.head.flush()).map_err(frontend_error)
+        block_on(&self.runtime, self.head.flush()).map_err(frontend_error)
     }
 
     fn trim(&self, offset: u64, len: u64) -> Result<(), VolumeIoError> {
-        self.runtime.block_on(self.head.trim(offset, len)).map_err(frontend_error)
+        block_on(&self.runtime, self.head.trim(offset, len)).map_err(frontend_error)
     }
 }
 
