@@ -419,6 +419,15 @@ pub fn volume_bench(args: VolumeArgs) -> anyhow::Result<()> {
         eprintln!("cairn-bench volume: failed: {e:#}");
     }
     let cleaned = rig.teardown();
+    // The rebuild part, once the fio rig is gone (its own agents, same
+    // disk).
+    let rebuild = match &res {
+        Ok(()) => {
+            let dir = super::work_dir(args.dir.as_deref(), "cairn-bench-rebuild-")?;
+            Some(crate::rebuild::measure(dir.path()))
+        }
+        Err(_) => None,
+    };
     if !figures.is_empty() {
         eprintln!("\nsummary:");
         for (name, value, target) in &figures {
@@ -428,11 +437,20 @@ pub fn volume_bench(args: VolumeArgs) -> anyhow::Result<()> {
             );
         }
     }
-    eprintln!(
-        "  rebuild_mib_s, rebuild_write_p99_ratio: not measured (replica rebuild is not built yet)"
-    );
+    match &rebuild {
+        Some(Ok(r)) => {
+            for (name, value, target) in r {
+                eprintln!("  {name:<22} {value:>10.3}   target {target}");
+            }
+        }
+        Some(Err(e)) => eprintln!("  rebuild: failed: {e:#}"),
+        None => {}
+    }
     eprintln!("total run time: {:.1} s", started.elapsed().as_secs_f64());
     res?;
+    if let Some(r) = rebuild {
+        r.context("the rebuild part")?;
+    }
     cleaned.context("cleaning up")
 }
 
