@@ -19,6 +19,7 @@ use tonic::transport::Channel;
 
 pub mod netns;
 pub mod proxy;
+pub mod tls;
 
 /// A gRPC client of one agent's replica store.
 pub type AgentClient = ReplicaStoreClient<Channel>;
@@ -83,6 +84,8 @@ fn locate_or_build() -> anyhow::Result<PathBuf> {
 pub struct AgentProcess {
     child: Child,
     addr: SocketAddr,
+    /// The site listener (mutual TLS), when started with --site-listen.
+    site_addr: Option<SocketAddr>,
     data_dir: PathBuf,
 }
 
@@ -178,14 +181,22 @@ impl AgentProcess {
             .spawn()
             .with_context(|| format!("starting {}", bin.display()))?;
         let stdout = child.stdout.take().expect("piped stdout");
-        let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line)?;
-        let Some(addr) = line.trim().strip_prefix("listening ") else {
-            let status = child.wait()?;
-            bail!("cairn-agent did not start ({status}); see its log above");
+        let mut stdout = BufReader::new(stdout);
+        let mut site_addr = None;
+        let addr = loop {
+            let mut line = String::new();
+            stdout.read_line(&mut line)?;
+            if let Some(a) = line.trim().strip_prefix("site-listening ") {
+                site_addr = Some(a.parse().with_context(|| format!("agent printed {line:?}"))?);
+                continue;
+            }
+            let Some(addr) = line.trim().strip_prefix("listening ") else {
+                let status = child.wait()?;
+                bail!("cairn-agent did not start ({status}); see its log above");
+            };
+            break addr.parse().with_context(|| format!("agent printed {line:?}"))?;
         };
-        let addr = addr.parse().with_context(|| format!("agent printed {line:?}"))?;
-        Ok(AgentProcess { child, addr, data_dir: data_dir.to_path_buf() })
+        Ok(AgentProcess { child, addr, site_addr, data_dir: data_dir.to_path_buf() })
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -210,6 +221,12 @@ impl AgentProcess {
         Ok(VolumeHeadsClient::new(channel(self.addr).await?)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES))
+    }
+
+    /// The site listener's endpoint (`https://`, mutual TLS), when the
+    /// agent was started with --site-listen.
+    pub fn site_endpoint(&self) -> Option<String> {
+        self.site_addr.map(|a| format!("https://{a}"))
     }
 
     /// The agent's gRPC endpoint, as other agents dial it.

@@ -122,6 +122,8 @@ pub struct HeadService {
     fuse_dir: Option<std::path::PathBuf>,
     /// How often a head looks for out-of-sync replicas to rebuild.
     heal_every: Duration,
+    /// This agent's mutual-TLS material for copies to other sites.
+    site_tls: Option<crate::copy::tls::SiteTls>,
     heads: Arc<tokio::sync::Mutex<BTreeMap<VolumeId, OpenHead>>>,
 }
 
@@ -152,8 +154,15 @@ impl HeadService {
             peer_timeout,
             fuse_dir,
             heal_every: DEFAULT_HEAL_EVERY,
+            site_tls: None,
             heads: Default::default(),
         }
+    }
+
+    /// Sets the mutual-TLS material copies to other sites use.
+    pub fn with_site_tls(mut self, tls: Option<crate::copy::tls::SiteTls>) -> Self {
+        self.site_tls = tls;
+        self
     }
 
     /// Sets how often heads look for out-of-sync replicas to rebuild.
@@ -559,6 +568,7 @@ impl VolumeHeads for HeadService {
             endpoint: r.target_endpoint,
             link_id: r.link_id,
             secret: r.pairing_secret,
+            tls: self.site_tls.clone(),
         };
         let report = send_snapshot(&head, &target, &snapshot, base.as_ref(), &limiter, &progress)
             .await

@@ -54,6 +54,21 @@ struct Args {
     /// ...or after this many milliseconds, whichever comes first.
     #[arg(long, env = "CAIRN_COPY_CHECKPOINT_MS", default_value_t = 5000)]
     copy_checkpoint_ms: u64,
+    /// Address of the site listener: the copy receiver (SnapshotCopy) over
+    /// mutual TLS, for senders at other sites. Needs --tls-cert, --tls-key
+    /// and --peer-ca. Printed on stdout as `site-listening <addr>`.
+    #[arg(long, env = "CAIRN_SITE_LISTEN")]
+    site_listen: Option<SocketAddr>,
+    /// This agent's certificate (PEM), signed by its site's CA.
+    #[arg(long, env = "CAIRN_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// The key of --tls-cert (PEM).
+    #[arg(long, env = "CAIRN_TLS_KEY")]
+    tls_key: Option<PathBuf>,
+    /// The CAs (PEM, one or more) of the sites this agent copies with:
+    /// senders and receivers are admitted only with certificates they sign.
+    #[arg(long, env = "CAIRN_PEER_CA")]
+    peer_ca: Option<PathBuf>,
     /// Directory for the FUSE mounts of heads opened with fuse=true
     /// (`<dir>/<volume>/volume`). Without it, heads cannot be exposed
     /// through FUSE.
@@ -105,6 +120,22 @@ async fn main() -> anyhow::Result<()> {
         report_stale_mounts(dir);
     }
 
+    let site_tls = cairn_agent::copy::tls::SiteTls::load(
+        args.tls_cert.as_deref(),
+        args.tls_key.as_deref(),
+        args.peer_ca.as_deref(),
+    )?;
+    let site_listener = match (args.site_listen, &site_tls) {
+        (None, _) => None,
+        (Some(_), None) => anyhow::bail!(
+            "--site-listen serves copies over mutual TLS: give --tls-cert, --tls-key and --peer-ca too"
+        ),
+        (Some(at), Some(_)) => {
+            let l = TcpListener::bind(at).await.with_context(|| format!("binding {at}"))?;
+            println!("site-listening {}", l.local_addr()?);
+            Some(l)
+        }
+    };
     let listener =
         TcpListener::bind(args.listen).await.with_context(|| format!("binding {}", args.listen))?;
     let addr = listener.local_addr()?;
@@ -120,28 +151,48 @@ async fn main() -> anyhow::Result<()> {
         std::time::Duration::from_millis(args.peer_timeout_ms),
         args.fuse_dir.clone(),
     )
-    .with_heal_every(std::time::Duration::from_millis(args.rebuild_interval_ms.max(10)));
+    .with_heal_every(std::time::Duration::from_millis(args.rebuild_interval_ms.max(10)))
+    .with_site_tls(site_tls.clone());
     let copies = cairn_agent::copy::receiver::CopyService::new(store.clone(), heads.lookup())
         .with_checkpoints(
             args.copy_checkpoint_mib.max(1) << 20,
             std::time::Duration::from_millis(args.copy_checkpoint_ms.max(10)),
         );
-    tonic::transport::Server::builder()
-        .initial_connection_window_size(service::H2_CONNECTION_WINDOW)
-        .initial_stream_window_size(service::H2_STREAM_WINDOW)
-        .max_frame_size(service::H2_MAX_FRAME)
-        .add_service(ReplicaStoreService::new(store.clone()).into_server())
-        .add_service(heads.into_server())
-        .add_service(copies.into_server())
-        .add_service(reflection)
-        // tonic applies its TCP_NODELAY default only to listeners it binds
-        // itself: without it, Nagle holds small replies back until the
-        // peer's delayed ACK (~40 ms), a stall on every few replica writes.
-        .serve_with_incoming_shutdown(
-            TcpIncoming::from(listener).with_nodelay(Some(true)),
-            shutdown(),
-        )
-        .await?;
+    let site_copies = copies.clone();
+    let site = async {
+        let (Some(l), Some(tls)) = (site_listener, &site_tls) else { return Ok(()) };
+        tracing::info!(addr = %l.local_addr()?, "serving site-to-site copies over mutual TLS");
+        tonic::transport::Server::builder()
+            .tls_config(tls.server())?
+            .initial_connection_window_size(service::H2_CONNECTION_WINDOW)
+            .initial_stream_window_size(service::H2_STREAM_WINDOW)
+            .max_frame_size(service::H2_MAX_FRAME)
+            .add_service(site_copies.into_server())
+            .serve_with_incoming_shutdown(TcpIncoming::from(l).with_nodelay(Some(true)), shutdown())
+            .await?;
+        anyhow::Ok(())
+    };
+    let main_store = store.clone();
+    let main = async move {
+        tonic::transport::Server::builder()
+            .initial_connection_window_size(service::H2_CONNECTION_WINDOW)
+            .initial_stream_window_size(service::H2_STREAM_WINDOW)
+            .max_frame_size(service::H2_MAX_FRAME)
+            .add_service(ReplicaStoreService::new(main_store).into_server())
+            .add_service(heads.into_server())
+            .add_service(copies.into_server())
+            .add_service(reflection)
+            // tonic applies its TCP_NODELAY default only to listeners it binds
+            // itself: without it, Nagle holds small replies back until the
+            // peer's delayed ACK (~40 ms), a stall on every few replica writes.
+            .serve_with_incoming_shutdown(
+                TcpIncoming::from(listener).with_nodelay(Some(true)),
+                shutdown(),
+            )
+            .await?;
+        anyhow::Ok(())
+    };
+    tokio::try_join!(main, site)?;
 
     tracing::info!("shutting down: flushing replicas");
     let flushed = tokio::task::spawn_blocking(move || store.flush_all()).await?;

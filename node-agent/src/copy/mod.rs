@@ -4,3 +4,4 @@
 pub mod bandwidth;
 pub mod receiver;
 pub mod sender;
+pub mod tls;

@@ -44,6 +44,8 @@ pub struct LinkTarget {
     pub endpoint: String,
     pub link_id: String,
     pub secret: Bytes,
+    /// This agent's mutual-TLS material, for `https://` endpoints.
+    pub tls: Option<crate::copy::tls::SiteTls>,
 }
 
 /// How a copy is going; readable at any time.
@@ -128,14 +130,24 @@ pub async fn send_snapshot(
         endpoint: target.endpoint.clone(),
         why,
     };
-    let channel = tonic::transport::Endpoint::from_shared(target.endpoint.clone())
-        .map_err(|e| connect(e.to_string()))?
+    let mut endpoint = tonic::transport::Endpoint::from_shared(target.endpoint.clone())
+        .map_err(|e| connect(e.to_string()))?;
+    if target.endpoint.starts_with("https://") {
+        let tls = target.tls.as_ref().ok_or_else(|| {
+            connect(
+                "an https:// endpoint needs mutual TLS, but this agent has no --tls-cert, --tls-key and --peer-ca"
+                    .into(),
+            )
+        })?;
+        endpoint = endpoint.tls_config(tls.client()).map_err(|e| connect(e.to_string()))?;
+    }
+    let channel = endpoint
         .tcp_nodelay(true)
         .initial_connection_window_size(crate::service::H2_CONNECTION_WINDOW)
         .initial_stream_window_size(crate::service::H2_STREAM_WINDOW)
         .connect()
         .await
-        .map_err(|e| connect(e.to_string()))?;
+        .map_err(|e| connect(format!("{e}: {}", source_chain(&e))))?;
     let mut client = SnapshotCopyClient::new(channel)
         .max_decoding_message_size(crate::service::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(crate::service::MAX_MESSAGE_BYTES);
@@ -152,8 +164,22 @@ pub async fn send_snapshot(
     };
     tx.send(frame(pb::copy_frame::Frame::Start(start))).await.expect("the queue is open");
     let receiver = |status| CopyError::Receiver { link: link.clone(), status };
-    let mut replies = client.copy(ReceiverStream::new(rx)).await.map_err(receiver)?.into_inner();
-    let from = match replies.message().await.map_err(receiver)?.and_then(|r| r.reply) {
+    // A connection closed before any answer is a transport failure: with
+    // mutual TLS, most often the receiver not trusting this certificate
+    // (TLS 1.3 reports that only after the handshake).
+    let closed = |status: tonic::Status| match status.code() {
+        tonic::Code::Cancelled | tonic::Code::Unknown | tonic::Code::Unavailable => {
+            let hint = if target.endpoint.starts_with("https://") {
+                " (with mutual TLS: does the receiver's --peer-ca hold the CA that signed this agent's --tls-cert, and does this agent's --peer-ca hold the receiver's?)"
+            } else {
+                ""
+            };
+            connect(format!("the connection closed before any answer: {}{hint}", status.message()))
+        }
+        _ => receiver(status),
+    };
+    let mut replies = client.copy(ReceiverStream::new(rx)).await.map_err(closed)?.into_inner();
+    let from = match replies.message().await.map_err(closed)?.and_then(|r| r.reply) {
         Some(pb::copy_reply::Reply::Resume(r)) => r,
         Some(pb::copy_reply::Reply::Done(d)) => {
             *progress.lock().unwrap() =
@@ -296,4 +322,15 @@ pub async fn send_snapshot(
 
 fn frame(f: pb::copy_frame::Frame) -> pb::CopyFrame {
     pb::CopyFrame { frame: Some(f) }
+}
+
+/// The causes under an error, joined (a TLS refusal is several levels down).
+fn source_chain(e: &dyn std::error::Error) -> String {
+    let mut out = Vec::new();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        out.push(c.to_string());
+        cur = c.source();
+    }
+    out.join(": ")
 }
