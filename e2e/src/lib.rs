@@ -48,31 +48,44 @@ pub fn agent_binary() -> anyhow::Result<PathBuf> {
         return Ok(PathBuf::from(p));
     }
     BUILT
-        .get_or_init(|| locate_or_build().map_err(|e| format!("{e:#}")))
+        .get_or_init(|| locate_or_build("cairn-agent").map_err(|e| format!("{e:#}")))
         .clone()
         .map_err(anyhow::Error::msg)
 }
 
-fn locate_or_build() -> anyhow::Result<PathBuf> {
+/// Path of the `cairn` command-line client, found and (re)built like
+/// [`agent_binary`]; `CAIRN_CLI_BIN` overrides.
+pub fn cli_binary() -> anyhow::Result<PathBuf> {
+    static BUILT: std::sync::OnceLock<Result<PathBuf, String>> = std::sync::OnceLock::new();
+    if let Ok(p) = std::env::var("CAIRN_CLI_BIN") {
+        return Ok(PathBuf::from(p));
+    }
+    BUILT
+        .get_or_init(|| locate_or_build("cairn").map_err(|e| format!("{e:#}")))
+        .clone()
+        .map_err(anyhow::Error::msg)
+}
+
+fn locate_or_build(name: &str) -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe()?;
     let dir = exe.parent().context("executable has no directory")?;
     // Test and bench executables live in `<profile>/deps`.
     let profile_dir = if dir.ends_with("deps") { dir.parent().unwrap_or(dir) } else { dir };
-    let bin = profile_dir.join("cairn-agent");
+    let bin = profile_dir.join(name);
     if let Ok(cargo) = std::env::var("CARGO") {
         let mut cmd = Command::new(cargo);
-        cmd.args(["build", "--quiet", "-p", "cairn-agent", "--bin", "cairn-agent"]);
+        cmd.args(["build", "--quiet", "-p", "cairn-agent", "--bin", name]);
         if profile_dir.ends_with("release") {
             cmd.arg("--release");
         }
-        let status = cmd.status().context("running cargo to build cairn-agent")?;
+        let status = cmd.status().with_context(|| format!("running cargo to build {name}"))?;
         if !status.success() {
-            bail!("cargo build -p cairn-agent failed ({status})");
+            bail!("cargo build -p cairn-agent --bin {name} failed ({status})");
         }
     }
     if !bin.is_file() {
         bail!(
-            "no cairn-agent binary at {}: build it with `cargo build -p cairn-agent` or set CAIRN_AGENT_BIN",
+            "no {name} binary at {}: build it with `cargo build -p cairn-agent --bin {name}`",
             bin.display()
         );
     }
