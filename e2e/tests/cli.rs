@@ -43,7 +43,19 @@ async fn the_cli_opens_snapshots_and_copies_between_agents() {
     let list_b = format!("b1={}", b1.endpoint());
     let (ok, _, err) = cairn(
         &b1,
-        &["head", "open", "copy", "--size", "64MiB", "--replicas", "1", "--agent-list", &list_b],
+        &[
+            "head",
+            "open",
+            "copy",
+            "--size",
+            "64MiB",
+            "--replicas",
+            "1",
+            "--agent-list",
+            &list_b,
+            "--role",
+            "remote",
+        ],
     );
     assert!(ok, "{err}");
     let (ok, out, err) =

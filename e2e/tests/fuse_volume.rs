@@ -161,6 +161,7 @@ async fn ext4_on_a_striped_volume_keeps_its_files_when_an_agent_is_killed() {
             .collect(),
         fuse: true,
         stale_agents: vec![],
+        role: pb::VolumeRole::Primary as i32,
     };
     let mut heads = agents[0].as_ref().unwrap().heads().await.unwrap();
     let status = heads.open_head(request(&agents)).await.unwrap().into_inner();
@@ -341,6 +342,7 @@ async fn a_killed_head_agent_leaves_no_dead_mount_in_the_way() {
         agents: vec![pb::HeadAgent { name: "solo".into(), endpoint, domain: String::new() }],
         fuse: true,
         stale_agents: vec![],
+        role: pb::VolumeRole::Primary as i32,
     };
     let mut heads = agent.heads().await.unwrap();
     let status = heads.open_head(request(1, agent.endpoint())).await.unwrap().into_inner();

@@ -95,6 +95,7 @@ async fn a_host_cut_off_the_network_is_rebuilt_when_it_returns() {
             .collect(),
         fuse: false,
         stale_agents: vec![],
+        role: pb::VolumeRole::Primary as i32,
     };
     heads.open_head(open).await.unwrap();
 

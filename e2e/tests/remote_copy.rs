@@ -40,6 +40,7 @@ fn open_request(
             .collect(),
         fuse: false,
         stale_agents: vec![],
+        role: if volume == "dst" { pb::VolumeRole::Remote } else { pb::VolumeRole::Primary } as i32,
     }
 }
 
@@ -184,4 +185,94 @@ async fn snapshots_copy_full_then_incremental_and_resume_after_the_receiver_is_k
         resumed.resumed_from_block,
         resumed.bytes_sent as f64 / MIB as f64
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn failover_promotes_the_remote_from_its_newest_complete_snapshot() {
+    let dirs: Vec<tempfile::TempDir> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let a1 = AgentProcess::start_named(dirs[0].path(), "a1").unwrap();
+    let b_args = [OsStr::new("--copy-checkpoint-mib"), OsStr::new("1")];
+    let b1 = AgentProcess::start_args(dirs[1].path(), "b1", &b_args).unwrap();
+    let mut site_a = a1.heads().await.unwrap();
+    site_a.open_head(open_request("src", &[("a1", &a1)], 1, 1)).await.unwrap();
+    let mut site_b = b1.heads().await.unwrap();
+    site_b.open_head(open_request("dst", &[("b1", &b1)], 1, 1)).await.unwrap();
+    let register = pb::RegisterLinkRequest {
+        link_id: "a-to-b".into(),
+        pairing_secret: SECRET.to_vec().into(),
+        target_volume_id: "dst".into(),
+    };
+    cairn_e2e::copy_client(&b1).await.unwrap().register_link(register).await.unwrap();
+
+    for i in 0..8u64 {
+        write(&mut site_a, i * MIB, pattern(i, MIB as usize)).await;
+    }
+    let s1 = snapshot(&mut site_a, "src", "s1", 1).await;
+    site_a.copy_snapshot(copy_request("s1", "", &b1, SECRET, 0)).await.unwrap();
+
+    // A remote volume: clients cannot write it.
+    let w =
+        pb::HeadWriteRequest { volume_id: "dst".into(), offset: 0, data: vec![1u8; 4096].into() };
+    let refused = site_b.head_write(w.clone()).await.unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition);
+    assert!(refused.message().contains("promote"), "{refused:?}");
+
+    // s2 is being copied slowly when site A is lost.
+    for i in 0..16u64 {
+        write(&mut site_a, 10 * MIB + i * MIB, pattern(50 + i, MIB as usize)).await;
+    }
+    snapshot(&mut site_a, "src", "s2", 2).await;
+    let copy = {
+        let mut a = site_a.clone();
+        let req = copy_request("s2", "s1", &b1, SECRET, 2 * MIB);
+        tokio::spawn(async move { a.copy_snapshot(req).await })
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let p = site_a
+            .get_copy_progress(pb::CopyProgressRequest { volume_id: "src".into() })
+            .await
+            .unwrap()
+            .into_inner();
+        if p.snapshot_id == "s2" && p.bytes_durable >= 2 * MIB {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{p:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    a1.kill9().unwrap();
+    assert!(copy.await.unwrap().is_err(), "the copy dies with site A");
+    assert_ne!(digest(&mut site_b, "dst", "").await, s1, "B's head holds part of s2");
+
+    // Failover: B goes on from s1, the newest complete snapshot.
+    let promoted = site_b
+        .promote_head(pb::PromoteHeadRequest { volume_id: "dst".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(promoted.base_snapshot_id, "s1");
+    assert_eq!(promoted.digest.to_vec(), s1, "the partial s2 is gone");
+    site_b.head_write(w).await.unwrap();
+    let read = pb::HeadReadRequest { volume_id: "dst".into(), offset: 0, length: 8192 };
+    let got = site_b.head_read(read).await.unwrap().into_inner().data;
+    assert_eq!(&got[..4096], &[1u8; 4096][..], "written at B after the failover");
+    assert_eq!(&got[4096..], &pattern(0, MIB as usize)[4096..8192], "s1's data under it");
+
+    // A primary is never overwritten by a copy; demoted, it takes copies
+    // again and refuses clients.
+    let a1 = AgentProcess::start_named(dirs[0].path(), "a1").unwrap();
+    let mut site_a = a1.heads().await.unwrap();
+    site_a.open_head(open_request("src", &[("a1", &a1)], 1, 2)).await.unwrap();
+    let err = site_a.copy_snapshot(copy_request("s2", "s1", &b1, SECRET, 0)).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("primary at this site"), "{err:?}");
+    let demote = pb::DemoteHeadRequest {
+        volume_id: "dst".into(),
+        snapshot_id: "b-final".into(),
+        generation: 3,
+    };
+    site_b.demote_head(demote).await.unwrap();
+    let w =
+        pb::HeadWriteRequest { volume_id: "dst".into(), offset: 0, data: vec![2u8; 4096].into() };
+    assert_eq!(site_b.head_write(w).await.unwrap_err().code(), Code::FailedPrecondition);
 }

@@ -29,6 +29,7 @@ fn open(volume: &str, name: &str, a: &AgentProcess) -> pb::OpenHeadRequest {
         }],
         fuse: false,
         stale_agents: vec![],
+        role: if volume == "dst" { pb::VolumeRole::Remote } else { pb::VolumeRole::Primary } as i32,
     }
 }
 

@@ -39,6 +39,7 @@ impl Site {
             epoch,
             fuse: false,
             stale_agents: vec![],
+            role: pb::VolumeRole::Primary as i32,
             agents: self
                 .agents
                 .iter()

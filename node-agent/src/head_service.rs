@@ -75,6 +75,8 @@ impl Drop for HealTask {
 #[derive(Debug)]
 struct OpenHead {
     head: Arc<VolumeHead>,
+    /// Role Remote: only copies write it; clients read; never attached.
+    remote: Arc<std::sync::atomic::AtomicBool>,
     _heal: HealTask,
     /// The running or last copy of the volume to another site.
     copy: Arc<std::sync::Mutex<CopyProgress>>,
@@ -133,8 +135,13 @@ pub struct HeadService {
 pub struct HeadLookup(Arc<tokio::sync::Mutex<BTreeMap<VolumeId, OpenHead>>>);
 
 impl HeadLookup {
-    pub async fn get(&self, volume: &VolumeId) -> Option<Arc<VolumeHead>> {
-        self.0.lock().await.get(volume).map(|h| h.head.clone())
+    /// The open head of `volume`, and whether its role is Remote.
+    pub async fn get(&self, volume: &VolumeId) -> Option<(Arc<VolumeHead>, bool)> {
+        self.0
+            .lock()
+            .await
+            .get(volume)
+            .map(|h| (h.head.clone(), h.remote.load(std::sync::atomic::Ordering::SeqCst)))
     }
 }
 
@@ -182,6 +189,24 @@ impl HeadService {
             .max_encoding_message_size(crate::service::MAX_MESSAGE_BYTES)
     }
 
+    /// The head of a volume clients may write: refused for a Remote one.
+    async fn writable_head(&self, volume_id: &str) -> Result<Arc<VolumeHead>, Status> {
+        let volume = convert::volume_id("volume_id", volume_id).map_err(field)?;
+        let heads = self.heads.lock().await;
+        let open = heads.get(&volume).ok_or_else(|| {
+            Status::not_found(format!(
+                "no head of volume {volume} is open on agent {}: open it first (OpenHead)",
+                self.agent
+            ))
+        })?;
+        if open.remote.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(Status::failed_precondition(format!(
+                "volume {volume} is a remote copy (role Remote): only copies from its primary write it; promote it (PromoteHead) to write"
+            )));
+        }
+        Ok(open.head.clone())
+    }
+
     async fn head(&self, volume_id: &str) -> Result<Arc<VolumeHead>, Status> {
         let volume = convert::volume_id("volume_id", volume_id).map_err(field)?;
         self.heads.lock().await.get(&volume).map(|h| h.head.clone()).ok_or_else(|| {
@@ -193,8 +218,15 @@ impl HeadService {
     }
 }
 
-fn status_of(head: &VolumeHead, fuse_file: Option<std::path::PathBuf>) -> pb::HeadStatus {
+fn status_of(open: &OpenHead) -> pb::HeadStatus {
+    let (head, fuse_file) = (&open.head, open.fuse_file());
+    let role = if open.remote.load(std::sync::atomic::Ordering::SeqCst) {
+        pb::VolumeRole::Remote
+    } else {
+        pb::VolumeRole::Primary
+    };
     pb::HeadStatus {
+        role: role as i32,
         fuse_file: fuse_file.map(|f| f.display().to_string()).unwrap_or_default(),
         volume_id: head.volume().to_string(),
         epoch: head.epoch(),
@@ -297,6 +329,21 @@ impl VolumeHeads for HeadService {
                 "volume {volume}: replicas must be at least 1"
             )));
         }
+        let remote = match pb::VolumeRole::try_from(r.role) {
+            Ok(pb::VolumeRole::Primary) => false,
+            Ok(pb::VolumeRole::Remote) => true,
+            Err(_) => {
+                return Err(Status::invalid_argument(format!(
+                    "volume {volume}: role {} is not Primary (0) or Remote (1)",
+                    r.role
+                )));
+            }
+        };
+        if remote && r.fuse {
+            return Err(Status::invalid_argument(format!(
+                "volume {volume} is a remote copy (role Remote) and is never attached: open it with fuse=false, or promote it first"
+            )));
+        }
         if r.epoch == 0 {
             return Err(Status::invalid_argument(format!(
                 "volume {volume}: a head needs an epoch of at least 1 (0 means no head)"
@@ -307,7 +354,7 @@ impl VolumeHeads for HeadService {
             && h.head.epoch() == r.epoch
             && !h.head.is_fenced()
         {
-            return Ok(Response::new(status_of(&h.head, h.fuse_file())));
+            return Ok(Response::new(status_of(h)));
         }
         if let Some(old) = heads.get(&volume) {
             // A newer epoch replaces this agent's older head, but not under
@@ -361,13 +408,14 @@ impl VolumeHeads for HeadService {
         let heal = HealTask(tokio::spawn(head.clone().heal(self.heal_every)).abort_handle());
         let open = OpenHead {
             head,
+            remote: Arc::new(std::sync::atomic::AtomicBool::new(remote)),
             _heal: heal,
             copy: Default::default(),
             copying: Default::default(),
             fuse: fuse.map(std::sync::Mutex::new),
             snapshots: BTreeMap::new(),
         };
-        let status = status_of(&open.head, open.fuse_file());
+        let status = status_of(&open);
         heads.insert(volume, open);
         Ok(Response::new(status))
     }
@@ -403,7 +451,7 @@ impl VolumeHeads for HeadService {
     ) -> Result<Response<pb::HeadWriteResponse>, Status> {
         let r = req.into_inner();
         check_len(r.data.len() as u64)?;
-        let head = self.head(&r.volume_id).await?;
+        let head = self.writable_head(&r.volume_id).await?;
         head.write(r.offset, r.data).await.map_err(head_status)?;
         Ok(Response::new(pb::HeadWriteResponse {}))
     }
@@ -426,7 +474,7 @@ impl VolumeHeads for HeadService {
         req: Request<pb::HeadTrimRequest>,
     ) -> Result<Response<pb::HeadTrimResponse>, Status> {
         let r = req.into_inner();
-        let head = self.head(&r.volume_id).await?;
+        let head = self.writable_head(&r.volume_id).await?;
         head.trim(r.offset, r.length).await.map_err(head_status)?;
         Ok(Response::new(pb::HeadTrimResponse {}))
     }
@@ -448,7 +496,7 @@ impl VolumeHeads for HeadService {
     ) -> Result<Response<pb::HeadSnapshotResponse>, Status> {
         let r = req.into_inner();
         let snap = convert::snapshot_id("snapshot_id", &r.snapshot_id).map_err(field)?;
-        let head = self.head(&r.volume_id).await?;
+        let head = self.writable_head(&r.volume_id).await?;
         let digest = head.snapshot(&snap, r.generation).await.map_err(head_status)?;
         Ok(Response::new(pb::HeadSnapshotResponse { digest: digest.0.to_vec().into() }))
     }
@@ -463,7 +511,7 @@ impl VolumeHeads for HeadService {
         let open = heads
             .get(&volume)
             .ok_or_else(|| Status::not_found(format!("no head of volume {volume} is open here")))?;
-        Ok(Response::new(status_of(&open.head, open.fuse_file())))
+        Ok(Response::new(status_of(open)))
     }
 
     #[tracing::instrument(skip_all, fields(volume = %req.get_ref().volume_id, snapshot = %req.get_ref().snapshot_id))]
@@ -607,5 +655,61 @@ impl VolumeHeads for HeadService {
             rate_bytes_per_sec: p.rate,
             done: p.done,
         }))
+    }
+
+    #[tracing::instrument(skip_all, fields(volume = %req.get_ref().volume_id))]
+    async fn promote_head(
+        &self,
+        req: Request<pb::PromoteHeadRequest>,
+    ) -> Result<Response<pb::PromoteHeadResponse>, Status> {
+        let volume = convert::volume_id("volume_id", &req.get_ref().volume_id).map_err(field)?;
+        let heads = self.heads.lock().await;
+        let open = heads.get(&volume).ok_or_else(|| {
+            Status::not_found(format!("no head of volume {volume} is open on agent {}", self.agent))
+        })?;
+        if !open.remote.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(Status::failed_precondition(format!(
+                "volume {volume} is already a primary here"
+            )));
+        }
+        // A copy in progress is dropped: the newest complete snapshot is
+        // the base.
+        open.head.revert().await.map_err(head_status)?;
+        let base = open.head.snapshots().await.map_err(head_status)?.last().map(|s| s.id.clone());
+        let digest = open.head.digest(None).await.map_err(head_status)?;
+        open.remote.store(false, std::sync::atomic::Ordering::SeqCst);
+        tracing::warn!(%volume, base = ?base, "promoted: the volume is a primary here");
+        Ok(Response::new(pb::PromoteHeadResponse {
+            base_snapshot_id: base.map(|b| b.to_string()).unwrap_or_default(),
+            digest: digest.0.to_vec().into(),
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(volume = %req.get_ref().volume_id))]
+    async fn demote_head(
+        &self,
+        req: Request<pb::DemoteHeadRequest>,
+    ) -> Result<Response<pb::DemoteHeadResponse>, Status> {
+        let r = req.into_inner();
+        let volume = convert::volume_id("volume_id", &r.volume_id).map_err(field)?;
+        let snap = convert::snapshot_id("snapshot_id", &r.snapshot_id).map_err(field)?;
+        let mut heads = self.heads.lock().await;
+        let open = heads.get_mut(&volume).ok_or_else(|| {
+            Status::not_found(format!("no head of volume {volume} is open on agent {}", self.agent))
+        })?;
+        if open.remote.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(Status::failed_precondition(format!(
+                "volume {volume} is already a remote copy here"
+            )));
+        }
+        // Not under a mounted filesystem: it would keep writing.
+        self.check_detached(&volume, open)?;
+        if let Some(m) = open.fuse.take() {
+            unmount(m).await?;
+        }
+        let digest = open.head.snapshot(&snap, r.generation).await.map_err(head_status)?;
+        open.remote.store(true, std::sync::atomic::Ordering::SeqCst);
+        tracing::warn!(%volume, snapshot = %snap, "demoted: the volume is a remote copy here");
+        Ok(Response::new(pb::DemoteHeadResponse { digest: digest.0.to_vec().into() }))
     }
 }

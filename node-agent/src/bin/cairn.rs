@@ -85,6 +85,21 @@ enum HeadCmd {
         /// Expose the head through FUSE on this agent.
         #[arg(long)]
         fuse: bool,
+        /// `primary` (clients write it) or `remote` (only copies write it).
+        #[arg(long, default_value = "primary", value_parser = ["primary", "remote"])]
+        role: String,
+    },
+    /// Failover: makes a remote head writable, from its newest complete
+    /// snapshot.
+    Promote {
+        volume: String,
+    },
+    /// Seals a last snapshot of a primary head and makes it a remote one.
+    Demote {
+        volume: String,
+        snapshot: String,
+        #[arg(long)]
+        generation: u64,
     },
     /// Replica health and rebuilds.
     Status {
@@ -262,6 +277,26 @@ async fn main() -> anyhow::Result<()> {
 
 async fn head(heads: &mut VolumeHeadsClient<Channel>, cmd: HeadCmd) -> anyhow::Result<()> {
     match cmd {
+        HeadCmd::Promote { volume } => {
+            let r = heads
+                .promote_head(pb::PromoteHeadRequest { volume_id: volume.clone() })
+                .await?
+                .into_inner();
+            let base = if r.base_snapshot_id.is_empty() { "none" } else { &r.base_snapshot_id };
+            println!(
+                "{volume} promoted: writable from snapshot {base} (digest {})",
+                hex(&r.digest)
+            );
+        }
+        HeadCmd::Demote { volume, snapshot, generation } => {
+            let req = pb::DemoteHeadRequest {
+                volume_id: volume.clone(),
+                snapshot_id: snapshot.clone(),
+                generation,
+            };
+            let d = heads.demote_head(req).await?.into_inner().digest;
+            println!("{volume} demoted after snapshot {snapshot} (digest {})", hex(&d));
+        }
         HeadCmd::Open {
             volume,
             size,
@@ -271,6 +306,7 @@ async fn head(heads: &mut VolumeHeadsClient<Channel>, cmd: HeadCmd) -> anyhow::R
             layout_version,
             agent_list,
             fuse,
+            role,
         } => {
             let mut agents = Vec::new();
             for a in &agent_list {
@@ -294,6 +330,11 @@ async fn head(heads: &mut VolumeHeadsClient<Channel>, cmd: HeadCmd) -> anyhow::R
                 agents,
                 fuse,
                 stale_agents: vec![],
+                role: if role == "remote" {
+                    pb::VolumeRole::Remote
+                } else {
+                    pb::VolumeRole::Primary
+                } as i32,
             };
             print_status(&heads.open_head(req).await?.into_inner());
         }

@@ -145,12 +145,18 @@ impl CopyService {
         })?;
         let target = VolumeId::new(&link.target_volume)
             .map_err(|e| Status::data_loss(format!("link {}: {e}", start.link_id)))?;
-        let head = self.heads.get(&target).await.ok_or_else(|| {
+        let (head, remote) = self.heads.get(&target).await.ok_or_else(|| {
             Status::failed_precondition(format!(
-                "link {}: the head of target volume {target} is not open on this agent: open it here first",
+                "link {}: the head of target volume {target} is not open on this agent: open it here first (role Remote)",
                 start.link_id
             ))
         })?;
+        if !remote {
+            return Err(Status::failed_precondition(format!(
+                "link {}: target volume {target} is a primary at this site: a copy would overwrite a live volume; demote it first (DemoteHead)",
+                start.link_id
+            )));
+        }
         if head.size() != start.size_bytes {
             return Err(Status::failed_precondition(format!(
                 "link {}: the source is {} bytes but target volume {target} is {} bytes: grow the target first",

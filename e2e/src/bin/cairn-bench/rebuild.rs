@@ -94,6 +94,7 @@ async fn measure_async(dir: &Path) -> anyhow::Result<Vec<(&'static str, f64, &'s
             .collect(),
         fuse: false,
         stale_agents: vec![],
+        role: pb::VolumeRole::Primary as i32,
     };
     let mut heads = agents[0].heads().await?;
     heads.open_head(request).await.context("OpenHead")?;

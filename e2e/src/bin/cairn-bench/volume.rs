@@ -498,6 +498,7 @@ fn run_bench(rig: &mut Rig, figures: &mut Vec<(&'static str, f64, f64)>) -> anyh
             .collect(),
         fuse: true,
         stale_agents: vec![],
+        role: pb::VolumeRole::Primary as i32,
     };
     let a1 = &rig.agents[0];
     let mut heads = rig.rt.block_on(a1.heads())?;

@@ -185,6 +185,7 @@ impl Striped {
                 .collect(),
             fuse: self.fuse,
             stale_agents: vec![],
+            role: pb::VolumeRole::Primary as i32,
         };
         let mut heads = self.agents[0].as_ref().expect("running").heads().await?;
         let status = heads.open_head(request).await.context("OpenHead")?.into_inner();
