@@ -75,6 +75,7 @@ fn copy_request(
         pairing_secret: secret.to_vec().into(),
         target_endpoint: to.endpoint(),
         rate_bytes_per_sec: rate,
+        source: pb::SourceSelection::Primary as i32,
     }
 }
 
@@ -275,4 +276,61 @@ async fn failover_promotes_the_remote_from_its_newest_complete_snapshot() {
     let w =
         pb::HeadWriteRequest { volume_id: "dst".into(), offset: 0, data: vec![2u8; 4096].into() };
     assert_eq!(site_b.head_write(w).await.unwrap_err().code(), Code::FailedPrecondition);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_copy_goes_on_from_another_replica_when_its_source_is_killed() {
+    let dirs: Vec<tempfile::TempDir> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
+    let a: Vec<AgentProcess> = (0..3)
+        .map(|i| AgentProcess::start_named(dirs[i].path(), &format!("a{}", i + 1)).unwrap())
+        .collect();
+    let b1 = AgentProcess::start_named(dirs[3].path(), "b1").unwrap();
+    let mut site_a = a[0].heads().await.unwrap();
+    let agents = [("a1", &a[0]), ("a2", &a[1]), ("a3", &a[2])];
+    site_a.open_head(open_request("src", &agents, 2, 1)).await.unwrap();
+    let mut site_b = b1.heads().await.unwrap();
+    site_b.open_head(open_request("dst", &[("b1", &b1)], 1, 1)).await.unwrap();
+    let register = pb::RegisterLinkRequest {
+        link_id: "a-to-b".into(),
+        pairing_secret: SECRET.to_vec().into(),
+        target_volume_id: "dst".into(),
+    };
+    cairn_e2e::copy_client(&b1).await.unwrap().register_link(register).await.unwrap();
+    for i in 0..32u64 {
+        write(&mut site_a, (i % 4) * CHUNK + (i / 4) * MIB, pattern(700 + i, MIB as usize)).await;
+    }
+    let s1 = snapshot(&mut site_a, "src", "s1", 1).await;
+
+    // Read from replicas away from the head (a2, a3), slowly; a2 is killed.
+    let copy = {
+        let mut h = site_a.clone();
+        let mut req = copy_request("s1", "", &b1, SECRET, 8 * MIB);
+        req.source = pb::SourceSelection::Replica as i32;
+        tokio::spawn(async move { h.copy_snapshot(req).await })
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let p = site_a
+            .get_copy_progress(pb::CopyProgressRequest { volume_id: "src".into() })
+            .await
+            .unwrap()
+            .into_inner();
+        if p.bytes_sent >= 4 * MIB {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{p:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut a = a;
+    a.remove(1).kill9().unwrap();
+    let done = copy.await.unwrap().expect("the copy goes on from other replicas").into_inner();
+    assert_eq!(done.digest.to_vec(), s1);
+    assert_eq!(digest(&mut site_b, "dst", "s1").await, s1, "s1 at B has A's digest");
+    let status = site_a
+        .get_head_status(pb::HeadStatusRequest { volume_id: "src".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    let a2 = status.replicas.iter().find(|r| r.agent == "a2").unwrap();
+    assert!(!a2.in_sync, "the killed source is out of sync: {a2:?}");
 }

@@ -58,6 +58,7 @@ fn copy(to: String) -> pb::CopySnapshotRequest {
         pairing_secret: SECRET.to_vec().into(),
         target_endpoint: to,
         rate_bytes_per_sec: 0,
+        source: pb::SourceSelection::Primary as i32,
     }
 }
 

@@ -192,6 +192,36 @@ pub struct VolumeHead {
     catchup_gate: tokio::sync::RwLock<()>,
     rebuilds: Mutex<BTreeMap<usize, RebuildProgress>>,
     last_rebuild: Mutex<BTreeMap<usize, String>>,
+    /// Copy streams running per source agent.
+    copy_streams: Mutex<BTreeMap<usize, usize>>,
+}
+
+/// Which replica a copy reads each chunk from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SourcePick {
+    /// The head's own replica when in sync (no hop inside the site).
+    #[default]
+    Primary,
+    /// A replica away from the head's agent, to spare the node serving the
+    /// volume.
+    Replica,
+    /// In sync and reachable first, then the fewest copy streams running.
+    Auto,
+}
+
+/// A running copy stream, counted until dropped.
+#[derive(Debug)]
+pub struct StreamCount<'a> {
+    head: &'a VolumeHead,
+    agent: usize,
+}
+
+impl Drop for StreamCount<'_> {
+    fn drop(&mut self) {
+        if let Some(n) = self.head.copy_streams.lock().unwrap().get_mut(&self.agent) {
+            *n = n.saturating_sub(1);
+        }
+    }
 }
 
 const BS: u64 = BLOCK_SIZE;
@@ -238,6 +268,7 @@ impl VolumeHead {
             catchup_gate: Default::default(),
             rebuilds: Default::default(),
             last_rebuild: Default::default(),
+            copy_streams: Default::default(),
         };
         let held = head.chunks_by_agent();
         let opens = held.iter().map(|(&a, chunks)| {
@@ -755,15 +786,41 @@ impl VolumeHead {
         chunk: u64,
         snapshot: &SnapshotId,
         kind: StreamKind,
+        pick: SourcePick,
     ) -> HeadResult<(BlockStream, usize)> {
         self.check_fenced()?;
         loop {
-            let src = self.source_for(chunk)?;
+            let src = self.pick_source(chunk, pick)?;
             match self.peers[src].stream(&self.spec.volume, snapshot, &[chunk], kind).await {
                 Ok(s) => return Ok((s, src)),
                 Err(e) => self.absorb(src, e)?,
             }
         }
+    }
+
+    /// Which in-sync replica of `chunk` a copy reads, by the link's policy.
+    fn pick_source(&self, chunk: u64, pick: SourcePick) -> HeadResult<usize> {
+        let live = self.in_sync(chunk)?;
+        let away = live.iter().copied().find(|a| Some(*a) != self.local);
+        let here = self.local.filter(|l| live.contains(l));
+        Ok(match pick {
+            SourcePick::Primary => here.unwrap_or(live[0]),
+            SourcePick::Replica => away.unwrap_or(live[0]),
+            SourcePick::Auto => {
+                // The in-sync replica with the fewest copy streams running
+                // (this agent's on a tie: no network hop).
+                let busy = self.copy_streams.lock().unwrap();
+                let load = |a: &usize| (busy.get(a).copied().unwrap_or(0), Some(*a) != self.local);
+                live.iter().copied().min_by_key(load).expect("in_sync is never empty")
+            }
+        })
+    }
+
+    /// Counts a copy stream running from `agent` until the guard drops
+    /// (what [`SourcePick::Auto`] balances on).
+    pub fn copy_stream_started(&self, agent: usize) -> StreamCount<'_> {
+        *self.copy_streams.lock().unwrap().entry(agent).or_default() += 1;
+        StreamCount { head: self, agent }
     }
 
     /// A source of [`VolumeHead::snapshot_stream`] failed mid-stream: it is

@@ -28,7 +28,7 @@ use crate::{
         head_volume::{HeadVolume, SnapshotVolume},
         loop_device,
     },
-    head::{HeadError, HeadSpec, VolumeHead},
+    head::{HeadError, HeadSpec, SourcePick, VolumeHead},
     peer::{GrpcPeer, LocalPeer, ReplicaPeer},
     store::Store,
 };
@@ -617,6 +617,17 @@ impl VolumeHeads for HeadService {
             link_id: r.link_id,
             secret: r.pairing_secret,
             tls: self.site_tls.clone(),
+            source: match pb::SourceSelection::try_from(r.source) {
+                Ok(pb::SourceSelection::Primary) => SourcePick::Primary,
+                Ok(pb::SourceSelection::Replica) => SourcePick::Replica,
+                Ok(pb::SourceSelection::Auto) => SourcePick::Auto,
+                Err(_) => {
+                    return Err(Status::invalid_argument(format!(
+                        "source {} is not Primary (0), Replica (1) or Auto (2)",
+                        r.source
+                    )));
+                }
+            },
         };
         let report = send_snapshot(&head, &target, &snapshot, base.as_ref(), &limiter, &progress)
             .await

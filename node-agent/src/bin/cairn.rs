@@ -61,6 +61,9 @@ enum Command {
         /// A rate limit, e.g. 100MiB (per second); none by default.
         #[arg(long, value_parser = parse_size)]
         rate: Option<u64>,
+        /// Which replica each chunk is read from.
+        #[arg(long, default_value = "primary", value_parser = ["primary", "replica", "auto"])]
+        source: String,
     },
 }
 
@@ -222,7 +225,7 @@ async fn main() -> anyhow::Result<()> {
             SnapshotCopyClient::new(ch).register_link(req).await?;
             println!("link {link} registered: copies write volume {target_volume} here");
         }
-        Command::Copy { volume, snapshot, base, link, secret_file, to, rate } => {
+        Command::Copy { volume, snapshot, base, link, secret_file, to, rate, source } => {
             let secret = std::fs::read(&secret_file)
                 .with_context(|| format!("reading {}", secret_file.display()))?;
             let req = pb::CopySnapshotRequest {
@@ -233,6 +236,11 @@ async fn main() -> anyhow::Result<()> {
                 pairing_secret: secret.into(),
                 target_endpoint: to,
                 rate_bytes_per_sec: rate.unwrap_or(0),
+                source: match source.as_str() {
+                    "replica" => pb::SourceSelection::Replica,
+                    "auto" => pb::SourceSelection::Auto,
+                    _ => pb::SourceSelection::Primary,
+                } as i32,
             };
             let mut h = heads.clone();
             let copy = tokio::spawn(async move { h.copy_snapshot(req).await });

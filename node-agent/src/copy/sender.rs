@@ -28,7 +28,7 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use crate::{
     copy::bandwidth::Limiter,
-    head::{HeadError, VolumeHead},
+    head::{HeadError, SourcePick, VolumeHead},
     peer::StreamKind,
 };
 
@@ -46,6 +46,8 @@ pub struct LinkTarget {
     pub secret: Bytes,
     /// This agent's mutual-TLS material, for `https://` endpoints.
     pub tls: Option<crate::copy::tls::SiteTls>,
+    /// Which replica each chunk is read from.
+    pub source: SourcePick,
 }
 
 /// How a copy is going; readable at any time.
@@ -242,7 +244,9 @@ pub async fn send_snapshot(
         // Blocks before `next` of this chunk are sent.
         let mut next = from.from_block;
         loop {
-            let (mut stream, src) = head.snapshot_stream(chunk, snapshot, kind).await?;
+            let (mut stream, src) =
+                head.snapshot_stream(chunk, snapshot, kind, target.source).await?;
+            let _counted = head.copy_stream_started(src);
             let mut failed = None;
             while let Some(batch) = stream.next().await {
                 let batch = match batch {
