@@ -163,6 +163,8 @@ async fn snapshots_copy_full_then_incremental_and_resume_after_the_receiver_is_k
             .unwrap()
             .into_inner();
         if p.snapshot_id == "s4" && p.bytes_durable >= 6 * MIB {
+            assert_eq!(p.bytes_total, 48 * MIB, "the total is known from the start: {p:?}");
+            assert!(p.eta_seconds > 0.0, "{p:?}");
             break;
         }
         assert!(std::time::Instant::now() < deadline, "no checkpoint in time: {p:?}");

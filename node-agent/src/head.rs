@@ -798,6 +798,35 @@ impl VolumeHead {
         }
     }
 
+    /// The data and zero blocks a copy of `snapshot` (its layer or image)
+    /// would send, counted on one in-sync replica per chunk.
+    pub async fn count_blocks(
+        &self,
+        snapshot: &SnapshotId,
+        kind: StreamKind,
+    ) -> HeadResult<(u64, u64)> {
+        let mut ask: BTreeMap<usize, Vec<u64>> = BTreeMap::new();
+        for c in 0..self.chunks.len() as u64 {
+            ask.entry(self.source_for(c)?).or_default().push(c);
+        }
+        let (mut data, mut zero) = (0, 0);
+        for (a, chunks) in ask {
+            match self.peers[a].count_blocks(&self.spec.volume, snapshot, &chunks, kind).await {
+                Ok(counts) => {
+                    for (_, d, z) in counts {
+                        data += d;
+                        zero += z;
+                    }
+                }
+                Err(e) => {
+                    self.absorb(a, e.clone())?;
+                    return Err(HeadError::Refused { volume: self.spec.volume.clone(), source: e });
+                }
+            }
+        }
+        Ok((data, zero))
+    }
+
     /// Which in-sync replica of `chunk` a copy reads, by the link's policy.
     fn pick_source(&self, chunk: u64, pick: SourcePick) -> HeadResult<usize> {
         let live = self.in_sync(chunk)?;

@@ -658,6 +658,7 @@ impl VolumeHeads for HeadService {
             Status::not_found(format!("no head of volume {volume} is open on agent {}", self.agent))
         })?;
         let p = open.copy.lock().unwrap().clone();
+        let eta = p.eta_seconds().unwrap_or(0.0);
         Ok(Response::new(pb::CopyProgressResponse {
             snapshot_id: p.snapshot,
             bytes_durable: p.bytes_durable,
@@ -665,6 +666,8 @@ impl VolumeHeads for HeadService {
             resumed_from_block: p.resumed_from_block,
             rate_bytes_per_sec: p.rate,
             done: p.done,
+            bytes_total: p.bytes_total,
+            eta_seconds: eta,
         }))
     }
 

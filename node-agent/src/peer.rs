@@ -129,6 +129,14 @@ pub trait ReplicaPeer: Send + Sync + fmt::Debug {
         chunks: &[u64],
         kind: StreamKind,
     ) -> PeerResult<BlockStream>;
+    /// Per chunk: (chunk, data blocks, zero blocks) a stream would carry.
+    async fn count_blocks(
+        &self,
+        volume: &VolumeId,
+        snapshot: &SnapshotId,
+        chunks: &[u64],
+        kind: StreamKind,
+    ) -> PeerResult<Vec<(u64, u64, u64)>>;
     /// One page of the head layer's block indexes in `chunks`, from
     /// `start` on; and where the next page starts.
     async fn head_blocks(
@@ -344,6 +352,18 @@ impl ReplicaPeer for LocalPeer {
                 .collect())
         });
         Ok(Box::pin(stream))
+    }
+
+    async fn count_blocks(
+        &self,
+        volume: &VolumeId,
+        snapshot: &SnapshotId,
+        chunks: &[u64],
+        kind: StreamKind,
+    ) -> PeerResult<Vec<(u64, u64, u64)>> {
+        let (v, snap, chunks) = (volume.clone(), snapshot.clone(), chunks.to_vec());
+        let image = kind == StreamKind::Image;
+        self.run(move |s| s.replica(&v)?.count_blocks(&snap, &chunks, image)).await
     }
 
     async fn head_blocks(
@@ -608,6 +628,23 @@ impl ReplicaPeer for GrpcPeer {
             }
         });
         Ok(Box::pin(batches))
+    }
+
+    async fn count_blocks(
+        &self,
+        volume: &VolumeId,
+        snapshot: &SnapshotId,
+        chunks: &[u64],
+        kind: StreamKind,
+    ) -> PeerResult<Vec<(u64, u64, u64)>> {
+        let req = pb::CountBlocksRequest {
+            volume_id: volume.to_string(),
+            snapshot_id: snapshot.to_string(),
+            chunks: chunks.to_vec(),
+            image: kind == StreamKind::Image,
+        };
+        let resp = self.call(self.client.clone().count_blocks(req)).await?;
+        Ok(resp.chunks.into_iter().map(|c| (c.chunk, c.data_blocks, c.zero_blocks)).collect())
     }
 
     async fn head_blocks(

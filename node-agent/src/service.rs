@@ -355,6 +355,28 @@ impl ReplicaStore for ReplicaStoreService {
     }
 
     #[tracing::instrument(skip_all, fields(volume = %req.get_ref().volume_id))]
+    async fn count_blocks(
+        &self,
+        req: Request<pb::CountBlocksRequest>,
+    ) -> Result<Response<pb::CountBlocksResponse>, Status> {
+        let r = req.into_inner();
+        let volume = convert::volume_id("volume_id", &r.volume_id).map_err(field)?;
+        let snap = convert::snapshot_id("snapshot_id", &r.snapshot_id).map_err(field)?;
+        let counts =
+            self.run(move |s| s.replica(&volume)?.count_blocks(&snap, &r.chunks, r.image)).await?;
+        Ok(Response::new(pb::CountBlocksResponse {
+            chunks: counts
+                .into_iter()
+                .map(|(chunk, data_blocks, zero_blocks)| pb::ChunkCount {
+                    chunk,
+                    data_blocks,
+                    zero_blocks,
+                })
+                .collect(),
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(volume = %req.get_ref().volume_id))]
     async fn revert_head(
         &self,
         req: Request<pb::RevertHeadRequest>,

@@ -159,6 +159,24 @@ impl Replica {
         Ok((out, None))
     }
 
+    /// Per chunk of `chunks` (every held one when empty): how many data and
+    /// zero blocks a layer (`image` false) or image stream would carry.
+    pub fn count_blocks(
+        &self,
+        id: &SnapshotId,
+        chunks: &[u64],
+        image: bool,
+    ) -> Result<Vec<(u64, u64, u64)>> {
+        let mut out = Vec::new();
+        for chunk in self.stream_chunks(chunks)? {
+            let listed =
+                if image { self.list_image(id, &[chunk])? } else { self.list_layer(id, &[chunk])? };
+            let zero = listed.iter().filter(|l| l.is_zero()).count() as u64;
+            out.push((chunk, listed.len() as u64 - zero, zero));
+        }
+        Ok(out)
+    }
+
     /// Reads listed blocks, one file read per run of consecutive slots,
     /// checking each block's CRC32C.
     pub fn read_listed(&self, items: &[Listed]) -> Result<Vec<StreamedBlock>> {

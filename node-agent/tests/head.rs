@@ -83,6 +83,16 @@ impl ReplicaPeer for Switch {
         self.check()?;
         self.inner.stream(v, s, c, k).await
     }
+    async fn count_blocks(
+        &self,
+        v: &VolumeId,
+        s: &SnapshotId,
+        c: &[u64],
+        k: StreamKind,
+    ) -> PeerResult<Vec<(u64, u64, u64)>> {
+        self.check()?;
+        self.inner.count_blocks(v, s, c, k).await
+    }
     async fn head_blocks(
         &self,
         v: &VolumeId,

@@ -252,11 +252,19 @@ async fn main() -> anyhow::Result<()> {
                     .await?
                     .into_inner();
                 if p.snapshot_id == snapshot && !p.done {
+                    let done = p.bytes_durable.max(p.bytes_sent).min(p.bytes_total);
+                    let frac = if p.bytes_total == 0 {
+                        1.0
+                    } else {
+                        (done as f64 / p.bytes_total as f64).min(1.0)
+                    };
+                    let bar = "#".repeat((frac * 30.0) as usize);
                     eprint!(
-                        "\r{snapshot}: {:>9.1} MiB sent, {:>9.1} MiB durable at the target, {:>7.1} MiB/s   ",
-                        mib(p.bytes_sent),
-                        mib(p.bytes_durable),
-                        mib(p.rate_bytes_per_sec as u64)
+                        "\r{snapshot}: [{bar:<30}] {:>5.1}% of {:.1} MiB, {:>7.1} MiB/s, ETA {:>5.0} s   ",
+                        frac * 100.0,
+                        mib(p.bytes_total),
+                        mib(p.rate_bytes_per_sec as u64),
+                        p.eta_seconds
                     );
                 }
             }

@@ -60,9 +60,21 @@ pub struct CopyProgress {
     pub bytes_sent: u64,
     /// Where this attempt started (0, or a checkpoint of a broken one).
     pub resumed_from_block: u64,
+    /// Block data bytes of the whole copy, and those durable at the target
+    /// before this attempt.
+    pub bytes_total: u64,
+    pub bytes_before: u64,
     /// Bytes per second over this attempt.
     pub rate: f64,
     pub done: bool,
+}
+
+impl CopyProgress {
+    /// Seconds left at the current rate (`None` before any rate is known).
+    pub fn eta_seconds(&self) -> Option<f64> {
+        let left = self.bytes_total.saturating_sub(self.bytes_before + self.bytes_sent);
+        (self.rate > 0.0).then(|| left as f64 / self.rate)
+    }
 }
 
 /// What a finished copy did.
@@ -125,6 +137,8 @@ pub async fn send_snapshot(
     let info = &snaps[pos];
     let digest = head.digest(Some(snapshot)).await?;
     let kind = if base.is_some() { StreamKind::Layer } else { StreamKind::Image };
+    let (data_blocks, _) = head.count_blocks(snapshot, kind).await?;
+    let total = data_blocks * cairn_api::BLOCK_SIZE;
 
     let link = target.link_id.clone();
     let connect = |why: String| CopyError::Connect {
@@ -162,7 +176,7 @@ pub async fn send_snapshot(
         base_snapshot_id: base.map(|b| b.to_string()).unwrap_or_default(),
         size_bytes: head.size(),
         digest: Bytes::copy_from_slice(&digest.0),
-        total_bytes: 0,
+        total_bytes: total,
     };
     tx.send(frame(pb::copy_frame::Frame::Start(start))).await.expect("the queue is open");
     let receiver = |status| CopyError::Receiver { link: link.clone(), status };
@@ -205,6 +219,8 @@ pub async fn send_snapshot(
         snapshot: snapshot.to_string(),
         bytes_durable: from.bytes_done,
         resumed_from_block: from.from_block,
+        bytes_total: total,
+        bytes_before: from.bytes_done,
         ..Default::default()
     };
 
