@@ -74,9 +74,21 @@ fn locate_or_build(name: &str) -> anyhow::Result<PathBuf> {
     let bin = profile_dir.join(name);
     if let Ok(cargo) = std::env::var("CARGO") {
         let mut cmd = Command::new(cargo);
-        cmd.args(["build", "--quiet", "-p", "cairn-agent", "--bin", name]);
+        // With cairn-e2e selected too, dependencies get the same features
+        // as in the build that runs this harness, so the two builds share
+        // one cache instead of rebuilding each other's dependencies.
+        cmd.args(["build", "--quiet", "-p", "cairn-agent", "-p", "cairn-e2e", "--bin", name]);
         if profile_dir.ends_with("release") {
             cmd.arg("--release");
+        }
+        // `cargo run` and `cargo test` set per-package variables (such as
+        // CARGO_MANIFEST_DIR) for the program they run; build scripts that
+        // watch them (ring's) would rebuild on every alternation.
+        for (key, _) in std::env::vars_os() {
+            let k = key.to_string_lossy();
+            if k.starts_with("CARGO_") && k != "CARGO_HOME" && k != "CARGO_TARGET_DIR" {
+                cmd.env_remove(&key);
+            }
         }
         let status = cmd.status().with_context(|| format!("running cargo to build {name}"))?;
         if !status.success() {
