@@ -12,7 +12,7 @@ use std::{
 
 use anyhow::{Context, bail};
 use cairn_api::agent::v1::{
-    replica_store_client::ReplicaStoreClient, snapshot_copy_client::SnapshotCopyClient,
+    self as pb, replica_store_client::ReplicaStoreClient, snapshot_copy_client::SnapshotCopyClient,
     volume_heads_client::VolumeHeadsClient,
 };
 use tonic::transport::Channel;
@@ -102,6 +102,45 @@ fn locate_or_build(name: &str) -> anyhow::Result<PathBuf> {
         );
     }
     Ok(bin)
+}
+
+/// An `OpenHead` request for a Primary volume of `size` bytes in `chunk`-byte
+/// chunks with `replicas` replicas over `agents` (name, endpoint), at epoch
+/// 1, without FUSE; change the rest with struct update syntax.
+pub fn open_head_request(
+    volume: &str,
+    size: u64,
+    chunk: u64,
+    replicas: u32,
+    agents: impl IntoIterator<Item = (String, String)>,
+) -> pb::OpenHeadRequest {
+    pb::OpenHeadRequest {
+        volume_id: volume.into(),
+        size_bytes: size,
+        chunk_size_bytes: chunk,
+        replicas,
+        layout_version: 1,
+        epoch: 1,
+        agents: agents
+            .into_iter()
+            .map(|(name, endpoint)| pb::HeadAgent { name, endpoint, domain: String::new() })
+            .collect(),
+        fuse: false,
+        stale_agents: vec![],
+        role: pb::VolumeRole::Primary as i32,
+    }
+}
+
+/// Agents named a1, a2, ... in order, with their endpoints (a stopped one,
+/// `None`, with an empty endpoint).
+pub fn numbered<'a>(
+    agents: impl IntoIterator<Item = Option<&'a AgentProcess>>,
+) -> Vec<(String, String)> {
+    agents
+        .into_iter()
+        .enumerate()
+        .map(|(i, a)| (format!("a{}", i + 1), a.map(|a| a.endpoint()).unwrap_or_default()))
+        .collect()
 }
 
 /// A running `cairn-agent` process.

@@ -144,24 +144,14 @@ async fn ext4_on_a_striped_volume_keeps_its_files_when_an_agent_is_killed() {
         })
         .collect();
     let request = |agents: &[Option<AgentProcess>]| pb::OpenHeadRequest {
-        volume_id: VOL.into(),
-        size_bytes: GIB,
-        chunk_size_bytes: 64 << 20,
-        replicas: 2,
-        layout_version: 1,
-        epoch: 1,
-        agents: agents
-            .iter()
-            .enumerate()
-            .map(|(i, a)| pb::HeadAgent {
-                name: format!("a{}", i + 1),
-                endpoint: a.as_ref().map(|a| a.endpoint()).unwrap_or_default(),
-                domain: String::new(),
-            })
-            .collect(),
         fuse: true,
-        stale_agents: vec![],
-        role: pb::VolumeRole::Primary as i32,
+        ..cairn_e2e::open_head_request(
+            VOL,
+            GIB,
+            64 << 20,
+            2,
+            cairn_e2e::numbered(agents.iter().map(Option::as_ref)),
+        )
     };
     let mut heads = agents[0].as_ref().unwrap().heads().await.unwrap();
     let status = heads.open_head(request(&agents)).await.unwrap().into_inner();
@@ -333,16 +323,15 @@ async fn a_killed_head_agent_leaves_no_dead_mount_in_the_way() {
     let args = [OsStr::new("--fuse-dir"), fuse_dir.path().as_os_str()];
     let agent = AgentProcess::start_args(data.path(), "solo", &args).unwrap();
     let request = |epoch, endpoint: String| pb::OpenHeadRequest {
-        volume_id: "solo-vol".into(),
-        size_bytes: 64 << 20,
-        chunk_size_bytes: 64 << 20,
-        replicas: 1,
-        layout_version: 1,
         epoch,
-        agents: vec![pb::HeadAgent { name: "solo".into(), endpoint, domain: String::new() }],
         fuse: true,
-        stale_agents: vec![],
-        role: pb::VolumeRole::Primary as i32,
+        ..cairn_e2e::open_head_request(
+            "solo-vol",
+            64 << 20,
+            64 << 20,
+            1,
+            [("solo".to_string(), endpoint)],
+        )
     };
     let mut heads = agent.heads().await.unwrap();
     let status = heads.open_head(request(1, agent.endpoint())).await.unwrap().into_inner();

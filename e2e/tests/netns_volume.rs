@@ -77,26 +77,13 @@ async fn a_host_cut_off_the_network_is_rebuilt_when_it_returns() {
         })
         .collect();
     let mut heads = agents[0].heads().await.unwrap();
-    let open = pb::OpenHeadRequest {
-        volume_id: VOL.into(),
-        size_bytes: GIB,
-        chunk_size_bytes: CHUNK,
-        replicas: 2,
-        layout_version: 1,
-        epoch: 1,
-        agents: agents
-            .iter()
-            .enumerate()
-            .map(|(i, a)| pb::HeadAgent {
-                name: format!("a{}", i + 1),
-                endpoint: a.endpoint(),
-                domain: String::new(),
-            })
-            .collect(),
-        fuse: false,
-        stale_agents: vec![],
-        role: pb::VolumeRole::Primary as i32,
-    };
+    let open = cairn_e2e::open_head_request(
+        VOL,
+        GIB,
+        CHUNK,
+        2,
+        cairn_e2e::numbered(agents.iter().map(Some)),
+    );
     heads.open_head(open).await.unwrap();
 
     // Data in every chunk, and a snapshot of it.

@@ -23,24 +23,12 @@ fn open_request(
     replicas: u32,
     epoch: u64,
 ) -> pb::OpenHeadRequest {
+    let agents = agents.iter().map(|(name, a)| (name.to_string(), a.endpoint()));
+    let role = if volume == "dst" { pb::VolumeRole::Remote } else { pb::VolumeRole::Primary };
     pb::OpenHeadRequest {
-        volume_id: volume.into(),
-        size_bytes: SIZE,
-        chunk_size_bytes: CHUNK,
-        replicas,
-        layout_version: 1,
         epoch,
-        agents: agents
-            .iter()
-            .map(|(name, a)| pb::HeadAgent {
-                name: name.to_string(),
-                endpoint: a.endpoint(),
-                domain: String::new(),
-            })
-            .collect(),
-        fuse: false,
-        stale_agents: vec![],
-        role: if volume == "dst" { pb::VolumeRole::Remote } else { pb::VolumeRole::Primary } as i32,
+        role: role as i32,
+        ..cairn_e2e::open_head_request(volume, SIZE, CHUNK, replicas, agents)
     }
 }
 
@@ -58,6 +46,27 @@ async fn snapshot(heads: &mut HeadsClient, volume: &str, id: &str, generation: u
 async fn digest(heads: &mut HeadsClient, volume: &str, snapshot: &str) -> Vec<u8> {
     let req = pb::HeadDigestRequest { volume_id: volume.into(), snapshot_id: snapshot.into() };
     heads.head_digest(req).await.unwrap().into_inner().digest.to_vec()
+}
+
+/// Polls the source's copy progress until `done` holds (30 s at most).
+async fn progress_until(
+    heads: &HeadsClient,
+    done: impl Fn(&pb::CopyProgressResponse) -> bool,
+) -> pb::CopyProgressResponse {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let p = heads
+            .clone()
+            .get_copy_progress(pb::CopyProgressRequest { volume_id: "src".into() })
+            .await
+            .unwrap()
+            .into_inner();
+        if done(&p) {
+            return p;
+        }
+        assert!(std::time::Instant::now() < deadline, "copy progress not reached in time: {p:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 fn copy_request(
@@ -155,21 +164,9 @@ async fn snapshots_copy_full_then_incremental_and_resume_after_the_receiver_is_k
         let req = copy_request("s4", "s3", &b1, SECRET, 8 * MIB);
         tokio::spawn(async move { a.copy_snapshot(req).await })
     };
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let p = site_a
-            .get_copy_progress(pb::CopyProgressRequest { volume_id: "src".into() })
-            .await
-            .unwrap()
-            .into_inner();
-        if p.snapshot_id == "s4" && p.bytes_durable >= 6 * MIB {
-            assert_eq!(p.bytes_total, 48 * MIB, "the total is known from the start: {p:?}");
-            assert!(p.eta_seconds > 0.0, "{p:?}");
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "no checkpoint in time: {p:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let p = progress_until(&site_a, |p| p.snapshot_id == "s4" && p.bytes_durable >= 6 * MIB).await;
+    assert_eq!(p.bytes_total, 48 * MIB, "the total is known from the start: {p:?}");
+    assert!(p.eta_seconds > 0.0, "{p:?}");
     let addr = b1.addr();
     b1.kill9().unwrap();
     let broken = slow.await.unwrap();
@@ -230,19 +227,7 @@ async fn failover_promotes_the_remote_from_its_newest_complete_snapshot() {
         let req = copy_request("s2", "s1", &b1, SECRET, 2 * MIB);
         tokio::spawn(async move { a.copy_snapshot(req).await })
     };
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let p = site_a
-            .get_copy_progress(pb::CopyProgressRequest { volume_id: "src".into() })
-            .await
-            .unwrap()
-            .into_inner();
-        if p.snapshot_id == "s2" && p.bytes_durable >= 2 * MIB {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "{p:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    progress_until(&site_a, |p| p.snapshot_id == "s2" && p.bytes_durable >= 2 * MIB).await;
     a1.kill9().unwrap();
     assert!(copy.await.unwrap().is_err(), "the copy dies with site A");
     assert_ne!(digest(&mut site_b, "dst", "").await, s1, "B's head holds part of s2");
@@ -310,19 +295,7 @@ async fn a_copy_goes_on_from_another_replica_when_its_source_is_killed() {
         req.source = pb::SourceSelection::Replica as i32;
         tokio::spawn(async move { h.copy_snapshot(req).await })
     };
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let p = site_a
-            .get_copy_progress(pb::CopyProgressRequest { volume_id: "src".into() })
-            .await
-            .unwrap()
-            .into_inner();
-        if p.bytes_sent >= 4 * MIB {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "{p:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    progress_until(&site_a, |p| p.bytes_sent >= 4 * MIB).await;
     let mut a = a;
     a.remove(1).kill9().unwrap();
     let done = copy.await.unwrap().expect("the copy goes on from other replicas").into_inner();

@@ -15,21 +15,10 @@ const SIZE: u64 = 64 * MIB;
 const SECRET: &[u8] = b"site-a-to-site-b-pairing-secret";
 
 fn open(volume: &str, name: &str, a: &AgentProcess) -> pb::OpenHeadRequest {
+    let role = if volume == "dst" { pb::VolumeRole::Remote } else { pb::VolumeRole::Primary };
     pb::OpenHeadRequest {
-        volume_id: volume.into(),
-        size_bytes: SIZE,
-        chunk_size_bytes: SIZE,
-        replicas: 1,
-        layout_version: 1,
-        epoch: 1,
-        agents: vec![pb::HeadAgent {
-            name: name.into(),
-            endpoint: a.endpoint(),
-            domain: String::new(),
-        }],
-        fuse: false,
-        stale_agents: vec![],
-        role: if volume == "dst" { pb::VolumeRole::Remote } else { pb::VolumeRole::Primary } as i32,
+        role: role as i32,
+        ..cairn_e2e::open_head_request(volume, SIZE, SIZE, 1, [(name.to_string(), a.endpoint())])
     }
 }
 

@@ -30,28 +30,9 @@ fn site(n: usize) -> Site {
 
 impl Site {
     fn open_request(&self, epoch: u64) -> pb::OpenHeadRequest {
-        pb::OpenHeadRequest {
-            volume_id: VOL.into(),
-            size_bytes: SIZE,
-            chunk_size_bytes: CHUNK,
-            replicas: 2,
-            layout_version: 1,
-            epoch,
-            fuse: false,
-            stale_agents: vec![],
-            role: pb::VolumeRole::Primary as i32,
-            agents: self
-                .agents
-                .iter()
-                .enumerate()
-                .map(|(i, a)| pb::HeadAgent {
-                    name: format!("a{}", i + 1),
-                    // A killed agent keeps its place in the layout.
-                    endpoint: a.as_ref().map(|a| a.endpoint()).unwrap_or_default(),
-                    domain: String::new(),
-                })
-                .collect(),
-        }
+        // A killed agent keeps its place in the layout (with no endpoint).
+        let agents = cairn_e2e::numbered(self.agents.iter().map(Option::as_ref));
+        pb::OpenHeadRequest { epoch, ..cairn_e2e::open_head_request(VOL, SIZE, CHUNK, 2, agents) }
     }
 
     async fn heads(&self, i: usize) -> HeadsClient {

@@ -663,10 +663,19 @@ impl VolumeHead {
     }
 
     async fn flush_all(&self) -> HeadResult<()> {
+        let (volume, epoch) = (&self.spec.volume, self.spec.epoch);
+        self.on_live_agents(|a| self.peers[a].flush(volume, epoch)).await
+    }
+
+    /// Runs `op` on every in-sync agent in parallel; one that fails is
+    /// marked out of sync. Fails when fenced or when a chunk is left with
+    /// no in-sync replica.
+    async fn on_live_agents<Fut>(&self, op: impl Fn(usize) -> Fut) -> HeadResult<()>
+    where
+        Fut: Future<Output = Result<(), PeerError>>,
+    {
         let agents = self.live_agents();
-        let flushes =
-            agents.iter().map(|&a| self.peers[a].flush(&self.spec.volume, self.spec.epoch));
-        let results = join_all(flushes).await;
+        let results = join_all(agents.iter().map(|&a| op(a))).await;
         for (&a, res) in agents.iter().zip(results) {
             if let Err(e) = res {
                 self.absorb(a, e)?;
@@ -763,20 +772,8 @@ impl VolumeHead {
         self.check_fenced()?;
         let _no_catch_up = self.catchup_gate.write().await;
         let _hold = self.gate.write().await;
-        let agents = self.live_agents();
         let (volume, epoch) = (&self.spec.volume, self.spec.epoch);
-        let results =
-            join_all(agents.iter().map(|&a| self.peers[a].revert_head(volume, epoch))).await;
-        for (&a, res) in agents.iter().zip(results) {
-            if let Err(e) = res {
-                self.absorb(a, e)?;
-            }
-        }
-        self.check_fenced()?;
-        for c in 0..self.chunks.len() as u64 {
-            self.in_sync(c)?;
-        }
-        Ok(())
+        self.on_live_agents(|a| self.peers[a].revert_head(volume, epoch)).await
     }
 
     /// A stream of `snapshot`'s layer or image of `chunk`, from an in-sync

@@ -88,6 +88,10 @@ struct OpenHead {
 }
 
 impl OpenHead {
+    fn is_remote(&self) -> bool {
+        self.remote.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     fn fuse_file(&self) -> Option<std::path::PathBuf> {
         self.fuse.as_ref().map(|m| m.lock().unwrap().file().to_path_buf())
     }
@@ -137,11 +141,7 @@ pub struct HeadLookup(Arc<tokio::sync::Mutex<BTreeMap<VolumeId, OpenHead>>>);
 impl HeadLookup {
     /// The open head of `volume`, and whether its role is Remote.
     pub async fn get(&self, volume: &VolumeId) -> Option<(Arc<VolumeHead>, bool)> {
-        self.0
-            .lock()
-            .await
-            .get(volume)
-            .map(|h| (h.head.clone(), h.remote.load(std::sync::atomic::Ordering::SeqCst)))
+        self.0.lock().await.get(volume).map(|h| (h.head.clone(), h.is_remote()))
     }
 }
 
@@ -189,17 +189,20 @@ impl HeadService {
             .max_encoding_message_size(crate::service::MAX_MESSAGE_BYTES)
     }
 
+    /// The refusal for a volume with no head open here.
+    fn not_open(&self, volume: &VolumeId) -> Status {
+        Status::not_found(format!(
+            "no head of volume {volume} is open on agent {}: open it first (OpenHead)",
+            self.agent
+        ))
+    }
+
     /// The head of a volume clients may write: refused for a Remote one.
     async fn writable_head(&self, volume_id: &str) -> Result<Arc<VolumeHead>, Status> {
         let volume = convert::volume_id("volume_id", volume_id).map_err(field)?;
         let heads = self.heads.lock().await;
-        let open = heads.get(&volume).ok_or_else(|| {
-            Status::not_found(format!(
-                "no head of volume {volume} is open on agent {}: open it first (OpenHead)",
-                self.agent
-            ))
-        })?;
-        if open.remote.load(std::sync::atomic::Ordering::SeqCst) {
+        let open = heads.get(&volume).ok_or_else(|| self.not_open(&volume))?;
+        if open.is_remote() {
             return Err(Status::failed_precondition(format!(
                 "volume {volume} is a remote copy (role Remote): only copies from its primary write it; promote it (PromoteHead) to write"
             )));
@@ -209,22 +212,18 @@ impl HeadService {
 
     async fn head(&self, volume_id: &str) -> Result<Arc<VolumeHead>, Status> {
         let volume = convert::volume_id("volume_id", volume_id).map_err(field)?;
-        self.heads.lock().await.get(&volume).map(|h| h.head.clone()).ok_or_else(|| {
-            Status::not_found(format!(
-                "no head of volume {volume} is open on agent {}: open it first (OpenHead)",
-                self.agent
-            ))
-        })
+        self.heads
+            .lock()
+            .await
+            .get(&volume)
+            .map(|h| h.head.clone())
+            .ok_or_else(|| self.not_open(&volume))
     }
 }
 
 fn status_of(open: &OpenHead) -> pb::HeadStatus {
     let (head, fuse_file) = (&open.head, open.fuse_file());
-    let role = if open.remote.load(std::sync::atomic::Ordering::SeqCst) {
-        pb::VolumeRole::Remote
-    } else {
-        pb::VolumeRole::Primary
-    };
+    let role = if open.is_remote() { pb::VolumeRole::Remote } else { pb::VolumeRole::Primary };
     pb::HeadStatus {
         role: role as i32,
         fuse_file: fuse_file.map(|f| f.display().to_string()).unwrap_or_default(),
@@ -428,10 +427,7 @@ impl VolumeHeads for HeadService {
         let volume = convert::volume_id("volume_id", &req.get_ref().volume_id).map_err(field)?;
         let mut heads = self.heads.lock().await;
         let Some(open) = heads.get(&volume) else {
-            return Err(Status::not_found(format!(
-                "no head of volume {volume} is open on agent {}",
-                self.agent
-            )));
+            return Err(self.not_open(&volume));
         };
         self.check_detached(&volume, open)?;
         let open = heads.remove(&volume).expect("just found");
@@ -508,9 +504,7 @@ impl VolumeHeads for HeadService {
     ) -> Result<Response<pb::HeadStatus>, Status> {
         let volume = convert::volume_id("volume_id", &req.get_ref().volume_id).map_err(field)?;
         let heads = self.heads.lock().await;
-        let open = heads
-            .get(&volume)
-            .ok_or_else(|| Status::not_found(format!("no head of volume {volume} is open here")))?;
+        let open = heads.get(&volume).ok_or_else(|| self.not_open(&volume))?;
         Ok(Response::new(status_of(open)))
     }
 
@@ -523,9 +517,7 @@ impl VolumeHeads for HeadService {
         let volume = convert::volume_id("volume_id", &r.volume_id).map_err(field)?;
         let snap = convert::snapshot_id("snapshot_id", &r.snapshot_id).map_err(field)?;
         let mut heads = self.heads.lock().await;
-        let open = heads.get_mut(&volume).ok_or_else(|| {
-            Status::not_found(format!("no head of volume {volume} is open here: OpenHead first"))
-        })?;
+        let open = heads.get_mut(&volume).ok_or_else(|| self.not_open(&volume))?;
         if let Some(m) = open.snapshots.get(&snap) {
             let fuse_file = m.lock().unwrap().file().display().to_string();
             return Ok(Response::new(pb::ExposeSnapshotResponse { fuse_file }));
@@ -553,7 +545,7 @@ impl VolumeHeads for HeadService {
         let snap = convert::snapshot_id("snapshot_id", &r.snapshot_id).map_err(field)?;
         let mut heads = self.heads.lock().await;
         let Some(open) = heads.get_mut(&volume) else {
-            return Err(Status::not_found(format!("no head of volume {volume} is open here")));
+            return Err(self.not_open(&volume));
         };
         let Some(m) = open.snapshots.get(&snap) else {
             return Err(Status::not_found(format!(
@@ -593,12 +585,7 @@ impl VolumeHeads for HeadService {
         }
         let (head, progress, copying) = {
             let heads = self.heads.lock().await;
-            let open = heads.get(&volume).ok_or_else(|| {
-                Status::not_found(format!(
-                    "no head of volume {volume} is open on agent {}: open it first (OpenHead)",
-                    self.agent
-                ))
-            })?;
+            let open = heads.get(&volume).ok_or_else(|| self.not_open(&volume))?;
             (open.head.clone(), open.copy.clone(), open.copying.clone())
         };
         let _one = copying.try_lock().map_err(|_| {
@@ -654,9 +641,7 @@ impl VolumeHeads for HeadService {
     ) -> Result<Response<pb::CopyProgressResponse>, Status> {
         let volume = convert::volume_id("volume_id", &req.get_ref().volume_id).map_err(field)?;
         let heads = self.heads.lock().await;
-        let open = heads.get(&volume).ok_or_else(|| {
-            Status::not_found(format!("no head of volume {volume} is open on agent {}", self.agent))
-        })?;
+        let open = heads.get(&volume).ok_or_else(|| self.not_open(&volume))?;
         let p = open.copy.lock().unwrap().clone();
         let eta = p.eta_seconds().unwrap_or(0.0);
         Ok(Response::new(pb::CopyProgressResponse {
@@ -678,10 +663,8 @@ impl VolumeHeads for HeadService {
     ) -> Result<Response<pb::PromoteHeadResponse>, Status> {
         let volume = convert::volume_id("volume_id", &req.get_ref().volume_id).map_err(field)?;
         let heads = self.heads.lock().await;
-        let open = heads.get(&volume).ok_or_else(|| {
-            Status::not_found(format!("no head of volume {volume} is open on agent {}", self.agent))
-        })?;
-        if !open.remote.load(std::sync::atomic::Ordering::SeqCst) {
+        let open = heads.get(&volume).ok_or_else(|| self.not_open(&volume))?;
+        if !open.is_remote() {
             return Err(Status::failed_precondition(format!(
                 "volume {volume} is already a primary here"
             )));
@@ -708,10 +691,8 @@ impl VolumeHeads for HeadService {
         let volume = convert::volume_id("volume_id", &r.volume_id).map_err(field)?;
         let snap = convert::snapshot_id("snapshot_id", &r.snapshot_id).map_err(field)?;
         let mut heads = self.heads.lock().await;
-        let open = heads.get_mut(&volume).ok_or_else(|| {
-            Status::not_found(format!("no head of volume {volume} is open on agent {}", self.agent))
-        })?;
-        if open.remote.load(std::sync::atomic::Ordering::SeqCst) {
+        let open = heads.get_mut(&volume).ok_or_else(|| self.not_open(&volume))?;
+        if open.is_remote() {
             return Err(Status::failed_precondition(format!(
                 "volume {volume} is already a remote copy here"
             )));

@@ -47,25 +47,50 @@ impl Drop for RangeGuard<'_> {
     }
 }
 
+impl State {
+    fn exclusive_overlaps(&self, start: u64, end: u64) -> bool {
+        self.exclusive.iter().any(|e| overlaps((e.1, e.2), (start, end)))
+    }
+
+    fn shared_overlaps(&self, start: u64, end: u64) -> bool {
+        self.shared.iter().any(|s| overlaps((s.1, s.2), (start, end)))
+    }
+
+    fn next_id(&mut self) -> u64 {
+        self.next += 1;
+        self.next
+    }
+}
+
 impl RangeLocks {
-    /// Holds `[start, end)` shared: waits while an exclusive range (held or
-    /// asked for) overlaps it.
-    pub async fn shared(&self, start: u64, end: u64) -> RangeGuard<'_> {
+    /// Waits until `step` returns `Some` (it is tried under the state's
+    /// lock, again after every release).
+    async fn wait_until<T>(&self, mut step: impl FnMut(&mut State) -> Option<T>) -> T {
         loop {
+            // Registered before looking, so a release in between wakes us.
             let notified = self.released.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            {
-                let mut st = self.state.lock().unwrap();
-                if !st.exclusive.iter().any(|e| overlaps((e.1, e.2), (start, end))) {
-                    let id = st.next;
-                    st.next += 1;
-                    st.shared.push((id, start, end));
-                    return RangeGuard { locks: self, id };
-                }
+            if let Some(v) = step(&mut self.state.lock().unwrap()) {
+                return v;
             }
             notified.await;
         }
+    }
+
+    /// Holds `[start, end)` shared: waits while an exclusive range (held or
+    /// asked for) overlaps it.
+    pub async fn shared(&self, start: u64, end: u64) -> RangeGuard<'_> {
+        let id = self
+            .wait_until(|st| {
+                (!st.exclusive_overlaps(start, end)).then(|| {
+                    let id = st.next_id();
+                    st.shared.push((id, start, end));
+                    id
+                })
+            })
+            .await;
+        RangeGuard { locks: self, id }
     }
 
     /// Holds `[start, end)` exclusively: first waits for overlapping
@@ -73,34 +98,19 @@ impl RangeLocks {
     /// holders wait from then on) and waits until the overlapping shared
     /// holders already there are released.
     pub async fn exclusive(&self, start: u64, end: u64) -> RangeGuard<'_> {
-        let id = loop {
-            let notified = self.released.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            {
-                let mut st = self.state.lock().unwrap();
-                if !st.exclusive.iter().any(|e| overlaps((e.1, e.2), (start, end))) {
-                    let id = st.next;
-                    st.next += 1;
+        let id = self
+            .wait_until(|st| {
+                (!st.exclusive_overlaps(start, end)).then(|| {
+                    let id = st.next_id();
                     st.exclusive.push((id, start, end));
-                    break id;
-                }
-            }
-            notified.await;
-        };
+                    id
+                })
+            })
+            .await;
+        // From here a cancelled wait releases the claim.
         let guard = RangeGuard { locks: self, id };
-        loop {
-            let notified = self.released.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            {
-                let st = self.state.lock().unwrap();
-                if !st.shared.iter().any(|s| overlaps((s.1, s.2), (start, end))) {
-                    return guard;
-                }
-            }
-            notified.await;
-        }
+        self.wait_until(|st| (!st.shared_overlaps(start, end)).then_some(())).await;
+        guard
     }
 }
 

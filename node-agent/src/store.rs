@@ -196,6 +196,18 @@ impl Store {
             .ok_or_else(|| Error::ReplicaNotFound { volume: volume.clone() })?
             .1
             .map_err(|e| Error::Corrupt { volume: volume.to_string(), detail: e.to_string() })?;
+        self.reload(&mut replicas, volume, record)
+    }
+
+    /// Loads `volume` from `record` and its files and puts it in place of
+    /// the handle it had, which is retired: nothing may go through a handle
+    /// whose in-memory state the disk no longer matches.
+    fn reload(
+        &self,
+        replicas: &mut BTreeMap<VolumeId, Arc<Replica>>,
+        volume: &VolumeId,
+        record: crate::meta::ReplicaRecord,
+    ) -> Result<Arc<Replica>> {
         let r = Arc::new(Replica::load(
             volume.clone(),
             self.dir(volume),
@@ -203,7 +215,9 @@ impl Store {
             self.db.clone(),
             record,
         )?);
-        replicas.insert(volume.clone(), r.clone());
+        if let Some(old) = replicas.insert(volume.clone(), r.clone()) {
+            old.retire("the replica was reloaded from disk; this handle is stale");
+        }
         Ok(r)
     }
 
@@ -228,30 +242,21 @@ impl Store {
             head.no = record.next_layer;
             record.next_layer += 1;
             let v = volume.as_str();
-            let tx = self.db.begin_write().map_err(meta("reverting the head"))?;
+            const OP: &str = "reverting the head";
+            let tx = self.db.begin_write().map_err(meta(OP))?;
             {
                 tx.open_table(REPLICAS)
-                    .map_err(meta("reverting the head"))?
+                    .map_err(meta(OP))?
                     .insert(v, &encode_record(&record)[..])
-                    .map_err(meta("reverting the head"))?;
-                let mut t = tx.open_table(BLOCKS).map_err(meta("reverting the head"))?;
+                    .map_err(meta(OP))?;
+                let mut t = tx.open_table(BLOCKS).map_err(meta(OP))?;
                 t.retain_in((v, old_head, 0)..=(v, old_head, u64::MAX), |_, _| false)
-                    .map_err(meta("reverting the head"))?;
+                    .map_err(meta(OP))?;
             }
-            tx.commit().map_err(meta("reverting the head")).map_err(|e| replica.fail(e))?;
-            // Whoever still holds the old object must not write through it.
-            replica.retire("its head was reverted; this handle is stale");
+            tx.commit().map_err(meta(OP)).map_err(|e| replica.fail(e))?;
             record
         };
-        let r = Arc::new(Replica::load(
-            volume.clone(),
-            self.dir(volume),
-            self.disk.clone(),
-            self.db.clone(),
-            record,
-        )?);
-        replicas.insert(volume.clone(), r.clone());
-        Ok(r)
+        self.reload(&mut replicas, volume, record)
     }
 
     /// Deletes a replica: one commit drops its records, then its directory

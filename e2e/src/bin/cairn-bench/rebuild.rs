@@ -25,11 +25,11 @@ use std::{
 
 use anyhow::{Context, bail};
 use cairn_api::agent::v1 as pb;
+
+use super::{GIB, MIB};
 use cairn_e2e::{AgentProcess, HeadsClient, pattern};
 use futures::StreamExt;
 
-const MIB: u64 = 1 << 20;
-const GIB: u64 = 1 << 30;
 const VOLUME: &str = "rebuild-vol";
 const CHUNK: u64 = 64 * MIB;
 const WRITTEN: u64 = 512 * MIB;
@@ -76,26 +76,13 @@ async fn measure_async(dir: &Path) -> anyhow::Result<Vec<(&'static str, f64, &'s
                 .with_context(|| format!("starting agent a{i}"))?,
         );
     }
-    let request = pb::OpenHeadRequest {
-        volume_id: VOLUME.into(),
-        size_bytes: GIB,
-        chunk_size_bytes: CHUNK,
-        replicas: 2,
-        layout_version: 1,
-        epoch: 1,
-        agents: agents
-            .iter()
-            .enumerate()
-            .map(|(i, a)| pb::HeadAgent {
-                name: format!("a{}", i + 1),
-                endpoint: a.endpoint(),
-                domain: String::new(),
-            })
-            .collect(),
-        fuse: false,
-        stale_agents: vec![],
-        role: pb::VolumeRole::Primary as i32,
-    };
+    let request = cairn_e2e::open_head_request(
+        VOLUME,
+        GIB,
+        CHUNK,
+        2,
+        cairn_e2e::numbered(agents.iter().map(Some)),
+    );
     let mut heads = agents[0].heads().await?;
     heads.open_head(request).await.context("OpenHead")?;
 

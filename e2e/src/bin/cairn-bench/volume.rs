@@ -15,10 +15,10 @@ use std::{
 
 use anyhow::{Context, bail};
 use cairn_api::agent::v1 as pb;
+
+use super::{GIB, MIB};
 use cairn_e2e::{AgentProcess, HeadsClient};
 
-const MIB: u64 = 1 << 20;
-const GIB: u64 = 1 << 30;
 const VOLUME: &str = "bench-vol";
 const CHUNK: u64 = 64 * MIB;
 const AGENTS: usize = 3;
@@ -480,25 +480,14 @@ fn run_bench(rig: &mut Rig, figures: &mut Vec<(&'static str, f64, f64)>) -> anyh
         rig.agents.push(a);
     }
     let request = pb::OpenHeadRequest {
-        volume_id: VOLUME.into(),
-        size_bytes: GIB,
-        chunk_size_bytes: CHUNK,
-        replicas: REPLICAS,
-        layout_version: 1,
-        epoch: 1,
-        agents: rig
-            .agents
-            .iter()
-            .enumerate()
-            .map(|(i, a)| pb::HeadAgent {
-                name: format!("a{}", i + 1),
-                endpoint: a.endpoint(),
-                domain: String::new(),
-            })
-            .collect(),
         fuse: true,
-        stale_agents: vec![],
-        role: pb::VolumeRole::Primary as i32,
+        ..cairn_e2e::open_head_request(
+            VOLUME,
+            GIB,
+            CHUNK,
+            REPLICAS,
+            cairn_e2e::numbered(rig.agents.iter().map(Some)),
+        )
     };
     let a1 = &rig.agents[0];
     let mut heads = rig.rt.block_on(a1.heads())?;

@@ -167,25 +167,14 @@ impl Striped {
     async fn open(&mut self, demo: &mut Demo) -> Result<()> {
         demo.begin("Open the volume head: 1 GiB, 2 replicas per 64 MiB chunk");
         let request = pb::OpenHeadRequest {
-            volume_id: VOLUME.into(),
-            size_bytes: GIB,
-            chunk_size_bytes: CHUNK,
-            replicas: REPLICAS,
-            layout_version: 1,
-            epoch: 1,
-            agents: self
-                .agents
-                .iter()
-                .enumerate()
-                .map(|(i, a)| pb::HeadAgent {
-                    name: format!("a{}", i + 1),
-                    endpoint: a.as_ref().expect("running").endpoint(),
-                    domain: String::new(),
-                })
-                .collect(),
             fuse: self.fuse,
-            stale_agents: vec![],
-            role: pb::VolumeRole::Primary as i32,
+            ..cairn_e2e::open_head_request(
+                VOLUME,
+                GIB,
+                CHUNK,
+                REPLICAS,
+                cairn_e2e::numbered(self.agents.iter().map(Option::as_ref)),
+            )
         };
         let mut heads = self.agents[0].as_ref().expect("running").heads().await?;
         let status = heads.open_head(request).await.context("OpenHead")?.into_inner();
