@@ -91,6 +91,7 @@ impl From<&SnapshotInfo> for pb::SnapshotInfo {
             size_bytes: s.size,
             changed_blocks: s.changed_blocks,
             sealed_at_unix: s.sealed_at_unix,
+            divergent: s.divergent,
         }
     }
 }
@@ -108,6 +109,7 @@ impl TryFrom<&pb::SnapshotInfo> for SnapshotInfo {
             size: s.size_bytes,
             changed_blocks: s.changed_blocks,
             sealed_at_unix: s.sealed_at_unix,
+            divergent: s.divergent,
         })
     }
 }
@@ -174,6 +176,7 @@ mod tests {
             size: 1 << 30,
             changed_blocks: 12,
             sealed_at_unix: 1_700_000_000,
+            divergent: true,
         };
         assert_eq!(SnapshotInfo::try_from(&pb::SnapshotInfo::from(&s)).unwrap(), s);
     }

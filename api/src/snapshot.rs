@@ -14,6 +14,9 @@ pub struct SnapshotInfo {
     /// Blocks in the snapshot's layer (changed since the snapshot before).
     pub changed_blocks: u64,
     pub sealed_at_unix: i64,
+    /// A resync rolled the volume back past it: kept, but no longer in the
+    /// volume's line of snapshots.
+    pub divergent: bool,
 }
 
 /// One replica held by an agent.

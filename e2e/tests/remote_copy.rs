@@ -57,7 +57,10 @@ async fn progress_until(
     loop {
         let p = heads
             .clone()
-            .get_copy_progress(pb::CopyProgressRequest { volume_id: "src".into() })
+            .get_copy_progress(pb::CopyProgressRequest {
+                volume_id: "src".into(),
+                link_id: String::new(),
+            })
             .await
             .unwrap()
             .into_inner();
@@ -85,6 +88,7 @@ fn copy_request(
         target_endpoint: to.endpoint(),
         rate_bytes_per_sec: rate,
         source: pb::SourceSelection::Primary as i32,
+        ..Default::default()
     }
 }
 

@@ -48,6 +48,7 @@ fn copy(to: String) -> pb::CopySnapshotRequest {
         target_endpoint: to,
         rate_bytes_per_sec: 0,
         source: pb::SourceSelection::Primary as i32,
+        ..Default::default()
     }
 }
 

@@ -776,6 +776,91 @@ impl VolumeHead {
         self.on_live_agents(|a| self.peers[a].revert_head(volume, epoch)).await
     }
 
+    /// Deletes a snapshot on every in-sync replica, with I/O and rebuilds
+    /// held (a rebuild copies the layers as they are). Its layer folds into
+    /// the next one there.
+    pub async fn delete_snapshot(&self, id: &SnapshotId) -> HeadResult<()> {
+        self.check_fenced()?;
+        let _no_catch_up = self.catchup_gate.write().await;
+        let _hold = self.gate.write().await;
+        let volume = &self.spec.volume;
+        self.on_live_agents(|a| self.peers[a].delete_snapshot(volume, id)).await
+    }
+
+    /// Marks snapshots divergent on every in-sync replica (see
+    /// [`VolumeHead::roll_back`]).
+    pub async fn mark_divergent(&self, ids: &[SnapshotId]) -> HeadResult<()> {
+        self.check_fenced()?;
+        let _no_catch_up = self.catchup_gate.write().await;
+        let (volume, epoch) = (&self.spec.volume, self.spec.epoch);
+        self.on_live_agents(|a| self.peers[a].mark_divergent(volume, epoch, ids)).await
+    }
+
+    /// Makes the head's content equal to snapshot `base` (empty for `None`)
+    /// again after the layers of the `divergent` snapshots on top of it: every
+    /// block those layers changed is written back with its content as of
+    /// `base` (trimmed where `base` has none). The divergent layers stay
+    /// intact beneath the head; every block they hold is shadowed by the
+    /// head from here on, so the next layer sealed is a valid layer on top of
+    /// `base`. Call on a reverted head; only local reads and writes, nothing
+    /// crosses sites. Returns the blocks written back.
+    pub async fn roll_back(
+        &self,
+        base: Option<&SnapshotId>,
+        divergent: &[SnapshotId],
+    ) -> HeadResult<u64> {
+        let mut written = 0u64;
+        for chunk in 0..self.chunk_count() {
+            let mut blocks = std::collections::BTreeSet::new();
+            for snap in divergent {
+                let (mut stream, _) = self
+                    .snapshot_stream(chunk, snap, StreamKind::Layer, SourcePick::Primary)
+                    .await?;
+                while let Some(batch) = stream.next().await {
+                    let batch = batch.map_err(|e| HeadError::Refused {
+                        volume: self.spec.volume.clone(),
+                        source: e,
+                    })?;
+                    blocks.extend(batch.iter().map(|b| b.block));
+                }
+            }
+            written += blocks.len() as u64;
+            let blocks: Vec<u64> = blocks.into_iter().collect();
+            // Runs of consecutive blocks, at most 256 KiB each.
+            let mut i = 0;
+            while i < blocks.len() {
+                let mut j = i + 1;
+                while j < blocks.len() && blocks[j] == blocks[j - 1] + 1 && j - i < 64 {
+                    j += 1;
+                }
+                let (offset, len) = (blocks[i] * BS, (j - i) as u64 * BS);
+                match base {
+                    None => self.trim(offset, len).await?,
+                    Some(b) => {
+                        let data = self.read_snapshot(b, offset, len).await?;
+                        let copied: Vec<CopiedBlock> = data
+                            .chunks(BS as usize)
+                            .enumerate()
+                            .map(|(k, d)| CopiedBlock {
+                                block: blocks[i] + k as u64,
+                                data: (!d.iter().all(|&x| x == 0))
+                                    .then(|| data.slice(k * BS as usize..(k + 1) * BS as usize)),
+                            })
+                            .collect();
+                        for run in layer_runs(&copied) {
+                            match run {
+                                Run::Data(o, d) => self.write(o, d).await?,
+                                Run::Zero(o, l) => self.trim(o, l).await?,
+                            }
+                        }
+                    }
+                }
+                i = j;
+            }
+        }
+        Ok(written)
+    }
+
     /// A stream of `snapshot`'s layer or image of `chunk`, from an in-sync
     /// replica (this agent's if possible), and the agent it comes from.
     pub async fn snapshot_stream(
@@ -1083,6 +1168,15 @@ impl VolumeHead {
             .seal(volume, epoch, &snap.id, snap.generation)
             .await
             .map_err(|e| self.rebuild_error(x, format!("sealing snapshot {}: {e}", snap.id)))?;
+        if snap.divergent {
+            // Before the next layer is sealed: its generation may be lower.
+            self.peers[x]
+                .mark_divergent(volume, epoch, std::slice::from_ref(&snap.id))
+                .await
+                .map_err(|e| {
+                    self.rebuild_error(x, format!("marking {} divergent: {e}", snap.id))
+                })?;
+        }
         self.compare_digests(x, chunks, Some(&snap.id)).await
     }
 

@@ -19,8 +19,9 @@ use tonic::{Request, Response, Status};
 
 use crate::{
     copy::{
-        bandwidth::{Limiter, Policy, Rate, SystemClock},
-        sender::{CopyError, CopyProgress, LinkTarget, send_snapshot},
+        bandwidth::{Policy, Rate},
+        links::{Links, policy_from_pb, progress_pb, report_pb, source_from_pb},
+        sender::{Compress, LinkTarget},
     },
     frontend::{
         BlockVolume,
@@ -28,7 +29,7 @@ use crate::{
         head_volume::{HeadVolume, SnapshotVolume},
         loop_device,
     },
-    head::{HeadError, HeadSpec, SourcePick, VolumeHead},
+    head::{HeadError, HeadSpec, VolumeHead},
     peer::{GrpcPeer, LocalPeer, ReplicaPeer},
     store::Store,
 };
@@ -78,10 +79,6 @@ struct OpenHead {
     /// Role Remote: only copies write it; clients read; never attached.
     remote: Arc<std::sync::atomic::AtomicBool>,
     _heal: HealTask,
-    /// The running or last copy of the volume to another site.
-    copy: Arc<std::sync::Mutex<CopyProgress>>,
-    /// Held while a copy runs: one copy per volume at a time.
-    copying: Arc<tokio::sync::Mutex<()>>,
     fuse: Option<std::sync::Mutex<FuseMount>>,
     /// Snapshots exposed read-only through FUSE.
     snapshots: BTreeMap<SnapshotId, std::sync::Mutex<FuseMount>>,
@@ -128,9 +125,12 @@ pub struct HeadService {
     fuse_dir: Option<std::path::PathBuf>,
     /// How often a head looks for out-of-sync replicas to rebuild.
     heal_every: Duration,
-    /// This agent's mutual-TLS material for copies to other sites.
-    site_tls: Option<crate::copy::tls::SiteTls>,
     heads: Arc<tokio::sync::Mutex<BTreeMap<VolumeId, OpenHead>>>,
+    /// The links this agent sends.
+    links: Arc<Links>,
+    /// Kept to configure `links` before the service runs.
+    site_tls: Option<crate::copy::tls::SiteTls>,
+    copy_cap: Option<u64>,
 }
 
 /// Finds the heads open on this agent, for services beside `VolumeHeads`
@@ -142,6 +142,37 @@ impl HeadLookup {
     /// The open head of `volume`, and whether its role is Remote.
     pub async fn get(&self, volume: &VolumeId) -> Option<(Arc<VolumeHead>, bool)> {
         self.0.lock().await.get(volume).map(|h| (h.head.clone(), h.is_remote()))
+    }
+
+    /// Failover: makes a Remote head a Primary one. Its head is reverted to
+    /// the newest complete snapshot first, so the part of a copy in progress
+    /// is dropped; that snapshot is the base the volume goes on from.
+    pub async fn promote(&self, volume: &VolumeId) -> Result<pb::PromoteHeadResponse, Status> {
+        let heads = self.0.lock().await;
+        let open = heads.get(volume).ok_or_else(|| {
+            Status::not_found(format!("no head of volume {volume} is open on this agent"))
+        })?;
+        if !open.is_remote() {
+            return Err(Status::failed_precondition(format!(
+                "volume {volume} is already a primary here"
+            )));
+        }
+        open.head.revert().await.map_err(head_status)?;
+        let base = open
+            .head
+            .snapshots()
+            .await
+            .map_err(head_status)?
+            .into_iter()
+            .rfind(|s| !s.divergent)
+            .map(|s| s.id);
+        let digest = open.head.digest(None).await.map_err(head_status)?;
+        open.remote.store(false, std::sync::atomic::Ordering::SeqCst);
+        tracing::warn!(%volume, base = ?base, "promoted: the volume is a primary here");
+        Ok(pb::PromoteHeadResponse {
+            base_snapshot_id: base.map(|b| b.to_string()).unwrap_or_default(),
+            digest: digest.0.to_vec().into(),
+        })
     }
 }
 
@@ -155,21 +186,46 @@ impl HeadService {
         peer_timeout: Duration,
         fuse_dir: Option<std::path::PathBuf>,
     ) -> Self {
+        let heads: Arc<tokio::sync::Mutex<BTreeMap<VolumeId, OpenHead>>> = Default::default();
+        let links = Arc::new(Links::new(store.clone(), HeadLookup(heads.clone())));
         HeadService {
             store,
             agent: agent.into(),
             peer_timeout,
             fuse_dir,
             heal_every: DEFAULT_HEAL_EVERY,
+            heads,
+            links,
             site_tls: None,
-            heads: Default::default(),
+            copy_cap: None,
         }
+    }
+
+    /// Rebuilds the links with the current settings (before the service
+    /// runs: nothing else holds them yet).
+    fn configure_links(mut self) -> Self {
+        let links = Links::new(self.store.clone(), self.lookup())
+            .with_site_tls(self.site_tls.clone())
+            .with_cap(self.copy_cap);
+        self.links = Arc::new(links);
+        self
     }
 
     /// Sets the mutual-TLS material copies to other sites use.
     pub fn with_site_tls(mut self, tls: Option<crate::copy::tls::SiteTls>) -> Self {
         self.site_tls = tls;
-        self
+        self.configure_links()
+    }
+
+    /// Caps all copies from this agent together at `rate` bytes/s.
+    pub fn with_copy_cap(mut self, rate: Option<u64>) -> Self {
+        self.copy_cap = rate;
+        self.configure_links()
+    }
+
+    /// The links this agent sends (the copy receiver forwards through them).
+    pub fn links(&self) -> Arc<Links> {
+        self.links.clone()
     }
 
     /// Sets how often heads look for out-of-sync replicas to rebuild.
@@ -409,8 +465,6 @@ impl VolumeHeads for HeadService {
             head,
             remote: Arc::new(std::sync::atomic::AtomicBool::new(remote)),
             _heal: heal,
-            copy: Default::default(),
-            copying: Default::default(),
             fuse: fuse.map(std::sync::Mutex::new),
             snapshots: BTreeMap::new(),
         };
@@ -494,6 +548,7 @@ impl VolumeHeads for HeadService {
         let snap = convert::snapshot_id("snapshot_id", &r.snapshot_id).map_err(field)?;
         let head = self.writable_head(&r.volume_id).await?;
         let digest = head.snapshot(&snap, r.generation).await.map_err(head_status)?;
+        self.links.snapshot_complete(head.volume());
         Ok(Response::new(pb::HeadSnapshotResponse { digest: digest.0.to_vec().into() }))
     }
 
@@ -576,62 +631,39 @@ impl VolumeHeads for HeadService {
         req: Request<pb::CopySnapshotRequest>,
     ) -> Result<Response<pb::CopySnapshotResponse>, Status> {
         let r = req.into_inner();
-        let volume = convert::volume_id("volume_id", &r.volume_id).map_err(field)?;
+        convert::volume_id("volume_id", &r.volume_id).map_err(field)?;
         let snapshot = convert::snapshot_id("snapshot_id", &r.snapshot_id).map_err(field)?;
         let base = convert::optional_snapshot_id("base_snapshot_id", &r.base_snapshot_id)
             .map_err(field)?;
         if r.link_id.is_empty() || r.target_endpoint.is_empty() {
             return Err(Status::invalid_argument("link_id and target_endpoint are required"));
         }
-        let (head, progress, copying) = {
-            let heads = self.heads.lock().await;
-            let open = heads.get(&volume).ok_or_else(|| self.not_open(&volume))?;
-            (open.head.clone(), open.copy.clone(), open.copying.clone())
+        let head = self.head(&r.volume_id).await?;
+        let policy = match r.policy.as_ref() {
+            Some(p) => policy_from_pb(Some(p)).map_err(Status::invalid_argument)?,
+            None => Policy::Fixed(match r.rate_bytes_per_sec {
+                0 => Rate::Unlimited,
+                n => Rate::BytesPerSec(n),
+            }),
         };
-        let _one = copying.try_lock().map_err(|_| {
-            Status::failed_precondition(format!(
-                "a copy of volume {volume} is already running: wait for it (GetCopyProgress)"
-            ))
-        })?;
-        let rate = match r.rate_bytes_per_sec {
-            0 => Rate::Unlimited,
-            n => Rate::BytesPerSec(n),
-        };
-        let limiter = Limiter::new(Arc::new(SystemClock::default()), Policy::Fixed(rate), None)
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let target = LinkTarget {
             endpoint: r.target_endpoint,
-            link_id: r.link_id,
+            link_id: r.link_id.clone(),
             secret: r.pairing_secret,
-            tls: self.site_tls.clone(),
-            source: match pb::SourceSelection::try_from(r.source) {
-                Ok(pb::SourceSelection::Primary) => SourcePick::Primary,
-                Ok(pb::SourceSelection::Replica) => SourcePick::Replica,
-                Ok(pb::SourceSelection::Auto) => SourcePick::Auto,
-                Err(_) => {
-                    return Err(Status::invalid_argument(format!(
-                        "source {} is not Primary (0), Replica (1) or Auto (2)",
-                        r.source
-                    )));
-                }
-            },
+            tls: self.links.site_tls(),
+            source: source_from_pb(r.source).map_err(Status::invalid_argument)?,
+            compress: Compress::from_pb(r.compression).map_err(Status::invalid_argument)?,
         };
-        let report = send_snapshot(&head, &target, &snapshot, base.as_ref(), &limiter, &progress)
-            .await
-            .map_err(|e| match e {
-                CopyError::Head(h) => head_status(h),
-                CopyError::Snapshot { .. } => Status::failed_precondition(e.to_string()),
-                CopyError::Connect { .. } => Status::unavailable(e.to_string()),
-                CopyError::Receiver { ref status, .. } => Status::new(status.code(), e.to_string()),
-            })?;
-        Ok(Response::new(pb::CopySnapshotResponse {
-            digest: report.digest.0.to_vec().into(),
-            already_present: report.already_present,
-            resumed_from_block: report.resumed_from_block,
-            bytes_sent: report.bytes_sent,
-            blocks_sent: report.blocks_sent,
-            elapsed_ms: report.elapsed.as_millis() as u64,
-        }))
+        let running = self.links.running(&r.link_id);
+        let _one = running.try_lock().map_err(|_| {
+            Status::failed_precondition(format!(
+                "a copy of link {} is already running: wait for it (GetCopyProgress)",
+                r.link_id
+            ))
+        })?;
+        let report =
+            self.links.copy_one(&head, &target, policy, &snapshot, base.as_ref(), false).await?;
+        Ok(Response::new(report_pb(&snapshot, &report)))
     }
 
     #[tracing::instrument(skip_all, fields(volume = %req.get_ref().volume_id))]
@@ -639,21 +671,13 @@ impl VolumeHeads for HeadService {
         &self,
         req: Request<pb::CopyProgressRequest>,
     ) -> Result<Response<pb::CopyProgressResponse>, Status> {
-        let volume = convert::volume_id("volume_id", &req.get_ref().volume_id).map_err(field)?;
-        let heads = self.heads.lock().await;
-        let open = heads.get(&volume).ok_or_else(|| self.not_open(&volume))?;
-        let p = open.copy.lock().unwrap().clone();
-        let eta = p.eta_seconds().unwrap_or(0.0);
-        Ok(Response::new(pb::CopyProgressResponse {
-            snapshot_id: p.snapshot,
-            bytes_durable: p.bytes_durable,
-            bytes_sent: p.bytes_sent,
-            resumed_from_block: p.resumed_from_block,
-            rate_bytes_per_sec: p.rate,
-            done: p.done,
-            bytes_total: p.bytes_total,
-            eta_seconds: eta,
-        }))
+        let r = req.into_inner();
+        let volume = convert::volume_id("volume_id", &r.volume_id).map_err(field)?;
+        if !self.heads.lock().await.contains_key(&volume) {
+            return Err(self.not_open(&volume));
+        }
+        let p = self.links.progress(&volume, &r.link_id).unwrap_or_default();
+        Ok(Response::new(progress_pb(&p)))
     }
 
     #[tracing::instrument(skip_all, fields(volume = %req.get_ref().volume_id))]
@@ -662,24 +686,10 @@ impl VolumeHeads for HeadService {
         req: Request<pb::PromoteHeadRequest>,
     ) -> Result<Response<pb::PromoteHeadResponse>, Status> {
         let volume = convert::volume_id("volume_id", &req.get_ref().volume_id).map_err(field)?;
-        let heads = self.heads.lock().await;
-        let open = heads.get(&volume).ok_or_else(|| self.not_open(&volume))?;
-        if !open.is_remote() {
-            return Err(Status::failed_precondition(format!(
-                "volume {volume} is already a primary here"
-            )));
+        if !self.heads.lock().await.contains_key(&volume) {
+            return Err(self.not_open(&volume));
         }
-        // A copy in progress is dropped: the newest complete snapshot is
-        // the base.
-        open.head.revert().await.map_err(head_status)?;
-        let base = open.head.snapshots().await.map_err(head_status)?.last().map(|s| s.id.clone());
-        let digest = open.head.digest(None).await.map_err(head_status)?;
-        open.remote.store(false, std::sync::atomic::Ordering::SeqCst);
-        tracing::warn!(%volume, base = ?base, "promoted: the volume is a primary here");
-        Ok(Response::new(pb::PromoteHeadResponse {
-            base_snapshot_id: base.map(|b| b.to_string()).unwrap_or_default(),
-            digest: digest.0.to_vec().into(),
-        }))
+        self.lookup().promote(&volume).await.map(Response::new)
     }
 
     #[tracing::instrument(skip_all, fields(volume = %req.get_ref().volume_id))]
@@ -690,21 +700,134 @@ impl VolumeHeads for HeadService {
         let r = req.into_inner();
         let volume = convert::volume_id("volume_id", &r.volume_id).map_err(field)?;
         let snap = convert::snapshot_id("snapshot_id", &r.snapshot_id).map_err(field)?;
+        let digest = self.demote(&volume, &snap, r.generation).await?;
+        Ok(Response::new(pb::DemoteHeadResponse { digest: digest.0.to_vec().into() }))
+    }
+
+    #[tracing::instrument(skip_all, fields(volume = %req.get_ref().volume_id, snapshot = %req.get_ref().snapshot_id))]
+    async fn delete_head_snapshot(
+        &self,
+        req: Request<pb::DeleteHeadSnapshotRequest>,
+    ) -> Result<Response<pb::DeleteHeadSnapshotResponse>, Status> {
+        let r = req.into_inner();
+        let volume = convert::volume_id("volume_id", &r.volume_id).map_err(field)?;
+        let snap = convert::snapshot_id("snapshot_id", &r.snapshot_id).map_err(field)?;
+        let head = self.head(&r.volume_id).await?;
+        let all = head.snapshots().await.map_err(head_status)?;
+        let Some(info) = all.iter().find(|s| s.id == snap) else {
+            return Err(Status::not_found(format!("volume {volume} has no snapshot {snap}")));
+        };
+        if !info.divergent {
+            let line: Vec<_> = all.iter().filter(|s| !s.divergent).cloned().collect();
+            if let Some(why) = self.links.needed_by(&volume, &snap, &line)? {
+                return Err(Status::failed_precondition(why));
+            }
+        }
+        head.delete_snapshot(&snap).await.map_err(head_status)?;
+        tracing::info!(%volume, snapshot = %snap, "snapshot deleted");
+        Ok(Response::new(pb::DeleteHeadSnapshotResponse {}))
+    }
+
+    #[tracing::instrument(skip_all, fields(link = %req.get_ref().link_id))]
+    async fn put_link(&self, req: Request<pb::Link>) -> Result<Response<pb::LinkStatus>, Status> {
+        self.links.put(req.into_inner()).map(Response::new)
+    }
+
+    #[tracing::instrument(skip_all, fields(link = %req.get_ref().link_id))]
+    async fn delete_link(
+        &self,
+        req: Request<pb::DeleteLinkRequest>,
+    ) -> Result<Response<pb::DeleteLinkResponse>, Status> {
+        self.links.delete(&req.get_ref().link_id)?;
+        Ok(Response::new(pb::DeleteLinkResponse {}))
+    }
+
+    async fn list_links(
+        &self,
+        req: Request<pb::ListLinksRequest>,
+    ) -> Result<Response<pb::ListLinksResponse>, Status> {
+        let links = self.links.list(&req.get_ref().volume_id)?;
+        Ok(Response::new(pb::ListLinksResponse { links }))
+    }
+
+    #[tracing::instrument(skip_all, fields(link = %req.get_ref().link_id))]
+    async fn sync_link(
+        &self,
+        req: Request<pb::SyncLinkRequest>,
+    ) -> Result<Response<pb::SyncLinkResponse>, Status> {
+        let r = req.into_inner();
+        self.links.sync(&r.link_id, r.resync).await.map(Response::new)
+    }
+
+    #[tracing::instrument(skip_all, fields(link = %req.get_ref().link_id))]
+    async fn switchover(
+        &self,
+        req: Request<pb::SwitchoverRequest>,
+    ) -> Result<Response<pb::SwitchoverResponse>, Status> {
+        let r = req.into_inner();
+        let snap = convert::snapshot_id("snapshot_id", &r.snapshot_id).map_err(field)?;
+        let volume = self.links.volume_of(&r.link_id)?;
+        // 1. Demote, sealing the final snapshot (a retry after a failed copy
+        //    finds it demoted with the snapshot there and goes on).
+        let (head, remote) =
+            self.lookup().get(&volume).await.ok_or_else(|| self.not_open(&volume))?;
+        let have = head.snapshots().await.map_err(head_status)?.iter().any(|s| s.id == snap);
+        if !(remote && have) {
+            self.demote(&volume, &snap, r.generation).await?;
+        }
+        // 2. The final copy: everything the target lacks.
+        let sync = self.links.sync(&r.link_id, false).await.map_err(|e| {
+            Status::new(
+                e.code(),
+                format!(
+                    "switchover of link {}: volume {volume} is demoted here (snapshot {snap} sealed) but the final copy failed: {}; call Switchover again to resume it, or PromoteHead here to go back",
+                    r.link_id,
+                    e.message()
+                ),
+            )
+        })?;
+        // 3. Promote the target.
+        let digest = self.links.promote_target(&r.link_id).await?;
+        let want = head.digest(Some(&snap)).await.map_err(head_status)?;
+        if digest != want {
+            return Err(Status::data_loss(format!(
+                "switchover of link {}: the promoted target's digest {digest} differs from snapshot {snap}'s {want}",
+                r.link_id
+            )));
+        }
+        tracing::warn!(link = %r.link_id, %volume, snapshot = %snap, "switchover done: the target is the primary now");
+        Ok(Response::new(pb::SwitchoverResponse {
+            sync: Some(sync),
+            digest: digest.0.to_vec().into(),
+        }))
+    }
+}
+
+impl HeadService {
+    /// Primary -> Remote: refused under an attached loop device; the FUSE
+    /// mount is removed; a last snapshot is sealed, then client writes are
+    /// refused.
+    async fn demote(
+        &self,
+        volume: &VolumeId,
+        snap: &SnapshotId,
+        generation: u64,
+    ) -> Result<cairn_api::Digest, Status> {
         let mut heads = self.heads.lock().await;
-        let open = heads.get_mut(&volume).ok_or_else(|| self.not_open(&volume))?;
+        let open = heads.get_mut(volume).ok_or_else(|| self.not_open(volume))?;
         if open.is_remote() {
             return Err(Status::failed_precondition(format!(
                 "volume {volume} is already a remote copy here"
             )));
         }
         // Not under a mounted filesystem: it would keep writing.
-        self.check_detached(&volume, open)?;
+        self.check_detached(volume, open)?;
         if let Some(m) = open.fuse.take() {
             unmount(m).await?;
         }
-        let digest = open.head.snapshot(&snap, r.generation).await.map_err(head_status)?;
+        let digest = open.head.snapshot(snap, generation).await.map_err(head_status)?;
         open.remote.store(true, std::sync::atomic::Ordering::SeqCst);
         tracing::warn!(%volume, snapshot = %snap, "demoted: the volume is a remote copy here");
-        Ok(Response::new(pb::DemoteHeadResponse { digest: digest.0.to_vec().into() }))
+        Ok(digest)
     }
 }

@@ -54,6 +54,10 @@ struct Args {
     /// ...or after this many milliseconds, whichever comes first.
     #[arg(long, env = "CAIRN_COPY_CHECKPOINT_MS", default_value_t = 5000)]
     copy_checkpoint_ms: u64,
+    /// Caps every copy this agent sends, all links together, at this many
+    /// bytes per second (each link's own policy applies too). None: no cap.
+    #[arg(long, env = "CAIRN_COPY_RATE_CAP")]
+    copy_rate_cap: Option<u64>,
     /// Address of the site listener: the copy receiver (SnapshotCopy) over
     /// mutual TLS, for senders at other sites. Needs --tls-cert, --tls-key
     /// and --peer-ca. Printed on stdout as `site-listening <addr>`.
@@ -152,12 +156,14 @@ async fn main() -> anyhow::Result<()> {
         args.fuse_dir.clone(),
     )
     .with_heal_every(std::time::Duration::from_millis(args.rebuild_interval_ms.max(10)))
-    .with_site_tls(site_tls.clone());
+    .with_site_tls(site_tls.clone())
+    .with_copy_cap(args.copy_rate_cap.filter(|&r| r > 0));
     let copies = cairn_agent::copy::receiver::CopyService::new(store.clone(), heads.lookup())
         .with_checkpoints(
             args.copy_checkpoint_mib.max(1) << 20,
             std::time::Duration::from_millis(args.copy_checkpoint_ms.max(10)),
-        );
+        )
+        .with_forwarding(heads.links());
     let site_copies = copies.clone();
     let site = async {
         let (Some(l), Some(tls)) = (site_listener, &site_tls) else { return Ok(()) };

@@ -26,6 +26,8 @@ pub const CHUNK_ACC: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new(
 /// (JSON values; see `copy::state`).
 pub const LINKS: TableDefinition<&str, &[u8]> = TableDefinition::new("links");
 pub const CHECKPOINTS: TableDefinition<&str, &[u8]> = TableDefinition::new("copy_checkpoints");
+/// Links this agent sends (source side), with their cursors.
+pub const SOURCE_LINKS: TableDefinition<&str, &[u8]> = TableDefinition::new("source_links");
 
 /// Blocks per `blocks` record: 64 blocks (256 KiB) share one record, so a
 /// sequential write updates one record per 256 KiB.
@@ -92,6 +94,9 @@ pub struct SnapshotRecord {
     pub sealed_at_unix: i64,
     /// The accumulator of every chunk the replica holds, as of the snapshot.
     pub acc: [u64; 4],
+    /// Marked by a resync that rolled the volume back past it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub divergent: bool,
 }
 
 pub fn encode_record(r: &ReplicaRecord) -> Vec<u8> {

@@ -112,6 +112,13 @@ pub trait ReplicaPeer: Send + Sync + fmt::Debug {
         generation: u64,
     ) -> PeerResult<()>;
     async fn delete_snapshot(&self, volume: &VolumeId, id: &SnapshotId) -> PeerResult<()>;
+    /// Marks snapshots divergent (a resync rolled the volume back past them).
+    async fn mark_divergent(
+        &self,
+        volume: &VolumeId,
+        epoch: u64,
+        ids: &[SnapshotId],
+    ) -> PeerResult<()>;
     async fn chunk_digests(
         &self,
         volume: &VolumeId,
@@ -303,6 +310,16 @@ impl ReplicaPeer for LocalPeer {
     ) -> PeerResult<()> {
         let (v, id) = (volume.clone(), id.clone());
         self.run(move |s| s.replica(&v)?.seal(epoch, &id, generation).map(drop)).await
+    }
+
+    async fn mark_divergent(
+        &self,
+        volume: &VolumeId,
+        epoch: u64,
+        ids: &[SnapshotId],
+    ) -> PeerResult<()> {
+        let (v, ids) = (volume.clone(), ids.to_vec());
+        self.run(move |s| s.replica(&v)?.mark_divergent(epoch, &ids)).await
     }
 
     async fn delete_snapshot(&self, volume: &VolumeId, id: &SnapshotId) -> PeerResult<()> {
@@ -547,6 +564,20 @@ impl ReplicaPeer for GrpcPeer {
             epoch,
         };
         self.call(self.client.clone().seal_snapshot(req)).await.map(drop)
+    }
+
+    async fn mark_divergent(
+        &self,
+        volume: &VolumeId,
+        epoch: u64,
+        ids: &[SnapshotId],
+    ) -> PeerResult<()> {
+        let req = pb::MarkDivergentRequest {
+            volume_id: volume.to_string(),
+            snapshot_ids: ids.iter().map(|i| i.to_string()).collect(),
+            epoch,
+        };
+        self.call(self.client.clone().mark_divergent(req)).await.map(drop)
     }
 
     async fn delete_snapshot(&self, volume: &VolumeId, id: &SnapshotId) -> PeerResult<()> {

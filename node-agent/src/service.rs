@@ -138,6 +138,7 @@ fn to_batch(blocks: Vec<StreamedBlock>) -> pb::BlockBatch {
                 index: b.block,
                 crc32c: b.crc,
                 data: b.data.map(Into::into).unwrap_or_default(),
+                zero: false,
             })
             .collect(),
     }
@@ -385,6 +386,26 @@ impl ReplicaStore for ReplicaStoreService {
         let volume = convert::volume_id("volume_id", &r.volume_id).map_err(field)?;
         self.run(move |s| s.revert_head(&volume, r.epoch).map(drop)).await?;
         Ok(Response::new(pb::RevertHeadResponse {}))
+    }
+
+    #[tracing::instrument(skip_all, fields(volume = %req.get_ref().volume_id))]
+    async fn mark_divergent(
+        &self,
+        req: Request<pb::MarkDivergentRequest>,
+    ) -> Result<Response<pb::MarkDivergentResponse>, Status> {
+        let r = req.into_inner();
+        let volume = convert::volume_id("volume_id", &r.volume_id).map_err(field)?;
+        if r.snapshot_ids.is_empty() {
+            return Err(Status::invalid_argument("snapshot_ids: name at least one snapshot"));
+        }
+        let ids = r
+            .snapshot_ids
+            .iter()
+            .map(|i| convert::snapshot_id("snapshot_ids", i))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(field)?;
+        self.run(move |s| s.replica(&volume)?.mark_divergent(r.epoch, &ids)).await?;
+        Ok(Response::new(pb::MarkDivergentResponse {}))
     }
 
     #[tracing::instrument(skip_all, fields(volume = %req.get_ref().volume_id))]

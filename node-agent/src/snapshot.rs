@@ -36,6 +36,7 @@ fn info(layer: &Layer) -> Option<SnapshotInfo> {
         size: s.size,
         changed_blocks: layer.map.len() as u64,
         sealed_at_unix: s.sealed_at_unix,
+        divergent: s.divergent,
     })
 }
 
@@ -52,7 +53,16 @@ impl Replica {
                 generation: s.generation,
             });
         }
-        let last = st.layers.iter().filter_map(|l| l.snapshot.as_ref()).map(|s| s.generation).max();
+        // Divergent snapshots (kept from before a resync) are out of the
+        // line: the generations after the shared base continue from the
+        // other site's.
+        let last = st
+            .layers
+            .iter()
+            .filter_map(|l| l.snapshot.as_ref())
+            .filter(|s| !s.divergent)
+            .map(|s| s.generation)
+            .max();
         if let Some(last) = last.filter(|&last| generation <= last) {
             return Err(Error::StaleGeneration {
                 volume: self.volume.clone(),
@@ -69,6 +79,7 @@ impl Replica {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs() as i64),
             acc: st.total_acc.0,
+            divergent: false,
         };
         let accs: BTreeMap<u64, Accumulator> = st
             .touched
@@ -118,6 +129,37 @@ impl Replica {
         st.touched.clear();
         let sealed = &st.layers[st.layers.len() - 2];
         Ok(info(sealed).expect("just sealed"))
+    }
+
+    /// Marks snapshots divergent, durably (one commit); marking one twice
+    /// is a no-op. Admitted like a write (`epoch`).
+    pub fn mark_divergent(&self, epoch: u64, ids: &[SnapshotId]) -> Result<()> {
+        let mut st = self.write_state()?;
+        self.admit(&mut st, epoch)?;
+        let mut idx = Vec::with_capacity(ids.len());
+        for id in ids {
+            idx.push(st.snapshot_index(&self.volume, id)?);
+        }
+        if idx.iter().all(|&k| st.layers[k].snapshot.as_ref().is_some_and(|s| s.divergent)) {
+            return Ok(());
+        }
+        let volume = self.volume.clone();
+        let mut record = st.record();
+        for &k in &idx {
+            record.layers[k].snapshot.as_mut().expect("a snapshot layer").divergent = true;
+        }
+        self.commit(&mut st, |_, tx| {
+            tx.open_table(REPLICAS)
+                .map_err(meta("marking snapshots divergent"))?
+                .insert(volume.as_str(), &encode_record(&record)[..])
+                .map_err(meta("marking snapshots divergent"))?;
+            Ok(())
+        })
+        .map_err(|e| self.fail(e))?;
+        for &k in &idx {
+            st.layers[k].snapshot.as_mut().expect("a snapshot layer").divergent = true;
+        }
+        Ok(())
     }
 
     /// The snapshots of this replica, oldest first.

@@ -130,6 +130,26 @@ impl Store {
         Ok(t.get(key).map_err(meta("reading copy metadata"))?.map(|v| v.value().to_vec()))
     }
 
+    /// Every key and value of one of the small tables.
+    pub fn list_meta(
+        &self,
+        table: redb::TableDefinition<&str, &[u8]>,
+    ) -> Result<Vec<(String, Vec<u8>)>> {
+        use redb::{ReadableDatabase, ReadableTable};
+        let tx = self.db.begin_read().map_err(meta("reading copy metadata"))?;
+        let t = match tx.open_table(table) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(meta("reading copy metadata")(e)),
+        };
+        let mut out = Vec::new();
+        for row in t.iter().map_err(meta("reading copy metadata"))? {
+            let (k, v) = row.map_err(meta("reading copy metadata"))?;
+            out.push((k.value().to_string(), v.value().to_vec()));
+        }
+        Ok(out)
+    }
+
     fn dir(&self, volume: &VolumeId) -> PathBuf {
         self.root.join("volumes").join(volume.as_str())
     }

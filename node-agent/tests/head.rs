@@ -143,6 +143,10 @@ impl ReplicaPeer for Switch {
         self.check()?;
         self.inner.delete_snapshot(v, id).await
     }
+    async fn mark_divergent(&self, v: &VolumeId, epoch: u64, ids: &[SnapshotId]) -> PeerResult<()> {
+        self.check()?;
+        self.inner.mark_divergent(v, epoch, ids).await
+    }
     async fn chunk_digests(
         &self,
         v: &VolumeId,

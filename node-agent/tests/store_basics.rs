@@ -275,3 +275,36 @@ fn try_write_and_try_read_act_like_write_and_read_or_leave_the_replica_alone() {
     let store = open(&disk);
     assert_eq!(read_block(&store, 1, None), block(7));
 }
+
+#[test]
+fn divergent_marks_survive_a_crash_and_leave_the_generation_line_to_the_others() {
+    let disk = SimDisk::new();
+    let store = open(&disk);
+    let r =
+        store.create_replica(&vol(), Geometry::new(1 << 20, 0).unwrap(), ChunkSet::All).unwrap();
+    r.write(0, 0, &block(1)).unwrap();
+    r.seal(0, &snap("s2"), 2).unwrap();
+    r.write(0, 0, &block(3)).unwrap();
+    r.seal(0, &snap("s3"), 3).unwrap();
+    // Not divergent yet: a lower generation is stale.
+    let err = r.seal(0, &snap("t3"), 3).unwrap_err();
+    assert!(err.to_string().contains("generation"), "{err}");
+    r.mark_divergent(0, &[snap("s3")]).unwrap();
+    r.mark_divergent(0, &[snap("s3")]).unwrap(); // a repeat is a no-op
+    assert!(r.mark_divergent(0, &[snap("nope")]).is_err(), "an unknown snapshot is refused");
+    drop((r, store));
+    let crashed = disk.crash_image(cairn_agent::disk::CrashMode::DropUnsynced);
+    let store = open(&crashed);
+    let r = store.replica(&vol()).unwrap();
+    let marks: Vec<(String, bool)> =
+        r.snapshots().unwrap().into_iter().map(|s| (s.id.to_string(), s.divergent)).collect();
+    assert_eq!(marks, [("s2".to_string(), false), ("s3".to_string(), true)]);
+    // The line goes on from s2's generation, beside the divergent s3.
+    r.write(0, 0, &block(1)).unwrap();
+    r.seal(0, &snap("t3"), 3).unwrap();
+    assert_eq!(read_block(&store, 0, Some("s3")), block(3), "the divergent view stays readable");
+    // Deleting the divergent snapshot folds nothing the line needs.
+    r.delete_snapshot(&snap("s3")).unwrap();
+    assert_eq!(read_block(&store, 0, Some("t3")), block(1));
+    assert_eq!(read_block(&store, 0, Some("s2")), block(1));
+}

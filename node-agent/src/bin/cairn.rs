@@ -8,6 +8,9 @@
 //! cairn head snapshot VOL s1 --generation 1
 //! cairn link register LINK --secret-file F --target-volume VOL      (at the receiver)
 //! cairn copy VOL s2 --base s1 --link LINK --secret-file F --to https://site-b:7443 --rate 100MiB
+//! cairn link put LINK --volume VOL --to https://site-b:7443 --secret-file F --rate 50MiB
+//! cairn link sync LINK [--resync]
+//! cairn link switchover LINK final --generation 9
 //! ```
 
 use std::{path::PathBuf, time::Duration};
@@ -64,7 +67,30 @@ enum Command {
         /// Which replica each chunk is read from.
         #[arg(long, default_value = "primary", value_parser = ["primary", "replica", "auto"])]
         source: String,
+        #[arg(long, default_value = "default", value_parser = ["default", "none", "zstd"])]
+        compression: String,
     },
+}
+
+/// A link's bandwidth policy on the command line.
+#[derive(Debug, clap::Args)]
+struct PolicyArgs {
+    /// A fixed rate, e.g. 100MiB (per second); 0 pauses. None: no limit.
+    #[arg(long, value_parser = parse_size, conflicts_with_all = ["adaptive", "window"])]
+    rate: Option<u64>,
+    /// Adaptive between a floor and a ceiling, e.g. 10MiB:100MiB.
+    #[arg(long, conflicts_with = "window")]
+    adaptive: Option<String>,
+    /// A window: DAYS START-END RATE, e.g. "mon,tue,wed,thu,fri 08:00-18:00 10MiB"
+    /// (repeat for more; the first that holds wins).
+    #[arg(long)]
+    window: Vec<String>,
+    /// The windows' time zone (IANA).
+    #[arg(long, default_value = "UTC")]
+    zone: String,
+    /// The rate outside every window (default: no limit).
+    #[arg(long, value_parser = parse_size)]
+    default_rate: Option<u64>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -115,6 +141,15 @@ enum HeadCmd {
         #[arg(long)]
         generation: u64,
     },
+    /// The snapshots of this agent's replica of the volume.
+    Snapshots {
+        volume: String,
+    },
+    /// Deletes a snapshot on every replica (refused while a link needs it).
+    DeleteSnapshot {
+        volume: String,
+        snapshot: String,
+    },
     /// The volume's digest (of the head, or of a snapshot).
     Digest {
         volume: String,
@@ -135,6 +170,51 @@ enum LinkCmd {
         secret_file: PathBuf,
         #[arg(long)]
         target_volume: String,
+    },
+    /// Creates or changes a link this agent sends (a running copy takes a
+    /// new policy within a second).
+    Put {
+        link: String,
+        #[arg(long)]
+        volume: String,
+        /// The receiving agent (https:// for its site listener).
+        #[arg(long)]
+        to: String,
+        #[arg(long)]
+        secret_file: PathBuf,
+        #[command(flatten)]
+        policy: PolicyArgs,
+        #[arg(long, default_value = "primary", value_parser = ["primary", "replica", "auto"])]
+        source: String,
+        #[arg(long, default_value = "default", value_parser = ["default", "none", "zstd"])]
+        compression: String,
+        /// Copy each snapshot as soon as it is complete here (cascade).
+        #[arg(long)]
+        forward: bool,
+    },
+    /// The links this agent sends, with cursor and progress.
+    List {
+        #[arg(long, default_value = "")]
+        volume: String,
+    },
+    Delete {
+        link: String,
+    },
+    /// Copies every snapshot the link's target lacks, showing progress.
+    Sync {
+        link: String,
+        /// Roll a diverged target back to the newest shared snapshot,
+        /// keeping its later snapshots marked divergent (failback).
+        #[arg(long)]
+        resync: bool,
+    },
+    /// Planned switchover: demote here (sealing SNAPSHOT), final copy,
+    /// promote the target.
+    Switchover {
+        link: String,
+        snapshot: String,
+        #[arg(long)]
+        generation: u64,
     },
 }
 
@@ -189,7 +269,8 @@ async fn main() -> anyhow::Result<()> {
         .max_encoding_message_size(MAX);
     match cli.command {
         Command::Stat => {
-            let s = ReplicaStoreClient::new(ch).stat(pb::StatRequest {}).await?.into_inner();
+            let s =
+                ReplicaStoreClient::new(ch.clone()).stat(pb::StatRequest {}).await?.into_inner();
             println!(
                 "capacity {:.1} GiB, used {:.1} MiB, available {:.1} GiB",
                 mib(s.capacity_bytes) / 1024.0,
@@ -213,7 +294,7 @@ async fn main() -> anyhow::Result<()> {
                 );
             }
         }
-        Command::Head(cmd) => head(&mut heads, cmd).await?,
+        Command::Head(cmd) => head(&ch, &mut heads, cmd).await?,
         Command::Link(LinkCmd::Register { link, secret_file, target_volume }) => {
             let secret = std::fs::read(&secret_file)
                 .with_context(|| format!("reading {}", secret_file.display()))?;
@@ -222,76 +303,273 @@ async fn main() -> anyhow::Result<()> {
                 pairing_secret: secret.into(),
                 target_volume_id: target_volume.clone(),
             };
-            SnapshotCopyClient::new(ch).register_link(req).await?;
+            SnapshotCopyClient::new(ch.clone()).register_link(req).await?;
             println!("link {link} registered: copies write volume {target_volume} here");
         }
-        Command::Copy { volume, snapshot, base, link, secret_file, to, rate, source } => {
+        Command::Link(cmd) => link(&mut heads, cmd).await?,
+        Command::Copy {
+            volume,
+            snapshot,
+            base,
+            link,
+            secret_file,
+            to,
+            rate,
+            source,
+            compression,
+        } => {
             let secret = std::fs::read(&secret_file)
                 .with_context(|| format!("reading {}", secret_file.display()))?;
             let req = pb::CopySnapshotRequest {
                 volume_id: volume.clone(),
                 snapshot_id: snapshot.clone(),
                 base_snapshot_id: base.unwrap_or_default(),
-                link_id: link,
+                link_id: link.clone(),
                 pairing_secret: secret.into(),
                 target_endpoint: to,
                 rate_bytes_per_sec: rate.unwrap_or(0),
-                source: match source.as_str() {
-                    "replica" => pb::SourceSelection::Replica,
-                    "auto" => pb::SourceSelection::Auto,
-                    _ => pb::SourceSelection::Primary,
-                } as i32,
+                source: source_pb(&source),
+                compression: compression_pb(&compression),
+                policy: None,
             };
             let mut h = heads.clone();
             let copy = tokio::spawn(async move { h.copy_snapshot(req).await });
-            let mut ticker = tokio::time::interval(Duration::from_millis(200));
-            while !copy.is_finished() {
-                ticker.tick().await;
-                let p = heads
-                    .get_copy_progress(pb::CopyProgressRequest { volume_id: volume.clone() })
-                    .await?
-                    .into_inner();
-                if p.snapshot_id == snapshot && !p.done {
-                    let done = p.bytes_durable.max(p.bytes_sent).min(p.bytes_total);
-                    let frac = if p.bytes_total == 0 {
-                        1.0
-                    } else {
-                        (done as f64 / p.bytes_total as f64).min(1.0)
-                    };
-                    let bar = "#".repeat((frac * 30.0) as usize);
-                    eprint!(
-                        "\r{snapshot}: [{bar:<30}] {:>5.1}% of {:.1} MiB, {:>7.1} MiB/s, ETA {:>5.0} s   ",
-                        frac * 100.0,
-                        mib(p.bytes_total),
-                        mib(p.rate_bytes_per_sec as u64),
-                        p.eta_seconds
-                    );
-                }
-            }
-            eprintln!();
+            show_progress(&mut heads, &volume, &link, &copy).await?;
             let r = copy.await?.context("the copy failed")?.into_inner();
-            if r.already_present {
-                println!("{snapshot} is already at the target (digest {})", hex(&r.digest));
-            } else {
-                println!(
-                    "{snapshot} copied: {:.1} MiB in {} blocks, {:.1} s{}; digest {} at both sites",
-                    mib(r.bytes_sent),
-                    r.blocks_sent,
-                    r.elapsed_ms as f64 / 1000.0,
-                    if r.resumed_from_block > 0 {
-                        format!(", resumed at block {}", r.resumed_from_block)
-                    } else {
-                        String::new()
-                    },
-                    hex(&r.digest)
-                );
-            }
+            print_copy(&r);
         }
     }
     Ok(())
 }
 
-async fn head(heads: &mut VolumeHeadsClient<Channel>, cmd: HeadCmd) -> anyhow::Result<()> {
+fn source_pb(s: &str) -> i32 {
+    let v = match s {
+        "replica" => pb::SourceSelection::Replica,
+        "auto" => pb::SourceSelection::Auto,
+        _ => pb::SourceSelection::Primary,
+    };
+    v as i32
+}
+
+fn compression_pb(s: &str) -> i32 {
+    let v = match s {
+        "none" => pb::Compression::None,
+        "zstd" => pb::Compression::Zstd,
+        _ => pb::Compression::Default,
+    };
+    v as i32
+}
+
+fn rate_pb(r: Option<u64>) -> Option<pb::Rate> {
+    Some(match r {
+        None => pb::Rate { unlimited: true, bytes_per_sec: 0 },
+        Some(n) => pb::Rate { unlimited: false, bytes_per_sec: n },
+    })
+}
+
+fn policy_pb(a: &PolicyArgs) -> anyhow::Result<Option<pb::BandwidthPolicy>> {
+    use pb::bandwidth_policy::Policy;
+    let policy = if let Some(ad) = &a.adaptive {
+        let (floor, ceiling) = ad.split_once(':').with_context(|| {
+            format!("--adaptive {ad:?} is not FLOOR:CEILING, e.g. 10MiB:100MiB")
+        })?;
+        Policy::Adaptive(pb::AdaptiveBandwidth {
+            floor_bytes_per_sec: parse_size(floor).map_err(anyhow::Error::msg)?,
+            ceiling_bytes_per_sec: parse_size(ceiling).map_err(anyhow::Error::msg)?,
+        })
+    } else if !a.window.is_empty() {
+        let mut windows = Vec::new();
+        for w in &a.window {
+            let parts: Vec<&str> = w.split_whitespace().collect();
+            let [days, span, rate] = parts[..] else {
+                bail!(
+                    "--window {w:?} is not DAYS START-END RATE, e.g. \"mon,fri 08:00-18:00 10MiB\""
+                );
+            };
+            let (start, end) = span
+                .split_once('-')
+                .with_context(|| format!("--window {w:?}: {span:?} is not START-END"))?;
+            windows.push(pb::BandwidthWindow {
+                days: days.split(',').map(String::from).collect(),
+                start: start.into(),
+                end: end.into(),
+                rate: rate_pb(Some(parse_size(rate).map_err(anyhow::Error::msg)?)),
+            });
+        }
+        Policy::Windows(pb::BandwidthWindows {
+            time_zone: a.zone.clone(),
+            default_rate: rate_pb(a.default_rate),
+            windows,
+        })
+    } else {
+        match a.rate {
+            None => return Ok(None),
+            r => Policy::Fixed(rate_pb(r).expect("some")),
+        }
+    };
+    Ok(Some(pb::BandwidthPolicy { policy: Some(policy) }))
+}
+
+/// A progress bar on stderr until `task` ends.
+async fn show_progress<T>(
+    heads: &mut VolumeHeadsClient<Channel>,
+    volume: &str,
+    link: &str,
+    task: &tokio::task::JoinHandle<T>,
+) -> anyhow::Result<()> {
+    let mut ticker = tokio::time::interval(Duration::from_millis(200));
+    while !task.is_finished() {
+        ticker.tick().await;
+        let req = pb::CopyProgressRequest { volume_id: volume.into(), link_id: link.into() };
+        let Ok(p) = heads.get_copy_progress(req).await.map(|r| r.into_inner()) else { continue };
+        if !p.snapshot_id.is_empty() && !p.done {
+            let done = p.bytes_durable.max(p.bytes_sent).min(p.bytes_total);
+            let frac = if p.bytes_total == 0 {
+                1.0
+            } else {
+                (done as f64 / p.bytes_total as f64).min(1.0)
+            };
+            let bar = "#".repeat((frac * 30.0) as usize);
+            eprint!(
+                "\r{}: [{bar:<30}] {:>5.1}% of {:.1} MiB, {:>7.1} MiB/s, ETA {:>5.0} s   ",
+                p.snapshot_id,
+                frac * 100.0,
+                mib(p.bytes_total),
+                mib(p.rate_bytes_per_sec as u64),
+                p.eta_seconds
+            );
+        }
+    }
+    eprintln!();
+    Ok(())
+}
+
+fn print_copy(r: &pb::CopySnapshotResponse) {
+    let snapshot = &r.snapshot_id;
+    if r.already_present {
+        println!("{snapshot} is already at the target (digest {})", hex(&r.digest));
+    } else {
+        println!(
+            "{snapshot} copied: {:.1} MiB in {} blocks ({:.1} MiB on the wire), {:.1} s{}; digest {} at both sites",
+            mib(r.bytes_sent),
+            r.blocks_sent,
+            mib(r.wire_bytes),
+            r.elapsed_ms as f64 / 1000.0,
+            if r.resumed_from_block > 0 {
+                format!(", resumed at block {}", r.resumed_from_block)
+            } else {
+                String::new()
+            },
+            hex(&r.digest)
+        );
+    }
+}
+
+fn print_link(l: &pb::LinkStatus) {
+    let Some(link) = &l.link else { return };
+    println!(
+        "{:<20} {} -> {}  last copied: {}{}",
+        link.link_id,
+        link.volume_id,
+        link.target_endpoint,
+        if l.last_copied_snapshot_id.is_empty() { "none" } else { &l.last_copied_snapshot_id },
+        if link.forward { "  (forwards)" } else { "" }
+    );
+    if let Some(p) = l.progress.as_ref().filter(|p| !p.done) {
+        println!(
+            "  copying {}: {:.1}/{:.1} MiB, {:.1} MiB/s",
+            p.snapshot_id,
+            mib(p.bytes_durable.max(p.bytes_sent)),
+            mib(p.bytes_total),
+            mib(p.rate_bytes_per_sec as u64)
+        );
+    }
+    if !l.last_error.is_empty() {
+        println!("  last error: {}", l.last_error);
+    }
+}
+
+async fn link(heads: &mut VolumeHeadsClient<Channel>, cmd: LinkCmd) -> anyhow::Result<()> {
+    match cmd {
+        LinkCmd::Register { .. } => unreachable!("handled with the copy client"),
+        LinkCmd::Put { link, volume, to, secret_file, policy, source, compression, forward } => {
+            let secret = std::fs::read(&secret_file)
+                .with_context(|| format!("reading {}", secret_file.display()))?;
+            let req = pb::Link {
+                link_id: link,
+                volume_id: volume,
+                target_endpoint: to,
+                pairing_secret: secret.into(),
+                policy: policy_pb(&policy)?,
+                source: source_pb(&source),
+                compression: compression_pb(&compression),
+                forward,
+            };
+            print_link(&heads.put_link(req).await?.into_inner());
+        }
+        LinkCmd::List { volume } => {
+            for l in heads
+                .list_links(pb::ListLinksRequest { volume_id: volume })
+                .await?
+                .into_inner()
+                .links
+            {
+                print_link(&l);
+            }
+        }
+        LinkCmd::Delete { link } => {
+            heads.delete_link(pb::DeleteLinkRequest { link_id: link.clone() }).await?;
+            println!("link {link} deleted");
+        }
+        LinkCmd::Sync { link, resync } => {
+            let list = heads.list_links(pb::ListLinksRequest::default()).await?.into_inner();
+            let volume = list
+                .links
+                .iter()
+                .filter_map(|l| l.link.as_ref())
+                .find(|l| l.link_id == link)
+                .map(|l| l.volume_id.clone())
+                .with_context(|| format!("no link {link} is sent from this agent"))?;
+            let mut h = heads.clone();
+            let req = pb::SyncLinkRequest { link_id: link.clone(), resync };
+            let task = tokio::spawn(async move { h.sync_link(req).await });
+            show_progress(heads, &volume, &link, &task).await?;
+            let r = task.await?.context("the sync failed")?.into_inner();
+            if !r.divergent_snapshot_ids.is_empty() {
+                println!(
+                    "resync: the target rolled back to {}; kept, marked divergent: {}",
+                    r.common_snapshot_id,
+                    r.divergent_snapshot_ids.join(", ")
+                );
+            }
+            if r.copies.is_empty() {
+                println!("link {link}: the target has every snapshot already");
+            }
+            for c in &r.copies {
+                print_copy(c);
+            }
+        }
+        LinkCmd::Switchover { link, snapshot, generation } => {
+            let req =
+                pb::SwitchoverRequest { link_id: link.clone(), snapshot_id: snapshot, generation };
+            let r = heads.switchover(req).await?.into_inner();
+            for c in r.sync.iter().flat_map(|s| &s.copies) {
+                print_copy(c);
+            }
+            println!(
+                "switchover over link {link} done: the target is the primary (digest {})",
+                hex(&r.digest)
+            );
+        }
+    }
+    Ok(())
+}
+
+async fn head(
+    ch: &Channel,
+    heads: &mut VolumeHeadsClient<Channel>,
+    cmd: HeadCmd,
+) -> anyhow::Result<()> {
     match cmd {
         HeadCmd::Promote { volume } => {
             let r = heads
@@ -363,6 +641,27 @@ async fn head(heads: &mut VolumeHeadsClient<Channel>, cmd: HeadCmd) -> anyhow::R
                 pb::HeadSnapshotRequest { volume_id: volume, snapshot_id: id.clone(), generation };
             let d = heads.head_snapshot(req).await?.into_inner().digest;
             println!("snapshot {id} sealed on every replica; digest {}", hex(&d));
+        }
+        HeadCmd::Snapshots { volume } => {
+            let req = pb::ListSnapshotsRequest { volume_id: volume };
+            let list = ReplicaStoreClient::new(ch.clone()).list_snapshots(req).await?.into_inner();
+            for s in list.snapshots {
+                println!(
+                    "{:<24} generation {:>4}  {:>9} blocks changed{}",
+                    s.snapshot_id,
+                    s.generation,
+                    s.changed_blocks,
+                    if s.divergent { "  DIVERGENT (kept from before a resync)" } else { "" }
+                );
+            }
+        }
+        HeadCmd::DeleteSnapshot { volume, snapshot } => {
+            let req = pb::DeleteHeadSnapshotRequest {
+                volume_id: volume.clone(),
+                snapshot_id: snapshot.clone(),
+            };
+            heads.delete_head_snapshot(req).await?;
+            println!("snapshot {snapshot} of {volume} deleted");
         }
         HeadCmd::Digest { volume, snapshot } => {
             let req = pb::HeadDigestRequest {

@@ -197,7 +197,8 @@ impl Policy {
 /// The adaptive controller: additive increase, multiplicative decrease on
 /// round-trip time. The baseline is the lowest RTT seen in the last two
 /// 10 s periods (so it follows a path that changed); when the smoothed RTT
-/// rises above 1.5x the baseline plus 2 ms (a queue is building), the rate
+/// rises above 1.5x the baseline plus 5 ms (a queue is building; the 5 ms
+/// keep a LAN's jitter and one batch's serialisation from counting), the rate
 /// is cut to 0.7x, at most once per smoothed RTT; otherwise it rises by 5%
 /// of the ceiling per second. It stays within [floor, ceiling].
 #[derive(Debug, Clone)]
@@ -254,7 +255,7 @@ impl Adaptive {
         let base = self.baseline().expect("a sample was just taken");
         let since = self.last_update.map_or(Duration::ZERO, |t| now.saturating_sub(t));
         self.last_update = Some(now);
-        let congested = srtt.as_secs_f64() > base.as_secs_f64() * 1.5 + 0.002;
+        let congested = srtt.as_secs_f64() > base.as_secs_f64() * 1.5 + 0.005;
         if congested {
             if self.last_cut.is_none_or(|t| now.saturating_sub(t) >= srtt) {
                 self.rate *= 0.7;

@@ -1,7 +1,9 @@
-//! Remote copy of snapshots between sites (issue 4). Built so far: the
-//! bandwidth policy and limiter, the receiving and the sending end of a copy.
+//! Remote copy of snapshots between sites: the bandwidth policy and
+//! limiter, the sending and the receiving end of a copy, the links an agent
+//! sends (fan-out, cascade, resync) and mutual TLS between sites.
 
 pub mod bandwidth;
+pub mod links;
 pub mod receiver;
 pub mod sender;
 pub mod tls;

@@ -27,6 +27,8 @@ use serde::{Deserialize, Serialize};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
+use cairn_api::snapshot::SnapshotInfo;
+
 use crate::{
     head::{Run, VolumeHead, layer_runs},
     head_service::{HeadLookup, head_status},
@@ -44,11 +46,27 @@ pub const MIN_SECRET_BYTES: usize = 16;
 
 /// A link this agent receives (the value of the `links` table).
 #[derive(Debug, Clone, Serialize, Deserialize)]
-struct LinkRecord {
+pub(crate) struct LinkRecord {
     /// BLAKE3 of the pairing secret, hex.
     secret_hash: String,
-    target_volume: String,
+    pub(crate) target_volume: String,
+    /// The newest snapshot sealed here by this link: the base of its next
+    /// copy, kept until a newer one arrives.
+    #[serde(default)]
+    pub(crate) last_snapshot: Option<String>,
 }
+
+/// The links this agent receives, by id.
+pub(crate) fn receiving_links(store: &Store) -> Result<Vec<(String, LinkRecord)>, crate::Error> {
+    Ok(store
+        .list_meta(LINKS)?
+        .into_iter()
+        .filter_map(|(k, v)| serde_json::from_slice(&v).ok().map(|r| (k, r)))
+        .collect())
+}
+
+/// Most bytes a compressed batch may expand to (256 blocks).
+const MAX_BATCH_BYTES: usize = 256 * BLOCK_SIZE as usize;
 
 /// Where a broken copy stands (the value of the `copy_checkpoints` table).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -76,6 +94,8 @@ pub struct CopyService {
     heads: HeadLookup,
     checkpoint_bytes: u64,
     checkpoint_every: Duration,
+    /// Told of every snapshot sealed here, to forward it (cascade).
+    links: Option<Arc<crate::copy::links::Links>>,
 }
 
 impl CopyService {
@@ -85,7 +105,15 @@ impl CopyService {
             heads,
             checkpoint_bytes: DEFAULT_CHECKPOINT_BYTES,
             checkpoint_every: DEFAULT_CHECKPOINT_EVERY,
+            links: None,
         }
+    }
+
+    /// Forwards snapshots sealed here over this agent's links that ask for
+    /// it (a cascade A -> B -> C).
+    pub fn with_forwarding(mut self, links: Arc<crate::copy::links::Links>) -> Self {
+        self.links = Some(links);
+        self
     }
 
     /// Sets how often progress is made durable (bytes, time).
@@ -121,21 +149,41 @@ impl CopyService {
         self.store.put_meta(CHECKPOINTS, link, bytes.as_deref()).map_err(internal)
     }
 
+    /// The link, if registered here and `secret` is its pairing secret.
+    fn admit(&self, link_id: &str, secret: &[u8]) -> Result<LinkRecord, Status> {
+        let link = self.link(link_id)?.ok_or_else(|| {
+            Status::permission_denied(format!(
+                "link {link_id:?} is not registered at this agent: register it here first (RegisterLink)"
+            ))
+        })?;
+        if secret_hash(secret) != link.secret_hash {
+            return Err(Status::unauthenticated(format!(
+                "link {link_id}: the pairing secret does not match the one registered here"
+            )));
+        }
+        Ok(link)
+    }
+
+    /// The open head of a link's target volume, and whether it is Remote.
+    async fn target_head(
+        &self,
+        link_id: &str,
+        link: &LinkRecord,
+    ) -> Result<(VolumeId, Arc<VolumeHead>, bool), Status> {
+        let target = VolumeId::new(&link.target_volume)
+            .map_err(|e| Status::data_loss(format!("link {link_id}: {e}")))?;
+        let (head, remote) = self.heads.get(&target).await.ok_or_else(|| {
+            Status::failed_precondition(format!(
+                "link {link_id}: the head of target volume {target} is not open on this agent: open it here first (role Remote)"
+            ))
+        })?;
+        Ok((target, head, remote))
+    }
+
     /// Checks the start of a copy and decides where it begins. Returns the
     /// session, or the reply that ends it at once (already there).
     async fn begin(&self, start: pb::CopyStart) -> Result<Begun, Status> {
-        let link = self.link(&start.link_id)?.ok_or_else(|| {
-            Status::permission_denied(format!(
-                "link {:?} is not registered at this agent: register it here first (RegisterLink)",
-                start.link_id
-            ))
-        })?;
-        if secret_hash(&start.pairing_secret) != link.secret_hash {
-            return Err(Status::unauthenticated(format!(
-                "link {}: the pairing secret does not match the one registered here",
-                start.link_id
-            )));
-        }
+        let link = self.admit(&start.link_id, &start.pairing_secret)?;
         let snapshot = convert::snapshot_id("snapshot_id", &start.snapshot_id)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let base = convert::optional_snapshot_id("base_snapshot_id", &start.base_snapshot_id)
@@ -143,14 +191,7 @@ impl CopyService {
         let digest = Digest::try_from(&start.digest[..]).map_err(|len| {
             Status::invalid_argument(format!("digest has {len} bytes, expected 32"))
         })?;
-        let target = VolumeId::new(&link.target_volume)
-            .map_err(|e| Status::data_loss(format!("link {}: {e}", start.link_id)))?;
-        let (head, remote) = self.heads.get(&target).await.ok_or_else(|| {
-            Status::failed_precondition(format!(
-                "link {}: the head of target volume {target} is not open on this agent: open it here first (role Remote)",
-                start.link_id
-            ))
-        })?;
+        let (target, head, remote) = self.target_head(&start.link_id, &link).await?;
         if !remote {
             return Err(Status::failed_precondition(format!(
                 "link {}: target volume {target} is a primary at this site: a copy would overwrite a live volume; demote it first (DemoteHead)",
@@ -167,33 +208,44 @@ impl CopyService {
         }
         let snaps = head.snapshots().await.map_err(head_status)?;
         if let Some(s) = snaps.iter().find(|s| s.id == snapshot) {
-            if s.generation != start.generation || s.digest != digest {
+            if s.generation != start.generation || s.digest != digest || s.divergent {
                 return Err(Status::already_exists(format!(
-                    "link {}: target volume {target} has a different snapshot {snapshot} (generation {}, digest {}); delete it there first",
-                    start.link_id, s.generation, s.digest
+                    "link {}: target volume {target} has a different snapshot {snapshot} (generation {}, digest {}{}); delete it there first",
+                    start.link_id,
+                    s.generation,
+                    s.digest,
+                    if s.divergent { ", divergent" } else { "" }
                 )));
             }
             return Ok(Begun::AlreadyThere(s.digest));
         }
-        let newest = snaps.last();
-        match (&base, newest) {
-            (None, None) => {}
-            (Some(b), Some(n)) if &n.id == b => {}
-            (None, Some(n)) => {
-                return Err(Status::failed_precondition(format!(
-                    "link {}: a full copy needs a target without snapshots, but {target} has {} (newest {}): send the layer on top of it instead",
+        // The volume's line of snapshots: divergent ones are out of it.
+        let line: Vec<&SnapshotInfo> = snaps.iter().filter(|s| !s.divergent).collect();
+        let base_at = match &base {
+            None => None,
+            Some(b) => Some(line.iter().position(|s| &s.id == b).ok_or_else(|| {
+                Status::failed_precondition(format!(
+                    "link {}: this copy is the layer on top of snapshot {b}, which target volume {target} does not have (newest: {}): copy the snapshots before it first",
                     start.link_id,
-                    snaps.len(),
-                    n.id
-                )));
-            }
-            (Some(b), n) => {
-                return Err(Status::failed_precondition(format!(
-                    "link {}: this copy is the layer on top of snapshot {b}, but the newest snapshot of {target} is {}: copy the snapshots in between first",
-                    start.link_id,
-                    n.map_or("none".to_string(), |n| n.id.to_string())
-                )));
-            }
+                    line.last().map_or("none".to_string(), |n| n.id.to_string())
+                ))
+            })?),
+        };
+        // Snapshots of the target after the base: the volumes diverged.
+        let after: Vec<SnapshotId> =
+            line[base_at.map_or(0, |p| p + 1)..].iter().map(|s| s.id.clone()).collect();
+        if !after.is_empty() && !start.resync {
+            let names = after.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(", ");
+            return Err(Status::failed_precondition(match &base {
+                None => format!(
+                    "link {}: a full copy needs a target without snapshots, but {target} has {names}: send the layer on top of its newest instead, or resync to keep them marked divergent",
+                    start.link_id
+                ),
+                Some(b) => format!(
+                    "link {}: target volume {target} has snapshots after {b} that the source lacks ({names}): the volumes diverged (a failover?); resync (SyncLink with resync) rolls the target back to {b}, keeping them marked divergent",
+                    start.link_id
+                ),
+            }));
         }
         let want = Checkpoint {
             snapshot: snapshot.to_string(),
@@ -206,13 +258,33 @@ impl CopyService {
             Some(c)
                 if c.snapshot == want.snapshot
                     && c.generation == want.generation
-                    && c.base == want.base =>
+                    && c.base == want.base
+                    && after.is_empty() =>
             {
                 c
             }
             _ => {
                 // A fresh start: no block of an abandoned attempt may stay.
                 head.revert().await.map_err(head_status)?;
+                if !after.is_empty() {
+                    head.mark_divergent(&after).await.map_err(head_status)?;
+                    tracing::warn!(link = %start.link_id, %target, divergent = ?after, "resync: snapshots marked divergent");
+                }
+                // Every divergent layer above the base (marked now or by an
+                // earlier attempt) is written back to the base's content.
+                let first = base_at.map_or(0, |p| {
+                    snaps.iter().position(|s| s.id == line[p].id).expect("in the list") + 1
+                });
+                let divergent: Vec<SnapshotId> = snaps[first..]
+                    .iter()
+                    .filter(|s| s.divergent || after.contains(&s.id))
+                    .map(|s| s.id.clone())
+                    .collect();
+                if !divergent.is_empty() {
+                    let n = head.roll_back(base.as_ref(), &divergent).await.map_err(head_status)?;
+                    head.flush().await.map_err(head_status)?;
+                    tracing::warn!(link = %start.link_id, %target, base = ?base, blocks = n, "resync: rolled back to the shared snapshot");
+                }
                 self.save_checkpoint(&start.link_id, Some(&want))?;
                 want
             }
@@ -261,15 +333,39 @@ impl Session {
         let mut bytes = self.checkpoint.bytes_done;
         let (mut since_bytes, mut since) = (0u64, Instant::now());
         let blocks = self.head.size() / BLOCK_SIZE;
-        loop {
-            let frame = match inbound.message().await {
-                Ok(Some(f)) => f,
-                Ok(None) => {
-                    return Err(Status::aborted("the sender closed the stream before CopyEnd"));
+        // Frames are read beside the applying, so a ping is answered at
+        // once: its round trip measures the network and the queues in
+        // front of this reader, not the time writes take here (when the
+        // writes are the bottleneck, the small queue fills and the reader
+        // stops, which the round trip then shows).
+        let (frames_tx, mut frames) =
+            tokio::sync::mpsc::channel::<Result<pb::CopyFrame, Status>>(2);
+        let pongs = out.clone();
+        let reader = tokio::spawn(async move {
+            loop {
+                let next = match inbound.message().await {
+                    Ok(Some(pb::CopyFrame { frame: Some(pb::copy_frame::Frame::Ping(p)) })) => {
+                        let _ = pongs.send(Ok(reply(pb::copy_reply::Reply::Pong(p)))).await;
+                        continue;
+                    }
+                    Ok(Some(f)) => Ok(f),
+                    Ok(None) => Err(Status::aborted("the sender closed the stream before CopyEnd")),
+                    Err(s) => Err(s),
+                };
+                let end = next.is_err();
+                if frames_tx.send(next).await.is_err() || end {
+                    break;
                 }
-                Err(s) => return Err(s),
+            }
+        });
+        let _stop_reader = crate::copy::sender::AbortOnDrop(reader.abort_handle());
+        loop {
+            let frame = match frames.recv().await {
+                Some(f) => f?,
+                None => return Err(Status::aborted("the copy stream ended")),
             };
             match frame.frame {
+                Some(pb::copy_frame::Frame::Ping(_)) => {}
                 Some(pb::copy_frame::Frame::Batch(batch)) => {
                     let copied = check_batch(&batch, cursor, blocks)?;
                     let Some(last) = copied.last().map(|b| b.block) else { continue };
@@ -333,6 +429,7 @@ impl Session {
             .await
             .map_err(head_status)?;
         self.service.save_checkpoint(&self.link, None)?;
+        self.service.sealed(&self.link, &self.snapshot, self.head.volume())?;
         tracing::info!(link = %self.link, snapshot = %self.snapshot, digest = %sealed, "copy sealed");
         let msg = pb::copy_reply::Reply::Done(pb::CopyDone {
             digest: Bytes::copy_from_slice(&sealed.0),
@@ -352,6 +449,30 @@ fn check_batch(
 ) -> Result<Vec<CopiedBlock>, Status> {
     let mut out = Vec::with_capacity(batch.blocks.len());
     let mut next = cursor;
+    let unpacked = if batch.zstd_data.is_empty() {
+        None
+    } else {
+        let n = batch.blocks.iter().filter(|b| !b.zero).count();
+        if n * BLOCK_SIZE as usize > MAX_BATCH_BYTES {
+            return Err(Status::invalid_argument(format!(
+                "a compressed batch carries {n} data blocks; at most {} per batch",
+                MAX_BATCH_BYTES / BLOCK_SIZE as usize
+            )));
+        }
+        let raw =
+            zstd::bulk::decompress(&batch.zstd_data, n * BLOCK_SIZE as usize).map_err(|e| {
+                Status::data_loss(format!("a compressed batch does not decompress: {e}"))
+            })?;
+        if raw.len() != n * BLOCK_SIZE as usize {
+            return Err(Status::data_loss(format!(
+                "a compressed batch decompressed to {} bytes, its {n} data blocks need {}",
+                raw.len(),
+                n * BLOCK_SIZE as usize
+            )));
+        }
+        Some(Bytes::from(raw))
+    };
+    let mut at = 0usize;
     for b in &batch.blocks {
         if b.index < next || b.index >= blocks {
             return Err(Status::invalid_argument(format!(
@@ -360,25 +481,39 @@ fn check_batch(
             )));
         }
         next = b.index + 1;
-        if b.data.is_empty() {
+        let data = match &unpacked {
+            Some(_) if b.zero => Bytes::new(),
+            Some(raw) => {
+                if !b.data.is_empty() {
+                    return Err(Status::invalid_argument(format!(
+                        "block {} carries data in a compressed batch",
+                        b.index
+                    )));
+                }
+                at += BLOCK_SIZE as usize;
+                raw.slice(at - BLOCK_SIZE as usize..at)
+            }
+            None => b.data.clone(),
+        };
+        if data.is_empty() {
             out.push(CopiedBlock { block: b.index, data: None });
             continue;
         }
-        if b.data.len() as u64 != BLOCK_SIZE {
+        if data.len() as u64 != BLOCK_SIZE {
             return Err(Status::invalid_argument(format!(
                 "block {} has {} bytes, not {BLOCK_SIZE}",
                 b.index,
-                b.data.len()
+                data.len()
             )));
         }
-        let actual = crc32c::crc32c(&b.data);
+        let actual = crc32c::crc32c(&data);
         if actual != b.crc32c {
             return Err(Status::data_loss(format!(
                 "block {} arrived with CRC32C {actual:#010x} but was sent as {:#010x}: corrupted in transit",
                 b.index, b.crc32c
             )));
         }
-        out.push(CopiedBlock { block: b.index, data: Some(b.data.clone()) });
+        out.push(CopiedBlock { block: b.index, data: Some(data) });
     }
     Ok(out)
 }
@@ -401,9 +536,15 @@ impl SnapshotCopy for CopyService {
         }
         let target = convert::volume_id("target_volume_id", &r.target_volume_id)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        // Re-registering keeps what the link has sealed here.
+        let last_snapshot = self
+            .link(&r.link_id)?
+            .filter(|l| l.target_volume == target.as_str())
+            .and_then(|l| l.last_snapshot);
         let rec = LinkRecord {
             secret_hash: secret_hash(&r.pairing_secret),
             target_volume: target.to_string(),
+            last_snapshot,
         };
         let bytes = serde_json::to_vec(&rec).expect("a link record serializes");
         self.store.put_meta(LINKS, &r.link_id, Some(&bytes)).map_err(internal)?;
@@ -446,5 +587,57 @@ impl SnapshotCopy for CopyService {
             }
         }
         Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn link_snapshots(
+        &self,
+        req: Request<pb::LinkSnapshotsRequest>,
+    ) -> Result<Response<pb::LinkSnapshotsResponse>, Status> {
+        let r = req.into_inner();
+        let link = self.admit(&r.link_id, &r.pairing_secret)?;
+        let (_, head, _) = self.target_head(&r.link_id, &link).await?;
+        let mut out = Vec::new();
+        for s in head.snapshots().await.map_err(head_status)? {
+            let digest = head.digest(Some(&s.id)).await.map_err(head_status)?;
+            out.push(pb::LinkSnapshot {
+                snapshot_id: s.id.to_string(),
+                generation: s.generation,
+                digest: Bytes::copy_from_slice(&digest.0),
+                divergent: s.divergent,
+            });
+        }
+        Ok(Response::new(pb::LinkSnapshotsResponse { snapshots: out }))
+    }
+
+    async fn promote_target(
+        &self,
+        req: Request<pb::PromoteTargetRequest>,
+    ) -> Result<Response<pb::PromoteHeadResponse>, Status> {
+        let r = req.into_inner();
+        let link = self.admit(&r.link_id, &r.pairing_secret)?;
+        let target = convert::volume_id("target_volume", &link.target_volume)
+            .map_err(|e| Status::data_loss(format!("link {}: {e}", r.link_id)))?;
+        self.heads.promote(&target).await.map(Response::new)
+    }
+}
+
+impl CopyService {
+    /// Records the snapshot a link sealed here, and forwards it over this
+    /// agent's links that ask for it.
+    fn sealed(
+        &self,
+        link_id: &str,
+        snapshot: &SnapshotId,
+        volume: &VolumeId,
+    ) -> Result<(), Status> {
+        if let Some(mut rec) = self.link(link_id)? {
+            rec.last_snapshot = Some(snapshot.to_string());
+            let bytes = serde_json::to_vec(&rec).expect("a link record serializes");
+            self.store.put_meta(LINKS, link_id, Some(&bytes)).map_err(internal)?;
+        }
+        if let Some(links) = &self.links {
+            links.snapshot_complete(volume);
+        }
+        Ok(())
     }
 }

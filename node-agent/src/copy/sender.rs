@@ -12,6 +12,11 @@
 //! control are the window; no round trip per batch). A source replica that
 //! fails mid-chunk is marked out of sync and the chunk goes on from another
 //! replica after the last block sent.
+//!
+//! All-zero data blocks go as zero blocks (no data). Batches may be
+//! compressed with zstd ([`Compress`]). A ping every [`PING_EVERY`] goes
+//! through the same queue; the receiver's pong gives the round-trip time
+//! (queues included) that steers an adaptive bandwidth policy.
 
 use std::{
     sync::{Arc, Mutex},
@@ -26,8 +31,10 @@ use cairn_api::{
 use futures::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 
+use tonic::transport::Channel;
+
 use crate::{
-    copy::bandwidth::Limiter,
+    copy::bandwidth::{Limiter, Rate},
     head::{HeadError, SourcePick, VolumeHead},
     peer::StreamKind,
 };
@@ -36,6 +43,56 @@ use crate::{
 pub const BATCH_BLOCKS: usize = 256;
 /// Batches queued ahead of the network.
 const QUEUE: usize = 8;
+/// How often a ping is sent during a copy.
+pub const PING_EVERY: Duration = Duration::from_millis(100);
+/// [`Compress::Auto`] compresses when the link is held below this rate
+/// (bytes/s): zstd at level 1 compresses about 350-500 MB/s per core here,
+/// so on a faster link it would be the bottleneck (docs/design.md).
+pub const AUTO_ZSTD_BELOW: u64 = 100 << 20;
+/// A batch is sent compressed only if that saves at least 1/8 of it.
+const ZSTD_MIN_SAVING: usize = 8;
+/// After this many batches in a row that did not compress, compression is
+/// not tried for [`ZSTD_BACKOFF`] batches.
+const ZSTD_GIVE_UP: u32 = 8;
+const ZSTD_BACKOFF: u32 = 64;
+
+/// Whether batches are compressed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Compress {
+    /// zstd when the link's rate is below [`AUTO_ZSTD_BELOW`].
+    #[default]
+    Auto,
+    Off,
+    Zstd,
+}
+
+impl Compress {
+    pub fn from_pb(v: i32) -> Result<Self, String> {
+        match pb::Compression::try_from(v) {
+            Ok(pb::Compression::Default) => Ok(Compress::Auto),
+            Ok(pb::Compression::None) => Ok(Compress::Off),
+            Ok(pb::Compression::Zstd) => Ok(Compress::Zstd),
+            Err(_) => Err(format!("compression {v} is not DEFAULT (0), NONE (1) or ZSTD (2)")),
+        }
+    }
+
+    pub fn to_pb(self) -> pb::Compression {
+        match self {
+            Compress::Auto => pb::Compression::Default,
+            Compress::Off => pb::Compression::None,
+            Compress::Zstd => pb::Compression::Zstd,
+        }
+    }
+
+    /// Whether to compress under a limiter holding the link to `rate`.
+    fn wanted(self, rate: Rate) -> bool {
+        match self {
+            Compress::Off => false,
+            Compress::Zstd => true,
+            Compress::Auto => matches!(rate, Rate::BytesPerSec(r) if r < AUTO_ZSTD_BELOW),
+        }
+    }
+}
 
 /// Where a link's copies go.
 #[derive(Debug, Clone)]
@@ -48,12 +105,16 @@ pub struct LinkTarget {
     pub tls: Option<crate::copy::tls::SiteTls>,
     /// Which replica each chunk is read from.
     pub source: SourcePick,
+    pub compress: Compress,
 }
 
 /// How a copy is going; readable at any time.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct CopyProgress {
+    pub link: String,
     pub snapshot: String,
+    /// Bytes of block data on the wire in this attempt (after compression).
+    pub wire_bytes: u64,
     /// Block data bytes durable at the target (as of its last checkpoint)
     /// and sent so far in this attempt.
     pub bytes_durable: u64,
@@ -83,8 +144,10 @@ pub struct CopyReport {
     pub digest: Digest,
     pub already_present: bool,
     pub resumed_from_block: u64,
-    /// Block data bytes sent in this attempt.
+    /// Block data bytes sent in this attempt, and what they took on the
+    /// wire (after compression).
     pub bytes_sent: u64,
+    pub wire_bytes: u64,
     pub blocks_sent: u64,
     pub elapsed: Duration,
 }
@@ -101,15 +164,98 @@ pub enum CopyError {
     Receiver { link: String, status: tonic::Status },
 }
 
+/// Connects to the link's receiving agent (mutual TLS for `https://`).
+pub async fn connect(target: &LinkTarget) -> Result<SnapshotCopyClient<Channel>, CopyError> {
+    let connect = |why: String| CopyError::Connect {
+        link: target.link_id.clone(),
+        endpoint: target.endpoint.clone(),
+        why,
+    };
+    let mut endpoint = tonic::transport::Endpoint::from_shared(target.endpoint.clone())
+        .map_err(|e| connect(e.to_string()))?;
+    if target.endpoint.starts_with("https://") {
+        let tls = target.tls.as_ref().ok_or_else(|| {
+            connect(
+                "an https:// endpoint needs mutual TLS, but this agent has no --tls-cert, --tls-key and --peer-ca"
+                    .into(),
+            )
+        })?;
+        endpoint = endpoint.tls_config(tls.client()).map_err(|e| connect(e.to_string()))?;
+    }
+    let channel = endpoint
+        .tcp_nodelay(true)
+        .connect_timeout(Duration::from_secs(10))
+        .initial_connection_window_size(crate::service::H2_CONNECTION_WINDOW)
+        .initial_stream_window_size(crate::service::H2_STREAM_WINDOW)
+        .connect()
+        .await
+        .map_err(|e| connect(format!("{e}: {}", source_chain(&e))))?;
+    Ok(SnapshotCopyClient::new(channel)
+        .max_decoding_message_size(crate::service::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(crate::service::MAX_MESSAGE_BYTES))
+}
+
+/// A snapshot of the link's target volume, as its receiver reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TargetSnapshot {
+    pub id: SnapshotId,
+    pub generation: u64,
+    pub digest: Digest,
+    pub divergent: bool,
+}
+
+/// The snapshots of the link's target volume, oldest first.
+pub async fn target_snapshots(target: &LinkTarget) -> Result<Vec<TargetSnapshot>, CopyError> {
+    let mut client = connect(target).await?;
+    let req = pb::LinkSnapshotsRequest {
+        link_id: target.link_id.clone(),
+        pairing_secret: target.secret.clone(),
+    };
+    let receiver = |status| CopyError::Receiver { link: target.link_id.clone(), status };
+    let list = client.link_snapshots(req).await.map_err(receiver)?.into_inner();
+    list.snapshots
+        .into_iter()
+        .map(|s| {
+            Ok(TargetSnapshot {
+                id: SnapshotId::new(&s.snapshot_id).map_err(|e| {
+                    receiver(tonic::Status::internal(format!("the receiver listed {e}")))
+                })?,
+                generation: s.generation,
+                digest: Digest::try_from(&s.digest[..]).map_err(|len| {
+                    receiver(tonic::Status::internal(format!("a digest of {len} bytes")))
+                })?,
+                divergent: s.divergent,
+            })
+        })
+        .collect()
+}
+
+/// Promotes the link's target volume at its site.
+pub async fn promote_target(target: &LinkTarget) -> Result<Digest, CopyError> {
+    let mut client = connect(target).await?;
+    let req = pb::PromoteTargetRequest {
+        link_id: target.link_id.clone(),
+        pairing_secret: target.secret.clone(),
+    };
+    let receiver = |status| CopyError::Receiver { link: target.link_id.clone(), status };
+    let r = client.promote_target(req).await.map_err(receiver)?.into_inner();
+    Digest::try_from(&r.digest[..])
+        .map_err(|len| receiver(tonic::Status::internal(format!("a digest of {len} bytes"))))
+}
+
 /// Copies `snapshot` of `head`'s volume to the link's target: its image if
 /// `base` is `None`, else its layer on top of `base`, which must be the
-/// snapshot right before it.
+/// snapshot right before it in the volume's line (divergent snapshots are
+/// out of the line). With `resync`, the target may hold snapshots after
+/// `base`: they are marked divergent there and its content is rolled back
+/// to `base` before the layer is applied.
 pub async fn send_snapshot(
     head: &VolumeHead,
     target: &LinkTarget,
     snapshot: &SnapshotId,
     base: Option<&SnapshotId>,
-    limiter: &Limiter,
+    resync: bool,
+    limiter: &Arc<Limiter>,
     progress: &Mutex<CopyProgress>,
 ) -> Result<CopyReport, CopyError> {
     let started = Instant::now();
@@ -119,7 +265,8 @@ pub async fn send_snapshot(
         snapshot: snapshot.clone(),
         why,
     };
-    let snaps = head.snapshots().await?;
+    let mut snaps = head.snapshots().await?;
+    snaps.retain(|s| !s.divergent || &s.id == snapshot);
     let pos = snaps
         .iter()
         .position(|s| &s.id == snapshot)
@@ -141,32 +288,12 @@ pub async fn send_snapshot(
     let total = data_blocks * cairn_api::BLOCK_SIZE;
 
     let link = target.link_id.clone();
-    let connect = |why: String| CopyError::Connect {
+    let connect_err = |why: String| CopyError::Connect {
         link: link.clone(),
         endpoint: target.endpoint.clone(),
         why,
     };
-    let mut endpoint = tonic::transport::Endpoint::from_shared(target.endpoint.clone())
-        .map_err(|e| connect(e.to_string()))?;
-    if target.endpoint.starts_with("https://") {
-        let tls = target.tls.as_ref().ok_or_else(|| {
-            connect(
-                "an https:// endpoint needs mutual TLS, but this agent has no --tls-cert, --tls-key and --peer-ca"
-                    .into(),
-            )
-        })?;
-        endpoint = endpoint.tls_config(tls.client()).map_err(|e| connect(e.to_string()))?;
-    }
-    let channel = endpoint
-        .tcp_nodelay(true)
-        .initial_connection_window_size(crate::service::H2_CONNECTION_WINDOW)
-        .initial_stream_window_size(crate::service::H2_STREAM_WINDOW)
-        .connect()
-        .await
-        .map_err(|e| connect(format!("{e}: {}", source_chain(&e))))?;
-    let mut client = SnapshotCopyClient::new(channel)
-        .max_decoding_message_size(crate::service::MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(crate::service::MAX_MESSAGE_BYTES);
+    let mut client = connect(target).await?;
     let (tx, rx) = tokio::sync::mpsc::channel::<pb::CopyFrame>(QUEUE);
     let start = pb::CopyStart {
         link_id: target.link_id.clone(),
@@ -177,6 +304,7 @@ pub async fn send_snapshot(
         size_bytes: head.size(),
         digest: Bytes::copy_from_slice(&digest.0),
         total_bytes: total,
+        resync,
     };
     tx.send(frame(pb::copy_frame::Frame::Start(start))).await.expect("the queue is open");
     let receiver = |status| CopyError::Receiver { link: link.clone(), status };
@@ -190,7 +318,10 @@ pub async fn send_snapshot(
             } else {
                 ""
             };
-            connect(format!("the connection closed before any answer: {}{hint}", status.message()))
+            connect_err(format!(
+                "the connection closed before any answer: {}{hint}",
+                status.message()
+            ))
         }
         _ => receiver(status),
     };
@@ -198,13 +329,18 @@ pub async fn send_snapshot(
     let from = match replies.message().await.map_err(closed)?.and_then(|r| r.reply) {
         Some(pb::copy_reply::Reply::Resume(r)) => r,
         Some(pb::copy_reply::Reply::Done(d)) => {
-            *progress.lock().unwrap() =
-                CopyProgress { snapshot: snapshot.to_string(), done: true, ..Default::default() };
+            *progress.lock().unwrap() = CopyProgress {
+                link: link.clone(),
+                snapshot: snapshot.to_string(),
+                done: true,
+                ..Default::default()
+            };
             return Ok(CopyReport {
                 digest: Digest::try_from(&d.digest[..]).unwrap_or(digest),
                 already_present: true,
                 resumed_from_block: 0,
                 bytes_sent: 0,
+                wire_bytes: 0,
                 blocks_sent: 0,
                 elapsed: started.elapsed(),
             });
@@ -216,6 +352,7 @@ pub async fn send_snapshot(
         }
     };
     *progress.lock().unwrap() = CopyProgress {
+        link: link.clone(),
         snapshot: snapshot.to_string(),
         bytes_durable: from.bytes_done,
         resumed_from_block: from.from_block,
@@ -224,15 +361,36 @@ pub async fn send_snapshot(
         ..Default::default()
     };
 
-    // Replies (checkpoints, the end) are read beside the sending.
+    // Replies (checkpoints, pongs, the end) are read beside the sending;
+    // pings go every PING_EVERY through the same queue as the batches.
     let durable = Arc::new(Mutex::new(from.bytes_done));
+    let epoch = Instant::now();
+    let pinger = tokio::spawn({
+        let tx = tx.clone();
+        async move {
+            loop {
+                tokio::time::sleep(PING_EVERY).await;
+                let nonce = epoch.elapsed().as_micros() as u64;
+                let ping = frame(pb::copy_frame::Frame::Ping(pb::CopyPing { nonce }));
+                if tx.send(ping).await.is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    let _stop_pinger = AbortOnDrop(pinger.abort_handle());
     let reader = tokio::spawn({
         let durable = durable.clone();
+        let limiter = limiter.clone();
         async move {
             loop {
                 match replies.message().await? {
                     Some(pb::CopyReply { reply: Some(pb::copy_reply::Reply::Checkpoint(c)) }) => {
                         *durable.lock().unwrap() = c.bytes_done;
+                    }
+                    Some(pb::CopyReply { reply: Some(pb::copy_reply::Reply::Pong(p)) }) => {
+                        let now = epoch.elapsed().as_micros() as u64;
+                        limiter.on_rtt(Duration::from_micros(now.saturating_sub(p.nonce)));
                     }
                     Some(pb::CopyReply { reply: Some(pb::copy_reply::Reply::Done(d)) }) => {
                         return Ok(d);
@@ -251,7 +409,8 @@ pub async fn send_snapshot(
     });
 
     let blocks_per_chunk = head.geometry().blocks_per_chunk();
-    let (mut bytes_sent, mut blocks_sent) = (0u64, 0u64);
+    let (mut bytes_sent, mut blocks_sent, mut wire_bytes) = (0u64, 0u64, 0u64);
+    let mut packer = Packer::new(target.compress.wanted(limiter.rate()));
     let sent_at = Instant::now();
     'chunks: for chunk in 0..head.chunk_count() {
         if (chunk + 1) * blocks_per_chunk <= from.from_block {
@@ -274,22 +433,27 @@ pub async fn send_snapshot(
                 };
                 let mut blocks = Vec::with_capacity(batch.len());
                 let mut n = 0u64;
+                let Some(last) = batch.iter().map(|b| b.block).filter(|&b| b >= next).max() else {
+                    continue;
+                };
                 for b in batch.into_iter().filter(|b| b.block >= next) {
-                    let (crc32c, data) = match b.data {
+                    // An all-zero block reads the same as a zero block.
+                    let data = b.data.filter(|d| d.iter().any(|&x| x != 0));
+                    let (crc32c, data) = match data {
                         Some(d) => (crc32c::crc32c(&d), d),
+                        // The image as of the snapshot starts from nothing.
+                        None if kind == StreamKind::Image => continue,
                         None => (crate::meta::zero_block_crc(), Bytes::new()),
                     };
                     n += data.len() as u64;
-                    blocks.push(pb::Block { index: b.block, crc32c, data });
+                    blocks.push(pb::Block { index: b.block, crc32c, data, zero: false });
                 }
-                let Some(last) = blocks.last().map(|b| b.index) else { continue };
                 for part in blocks.chunks(BATCH_BLOCKS) {
-                    let bytes: u64 = part.iter().map(|b| b.data.len() as u64).sum();
+                    let batch = packer.pack(part.to_vec()).await;
+                    let bytes = batch.wire_bytes();
+                    wire_bytes += bytes;
                     limiter.acquire(bytes.max(1)).await;
-                    let msg = frame(pb::copy_frame::Frame::Batch(pb::CopyBatch {
-                        blocks: part.to_vec(),
-                    }));
-                    if tx.send(msg).await.is_err() {
+                    if tx.send(frame(pb::copy_frame::Frame::Batch(batch))).await.is_err() {
                         break 'chunks;
                     }
                 }
@@ -298,6 +462,7 @@ pub async fn send_snapshot(
                 blocks_sent += blocks.len() as u64;
                 let mut p = progress.lock().unwrap();
                 p.bytes_sent = bytes_sent;
+                p.wire_bytes = wire_bytes;
                 p.bytes_durable = *durable.lock().unwrap();
                 p.rate = bytes_sent as f64 / sent_at.elapsed().as_secs_f64().max(1e-3);
             }
@@ -310,6 +475,7 @@ pub async fn send_snapshot(
             }
         }
     }
+    drop(_stop_pinger);
     let _ = tx.send(frame(pb::copy_frame::Frame::End(pb::CopyEnd {}))).await;
     drop(tx);
     let done = match reader.await {
@@ -335,9 +501,87 @@ pub async fn send_snapshot(
         already_present: done.already_present,
         resumed_from_block: from.from_block,
         bytes_sent,
+        wire_bytes,
         blocks_sent,
         elapsed: started.elapsed(),
     })
+}
+
+/// Aborts a task when dropped.
+pub(crate) struct AbortOnDrop(pub(crate) tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Packs blocks into batches, compressed when wanted and worth it.
+struct Packer {
+    wanted: bool,
+    /// Batches in a row that did not compress enough.
+    misses: u32,
+    /// Batches left to send without trying.
+    skip: u32,
+}
+
+impl Packer {
+    fn new(wanted: bool) -> Self {
+        Packer { wanted, misses: 0, skip: 0 }
+    }
+
+    async fn pack(&mut self, blocks: Vec<pb::Block>) -> pb::CopyBatch {
+        let raw_len: usize = blocks.iter().map(|b| b.data.len()).sum();
+        if !self.wanted || raw_len == 0 {
+            return pb::CopyBatch { blocks, zstd_data: Bytes::new() };
+        }
+        if self.skip > 0 {
+            self.skip -= 1;
+            return pb::CopyBatch { blocks, zstd_data: Bytes::new() };
+        }
+        let (blocks, packed) = tokio::task::spawn_blocking(move || {
+            let mut raw = Vec::with_capacity(raw_len);
+            for b in &blocks {
+                raw.extend_from_slice(&b.data);
+            }
+            let packed = zstd::bulk::compress(&raw, 1).ok();
+            (blocks, packed)
+        })
+        .await
+        .expect("the compression task does not panic");
+        match packed.filter(|p| p.len() <= raw_len - raw_len / ZSTD_MIN_SAVING) {
+            Some(p) => {
+                self.misses = 0;
+                let blocks = blocks
+                    .into_iter()
+                    .map(|b| pb::Block { zero: b.data.is_empty(), data: Bytes::new(), ..b })
+                    .collect();
+                pb::CopyBatch { blocks, zstd_data: p.into() }
+            }
+            None => {
+                self.misses += 1;
+                if self.misses >= ZSTD_GIVE_UP {
+                    (self.misses, self.skip) = (0, ZSTD_BACKOFF);
+                }
+                pb::CopyBatch { blocks, zstd_data: Bytes::new() }
+            }
+        }
+    }
+}
+
+/// Bytes of block data a batch puts on the wire.
+trait WireBytes {
+    fn wire_bytes(&self) -> u64;
+}
+
+impl WireBytes for pb::CopyBatch {
+    fn wire_bytes(&self) -> u64 {
+        if self.zstd_data.is_empty() {
+            self.blocks.iter().map(|b| b.data.len() as u64).sum()
+        } else {
+            self.zstd_data.len() as u64
+        }
+    }
 }
 
 fn frame(f: pb::copy_frame::Frame) -> pb::CopyFrame {
