@@ -1064,10 +1064,9 @@ impl VolumeHead {
         loop {
             let src = self.source_for(chunk)?;
             match self.peers[src].snapshots(&self.spec.volume).await {
-                Ok(mut snaps) => {
-                    snaps.sort_by_key(|s| s.generation);
-                    return Ok(snaps);
-                }
+                // In layer order, oldest first: with divergent snapshots
+                // kept from a resync, generations are not in that order.
+                Ok(snaps) => return Ok(snaps),
                 Err(e) => self.absorb(src, e)?,
             }
         }
