@@ -360,6 +360,55 @@ async fn failover_then_failback_sends_only_the_delta_and_a_switchover_loses_noth
         .await
         .unwrap();
     assert_eq!(a.digest("t3").await, t3);
+
+    // A replica of A rebuilt from scratch copies the layers in their order,
+    // divergent ones marked: a2's replica equals a1's in every view.
+    let dir = a._dirs[1].path().to_path_buf();
+    let addr = a.agents[1].addr();
+    a.agents.remove(1).kill9().unwrap();
+    // A new, empty disk.
+    std::fs::remove_dir_all(&dir).unwrap();
+    std::fs::create_dir_all(&dir).unwrap();
+    a.write(4 * MIB, pattern(91, MIB as usize)).await; // a2 misses it
+    let a2 = AgentProcess::start_on(&dir, "a2", addr, &[]).unwrap();
+    a.agents.insert(1, a2);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let req = pb::HeadStatusRequest { volume_id: a.volume.clone() };
+        let st = a.heads.get_head_status(req).await.unwrap().into_inner();
+        let r = st.replicas.iter().find(|r| r.agent == "a2").unwrap();
+        if r.in_sync && r.last_rebuild.starts_with("rebuilt") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "a2 not rebuilt: {r:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let views = ["", "s2", "t3", "t4", "a-final"];
+    for view in views {
+        let mut accs = Vec::new();
+        for agent in &a.agents[..2] {
+            let req = pb::ChunkDigestsRequest {
+                volume_id: a.volume.clone(),
+                snapshot_id: view.into(),
+                chunks: vec![],
+            };
+            let mut c = agent.client().await.unwrap();
+            accs.push(c.chunk_digests(req).await.unwrap().into_inner().chunks);
+        }
+        assert_eq!(accs[0], accs[1], "view {view:?} differs between a1 and the rebuilt a2");
+    }
+    let mut c = a.agents[1].client().await.unwrap();
+    let req = pb::ListSnapshotsRequest { volume_id: a.volume.clone() };
+    let at_a2: Vec<(String, bool)> = c
+        .list_snapshots(req)
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshots
+        .into_iter()
+        .map(|s| (s.snapshot_id, s.divergent))
+        .collect();
+    assert_eq!(at_a2, a.snapshots().await, "same layers, same marks, same order");
 }
 
 #[tokio::test(flavor = "multi_thread")]
