@@ -82,6 +82,44 @@ async fn the_cli_opens_snapshots_and_copies_between_agents() {
     assert_eq!(digest_a.trim(), digest_b.trim(), "same digest at both agents");
     assert!(out.contains(digest_a.trim()), "{out}");
 
+    // A link with a windowed policy, synced; its snapshot kept while needed.
+    let put = |window: &str| {
+        cairn(
+            &a1,
+            &[
+                "link",
+                "put",
+                "l1",
+                "--volume",
+                "vol",
+                "--to",
+                &b1.endpoint(),
+                "--secret-file",
+                secret,
+                "--window",
+                window,
+                "--zone",
+                "Europe/Berlin",
+            ],
+        )
+    };
+    let (ok, _, err) = put("mon,funday 08:00-18:00 10MiB");
+    assert!(!ok && err.contains("funday"), "{err}");
+    let (ok, out, err) = put("mon,tue,wed,thu,fri,sat,sun 00:00- 50MiB");
+    assert!(ok && out.contains("l1") && out.contains("last copied: none"), "{out}{err}");
+    let (ok, _, err) = cairn(&a1, &["head", "snapshot", "vol", "s2", "--generation", "2"]);
+    assert!(ok, "{err}");
+    let (ok, out, err) = cairn(&a1, &["link", "sync", "l1"]);
+    assert!(ok && out.contains("s2 copied"), "{out}{err}");
+    let (ok, out, _) = cairn(&a1, &["link", "list"]);
+    assert!(ok && out.contains("last copied: s2"), "{out}");
+    let (ok, _, err) = cairn(&a1, &["head", "delete-snapshot", "vol", "s2"]);
+    assert!(!ok && err.contains("link l1"), "{err}");
+    let (ok, out, err) = cairn(&a1, &["head", "delete-snapshot", "vol", "s1"]);
+    assert!(ok && out.contains("deleted"), "{out}{err}");
+    let (ok, out, _) = cairn(&b1, &["head", "snapshots", "copy"]);
+    assert!(ok && out.contains("s1") && out.contains("s2"), "{out}");
+
     let (ok, _, err) = cairn(&a1, &["head", "open", "vol2", "--size", "12XB"]);
     assert!(!ok && err.contains("unknown unit"), "{err}");
     let (ok, _, err) = cairn(&a1, &["head", "status", "nope"]);
