@@ -340,6 +340,19 @@ impl HeadService {
 
 /// Refuses while a loop device is attached to `file`, saying where its
 /// filesystem is mounted.
+/// Waits (up to 3 s) while the loop devices over `files` are all on their
+/// way out: `losetup -d` returns before the kernel lets go of a device
+/// something still holds for a moment.
+async fn settle_detaching(files: Vec<std::path::PathBuf>) {
+    for _ in 0..30 {
+        let going: Vec<_> = files.iter().flat_map(|f| loop_device::devices_backed_by(f)).collect();
+        if going.is_empty() || !going.iter().all(|d| loop_device::detaching(d)) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 fn check_file_detached(volume: &VolumeId, file: &std::path::Path) -> Result<(), Status> {
     let Some(device) = loop_device::devices_backed_by(file).into_iter().next() else {
         return Ok(());
@@ -479,6 +492,8 @@ impl VolumeHeads for HeadService {
         req: Request<pb::CloseHeadRequest>,
     ) -> Result<Response<pb::CloseHeadResponse>, Status> {
         let volume = convert::volume_id("volume_id", &req.get_ref().volume_id).map_err(field)?;
+        let files = self.heads.lock().await.get(&volume).map(|o| o.fuse_files());
+        settle_detaching(files.unwrap_or_default()).await;
         let mut heads = self.heads.lock().await;
         let Some(open) = heads.get(&volume) else {
             return Err(self.not_open(&volume));
@@ -598,6 +613,11 @@ impl VolumeHeads for HeadService {
         let r = req.into_inner();
         let volume = convert::volume_id("volume_id", &r.volume_id).map_err(field)?;
         let snap = convert::snapshot_id("snapshot_id", &r.snapshot_id).map_err(field)?;
+        let file =
+            self.heads.lock().await.get(&volume).and_then(|o| {
+                o.snapshots.get(&snap).map(|m| m.lock().unwrap().file().to_path_buf())
+            });
+        settle_detaching(file.into_iter().collect()).await;
         let mut heads = self.heads.lock().await;
         let Some(open) = heads.get_mut(&volume) else {
             return Err(self.not_open(&volume));

@@ -215,6 +215,14 @@ pub fn devices_backed_by(file: &Path) -> Vec<PathBuf> {
     devices
 }
 
+/// Whether a loop device is on its way out: detached (`losetup -d`, which
+/// sets autoclear) while something still holds it open for a moment (a
+/// udev probe, a closing filesystem), and not mounted.
+pub fn detaching(device: &Path) -> bool {
+    read_sys(device, "loop/autoclear").is_some_and(|a| a.trim() == "1")
+        && mounted_at(device).is_none()
+}
+
 /// The file behind a loop device, `None` when it is not attached.
 pub(crate) fn backing_file(device: &Path) -> Option<PathBuf> {
     read_sys(device, "loop/backing_file").map(PathBuf::from)
