@@ -123,7 +123,12 @@ pub fn open_head_request(
         epoch: 1,
         agents: agents
             .into_iter()
-            .map(|(name, endpoint)| pb::HeadAgent { name, endpoint, domain: String::new() })
+            .map(|(name, endpoint)| pb::HeadAgent {
+                name,
+                endpoint,
+                domain: String::new(),
+                cost: 0,
+            })
             .collect(),
         fuse: false,
         stale_agents: vec![],

@@ -59,6 +59,8 @@ pub struct HeadSpec {
     /// Agents whose replicas are known to have missed writes: they start
     /// out of sync and are rebuilt before they serve.
     pub stale: Vec<String>,
+    /// Cost labels of agents for copies reading from them (absent: 0).
+    pub costs: BTreeMap<String, u32>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -194,6 +196,8 @@ pub struct VolumeHead {
     last_rebuild: Mutex<BTreeMap<usize, String>>,
     /// Copy streams running per source agent.
     copy_streams: Mutex<BTreeMap<usize, usize>>,
+    /// Measured copy throughput per source agent (bytes/s, smoothed).
+    source_rates: Mutex<BTreeMap<usize, f64>>,
 }
 
 /// Which replica a copy reads each chunk from.
@@ -207,6 +211,39 @@ pub enum SourcePick {
     Replica,
     /// In sync and reachable first, then the fewest copy streams running.
     Auto,
+}
+
+/// An in-sync replica [`SourcePick::Auto`] may read a chunk from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SourceCandidate {
+    pub agent: usize,
+    /// Copy streams running from it now.
+    pub streams: usize,
+    /// Measured copy throughput from it (bytes/s), if any.
+    pub rate: Option<f64>,
+    pub cost: u32,
+    /// This agent's own replica (no hop inside the site).
+    pub local: bool,
+}
+
+/// [`SourcePick::Auto`]'s choice among in-sync replicas: the fewest copy
+/// streams running; then the best measured throughput (within 10%, as the
+/// same; one never measured counts as the best, so it gets measured); then
+/// the lowest cost label; then this agent's own. `candidates` is not empty.
+pub fn auto_source(candidates: &[SourceCandidate]) -> usize {
+    let best = candidates.iter().filter_map(|c| c.rate).fold(0.0f64, f64::max);
+    // Throughput class: 0 for the best (or unmeasured), then 1, 2, ... for
+    // each further 10% below it.
+    let class = |c: &SourceCandidate| match c.rate {
+        Some(r) if best > 0.0 && r > 0.0 => ((best / r).ln() / 1.1f64.ln()).floor() as u64,
+        Some(_) => u64::MAX,
+        None => 0,
+    };
+    candidates
+        .iter()
+        .min_by_key(|c| (c.streams, class(c), c.cost, !c.local))
+        .expect("in_sync is never empty")
+        .agent
 }
 
 /// A running copy stream, counted until dropped.
@@ -269,6 +306,7 @@ impl VolumeHead {
             rebuilds: Default::default(),
             last_rebuild: Default::default(),
             copy_streams: Default::default(),
+            source_rates: Default::default(),
         };
         let held = head.chunks_by_agent();
         let opens = held.iter().map(|(&a, chunks)| {
@@ -918,13 +956,34 @@ impl VolumeHead {
             SourcePick::Primary => here.unwrap_or(live[0]),
             SourcePick::Replica => away.unwrap_or(live[0]),
             SourcePick::Auto => {
-                // The in-sync replica with the fewest copy streams running
-                // (this agent's on a tie: no network hop).
                 let busy = self.copy_streams.lock().unwrap();
-                let load = |a: &usize| (busy.get(a).copied().unwrap_or(0), Some(*a) != self.local);
-                live.iter().copied().min_by_key(load).expect("in_sync is never empty")
+                let rates = self.source_rates.lock().unwrap();
+                let candidates: Vec<SourceCandidate> = live
+                    .iter()
+                    .map(|&a| SourceCandidate {
+                        agent: a,
+                        streams: busy.get(&a).copied().unwrap_or(0),
+                        rate: rates.get(&a).copied(),
+                        cost: self.spec.costs.get(&self.spec.agents[a].name).copied().unwrap_or(0),
+                        local: Some(a) == self.local,
+                    })
+                    .collect();
+                auto_source(&candidates)
             }
         })
+    }
+
+    /// Records a copy stream's throughput from `agent` (what
+    /// [`SourcePick::Auto`] prefers after load): smoothed, 1/4 per sample.
+    /// Streams under 1 MiB are too short to tell.
+    pub fn record_source_rate(&self, agent: usize, bytes: u64, took: Duration) {
+        if bytes < 1 << 20 || took.is_zero() {
+            return;
+        }
+        let sample = bytes as f64 / took.as_secs_f64();
+        let mut rates = self.source_rates.lock().unwrap();
+        let r = rates.entry(agent).or_insert(sample);
+        *r = 0.75 * *r + 0.25 * sample;
     }
 
     /// Counts a copy stream running from `agent` until the guard drops
@@ -1394,6 +1453,41 @@ fn block_batches(blocks: &[u64], max_blocks: u64) -> Vec<Vec<(u64, u64)>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn cand(
+        agent: usize,
+        streams: usize,
+        rate: Option<f64>,
+        cost: u32,
+        local: bool,
+    ) -> SourceCandidate {
+        SourceCandidate { agent, streams, rate, cost, local }
+    }
+
+    #[test]
+    fn auto_source_orders_by_load_then_throughput_then_cost_then_locality() {
+        // Load first: the idle replica, however slow.
+        let c = [cand(0, 1, Some(500e6), 0, true), cand(1, 0, Some(10e6), 9, false)];
+        assert_eq!(auto_source(&c), 1);
+        // Equal load: the faster one (beyond 10%).
+        let c = [cand(0, 0, Some(50e6), 0, true), cand(1, 0, Some(100e6), 5, false)];
+        assert_eq!(auto_source(&c), 1);
+        // Within 10%: the same class, so the cost label decides.
+        let c = [cand(0, 0, Some(95e6), 3, true), cand(1, 0, Some(100e6), 5, false)];
+        assert_eq!(auto_source(&c), 0);
+        // Never measured counts as the best, so it gets measured.
+        let c = [cand(0, 0, Some(100e6), 0, true), cand(1, 0, None, 0, false)];
+        assert_eq!(auto_source(&c), 0, "a tie on class and cost: the local one");
+        let c = [
+            cand(0, 0, Some(10e6), 0, true),
+            cand(1, 0, None, 0, false),
+            cand(2, 0, Some(100e6), 0, false),
+        ];
+        assert_eq!(auto_source(&c), 1);
+        // All equal: this agent's own replica.
+        let c = [cand(3, 0, None, 0, false), cand(4, 0, None, 0, true)];
+        assert_eq!(auto_source(&c), 4);
+    }
 
     fn data(block: u64, byte: u8) -> CopiedBlock {
         CopiedBlock { block, data: Some(Bytes::from(vec![byte; BS as usize])) }

@@ -438,6 +438,7 @@ impl VolumeHeads for HeadService {
                 .map_err(|e| Status::failed_precondition(e.to_string()))?;
         }
         let mut agents = Vec::with_capacity(r.agents.len());
+        let mut costs = BTreeMap::new();
         let mut peers: BTreeMap<String, Arc<dyn ReplicaPeer>> = BTreeMap::new();
         for a in &r.agents {
             if a.name.is_empty() {
@@ -454,6 +455,9 @@ impl VolumeHeads for HeadService {
             peers.insert(a.name.clone(), peer);
             let domain = (!a.domain.is_empty()).then_some(a.domain.as_str());
             agents.push(PlacementAgent::new(&a.name, domain));
+            if a.cost > 0 {
+                costs.insert(a.name.clone(), a.cost);
+            }
         }
         let spec = HeadSpec {
             volume: volume.clone(),
@@ -463,6 +467,7 @@ impl VolumeHeads for HeadService {
             agents,
             epoch: r.epoch,
             stale: r.stale_agents.clone(),
+            costs,
         };
         let head =
             Arc::new(VolumeHead::open(spec, peers, Some(&self.agent)).await.map_err(head_status)?);

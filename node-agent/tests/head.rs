@@ -197,6 +197,7 @@ impl Cluster {
                 .collect(),
             epoch,
             stale: vec![],
+            costs: Default::default(),
         }
     }
 

@@ -117,6 +117,10 @@ enum HeadCmd {
         /// `primary` (clients write it) or `remote` (only copies write it).
         #[arg(long, default_value = "primary", value_parser = ["primary", "remote"])]
         role: String,
+        /// Cost labels for copies reading from agents, name=N (repeat);
+        /// Auto source selection prefers low ones.
+        #[arg(long, value_delimiter = ',')]
+        cost: Vec<String>,
     },
     /// Failover: makes a remote head writable, from its newest complete
     /// snapshot.
@@ -601,7 +605,16 @@ async fn head(
             agent_list,
             fuse,
             role,
+            cost,
         } => {
+            let mut costs = std::collections::BTreeMap::new();
+            for c in &cost {
+                let (name, n) =
+                    c.split_once('=').with_context(|| format!("--cost {c:?} is not name=N"))?;
+                let n: u32 =
+                    n.parse().with_context(|| format!("--cost {c:?}: {n:?} is not a number"))?;
+                costs.insert(name.to_string(), n);
+            }
             let mut agents = Vec::new();
             for a in &agent_list {
                 let Some((name, rest)) = a.split_once('=') else {
@@ -612,6 +625,7 @@ async fn head(
                     name: name.into(),
                     endpoint: endpoint.into(),
                     domain: domain.into(),
+                    cost: costs.get(name).copied().unwrap_or(0),
                 });
             }
             let req = pb::OpenHeadRequest {

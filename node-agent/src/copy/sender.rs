@@ -422,6 +422,7 @@ pub async fn send_snapshot(
             let (mut stream, src) =
                 head.snapshot_stream(chunk, snapshot, kind, target.source).await?;
             let _counted = head.copy_stream_started(src);
+            let (stream_started, stream_bytes) = (Instant::now(), bytes_sent);
             let mut failed = None;
             while let Some(batch) = stream.next().await {
                 let batch = match batch {
@@ -467,7 +468,14 @@ pub async fn send_snapshot(
                 p.rate = bytes_sent as f64 / sent_at.elapsed().as_secs_f64().max(1e-3);
             }
             match failed {
-                None => break,
+                None => {
+                    head.record_source_rate(
+                        src,
+                        bytes_sent - stream_bytes,
+                        stream_started.elapsed(),
+                    );
+                    break;
+                }
                 Some((src, e)) => {
                     tracing::warn!(volume = %volume, chunk, agent = %e.agent, error = %e.message, "copy source failed; going on from another replica");
                     head.source_failed(src, e)?;
