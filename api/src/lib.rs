@@ -1,9 +1,11 @@
 //! cairn-api: everything that crosses a process boundary in Cairn, defined
 //! once: identifier newtypes that validate on construction, block geometry,
-//! the digest definition, and the agent's protobuf API with its conversions.
+//! the digest definition, the agent's protobuf API with its conversions, and
+//! the custom resources (`crd`).
 
 pub mod block;
 pub mod convert;
+pub mod crd;
 pub mod digest;
 pub mod id;
 pub mod placement;

@@ -1,0 +1,328 @@
+//! `Volume`: a replicated block device on one storage cluster, `Primary`
+//! (written by pods) or `Remote` (written only by copies from another
+//! site). The schema keeps the size growing, the cluster fixed and a
+//! Remote volume unattachable; the status holds a compact placement (agent
+//! list + layout version, never a per-chunk list) and a bounded snapshot
+//! list.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::condition::Condition;
+use crate::{agent::v1 as pb, placement::PlacementAgent};
+
+/// The most snapshots `status.snapshots` may list (the API server refuses
+/// a longer list): retention must keep fewer.
+pub const MAX_STATUS_SNAPSHOTS: usize = 1024;
+
+/// Condition types of a `Volume`.
+pub mod condition {
+    /// Placed, every chunk has an in-sync replica, and the role in the spec
+    /// is the role at the head.
+    pub const READY: &str = "Ready";
+    /// Some replica is out of sync (the volume serves with fewer copies).
+    pub const DEGRADED: &str = "Degraded";
+    /// A replica is being rebuilt (see `status.replicas[].rebuild`).
+    pub const REBUILDING: &str = "Rebuilding";
+}
+
+/// A Cairn volume: a block device of `sizeBytes` on a storage cluster,
+/// striped in chunks with `replicas` copies each.
+// clippy takes the printer columns' repeated `type_ = ...` for duplicated
+// attributes.
+#[allow(clippy::duplicated_attributes)]
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "cairn.dev",
+    version = "v1alpha1",
+    kind = "Volume",
+    namespaced,
+    status = "VolumeStatus",
+    derive = "PartialEq",
+    shortname = "cvol",
+    category = "cairn",
+    doc = "A Cairn volume: a replicated block device on a storage cluster, Primary or Remote.",
+    printcolumn(name = "Role", type_ = "string", json_path = ".spec.role"),
+    printcolumn(
+        name = "Size",
+        type_ = "string",
+        json_path = ".status.size",
+        description = "The size the volume has now (it grows to spec.sizeBytes)"
+    ),
+    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
+    printcolumn(
+        name = "Head",
+        type_ = "string",
+        json_path = ".status.head.node",
+        description = "The node serving the volume's I/O"
+    ),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "self.role != 'Remote' || !has(self.attachable) || !self.attachable",
+        "message": "a Remote volume is never attachable: remove attachable (or set it to false), or promote the volume first with role: Primary"
+    }
+]))]
+pub struct VolumeSpec {
+    /// The `StorageCluster` the volume lives on. Fixed at creation.
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"),
+        extend("x-kubernetes-validations" = [
+            {
+                "rule": "self == oldSelf",
+                "message": "cluster cannot change: a volume stays on its storage cluster; copy it to another one with a RemoteLink"
+            }
+        ])
+    )]
+    pub cluster: String,
+    /// Size in bytes: a multiple of 4096, at most 1 PiB. It can grow, never
+    /// shrink.
+    #[schemars(
+        range(min = 4096, max = 1125899906842624_i64),
+        extend("x-kubernetes-validations" = [
+            {
+                "rule": "self % 4096 == 0",
+                "message": "sizeBytes must be a multiple of 4096 (the block size), e.g. 10737418240 for 10 GiB"
+            },
+            {
+                "rule": "self >= oldSelf",
+                "message": "sizeBytes can only grow: to get a smaller volume, create a new one and copy the data"
+            }
+        ])
+    )]
+    pub size_bytes: i64,
+    /// Copies of each chunk, on distinct agents (1 to 5). Unset: the
+    /// cluster's `defaults.replicas`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 5))]
+    pub replicas: Option<i32>,
+    /// `Primary` (pods write it; its snapshots are copied) or `Remote` (a
+    /// copy target: only copies write it). Set `Primary` on a Remote volume
+    /// to fail over to it; `Remote` on a Primary demotes it.
+    #[serde(default)]
+    pub role: VolumeRole,
+    /// Whether pods may attach the volume. Unset: a Primary volume is, a
+    /// Remote one is not (and cannot be made so). `false` on a Primary
+    /// keeps pods off it, e.g. before a switchover.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attachable: Option<bool>,
+}
+
+impl VolumeSpec {
+    /// Whether the volume may be attached now, by its spec.
+    pub fn is_attachable(&self) -> bool {
+        self.role == VolumeRole::Primary && self.attachable.unwrap_or(true)
+    }
+}
+
+/// A volume's role.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum VolumeRole {
+    /// Pods read and write it; it is copied to remote volumes.
+    #[default]
+    Primary,
+    /// A copy of a primary at another site: only copies write it; never
+    /// attached.
+    Remote,
+}
+
+impl From<VolumeRole> for pb::VolumeRole {
+    fn from(role: VolumeRole) -> Self {
+        match role {
+            VolumeRole::Primary => pb::VolumeRole::Primary,
+            VolumeRole::Remote => pb::VolumeRole::Remote,
+        }
+    }
+}
+
+/// Where a volume is and how it is doing.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct VolumeStatus {
+    /// `Pending` (not placed yet), `Ready`, `Degraded` (serving with a
+    /// replica out of sync) or `Failed` (a chunk has no in-sync replica).
+    #[serde(default)]
+    pub phase: VolumePhase,
+    /// The volume's id at the agents, chosen by the operator when it first
+    /// places the volume (names are per namespace, ids per cluster).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume_id: Option<String>,
+    /// The size the volume has now, in bytes (below `spec.sizeBytes` while
+    /// it grows).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size_bytes: Option<i64>,
+    /// `sizeBytes` for people, e.g. `10Gi` (the Size column).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<String>,
+    /// The role the head has now (differs from `spec.role` during a
+    /// promotion or demotion).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<VolumeRole>,
+    /// The layout every party computes chunk -> agents from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub placement: Option<Placement>,
+    /// Where the volume's I/O is served.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head: Option<HeadLocation>,
+    /// The volume's snapshots, oldest first (divergent ones included).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 1024))]
+    pub snapshots: Vec<VolumeSnapshot>,
+    /// Replica health, one entry per agent holding chunks.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(
+        length(max = 1024),
+        extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["agent"])
+    )]
+    pub replicas: Vec<ReplicaStatus>,
+    /// `Ready`, `Degraded`, `Rebuilding`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+/// A volume's phase.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum VolumePhase {
+    #[default]
+    Pending,
+    Ready,
+    Degraded,
+    Failed,
+}
+
+/// The compact layout of a volume: `cairn_api::placement::place(agents,
+/// replicas, chunks, layoutVersion)` gives every chunk's replicas. Changed
+/// only by the operator, with a new layout version.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Placement {
+    /// The agents the chunks are placed over (order does not matter).
+    #[schemars(length(max = 1024))]
+    pub agents: Vec<PlacedAgent>,
+    /// Replicas of each chunk.
+    #[schemars(range(min = 1, max = 5))]
+    pub replicas: i32,
+    /// The chunk size the volume was created with.
+    pub chunk_size_bytes: i64,
+    /// Bumped whenever the agent list changes.
+    #[schemars(range(min = 0))]
+    pub layout_version: i64,
+}
+
+/// An agent of a placement.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PlacedAgent {
+    pub name: String,
+    /// Its failure domain when placed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub domain: Option<String>,
+}
+
+impl From<&PlacedAgent> for PlacementAgent {
+    fn from(a: &PlacedAgent) -> Self {
+        PlacementAgent::new(a.name.clone(), a.domain.as_deref())
+    }
+}
+
+/// Where a volume's head runs.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HeadLocation {
+    /// The agent serving the head.
+    pub agent: String,
+    /// Its node (the Head column).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    /// The head's epoch: replicas refuse writes of any lower one.
+    #[schemars(range(min = 0))]
+    pub epoch: i64,
+}
+
+/// One snapshot of a volume.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct VolumeSnapshot {
+    /// The snapshot id (a DNS label), the same at every site.
+    #[schemars(length(min = 1, max = 63))]
+    pub id: String,
+    /// Its generation: higher than every earlier snapshot's.
+    #[schemars(range(min = 0))]
+    pub generation: i64,
+    /// The volume digest as of the snapshot: 64 lowercase hex digits.
+    #[schemars(length(min = 64, max = 64), regex(pattern = r"^[0-9a-f]{64}$"))]
+    pub digest: String,
+    /// When it was sealed.
+    pub created_at: Time,
+    /// A resync rolled the volume back past it: kept, out of the volume's
+    /// line of snapshots, until someone deletes it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub divergent: bool,
+    /// The `SnapshotSchedule` that took it (unset: taken on request).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<String>,
+}
+
+/// How one agent's replica of a volume is doing.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplicaStatus {
+    pub agent: String,
+    /// `InSync`, `OutOfSync` (missed writes; rebuilt later) or `Rebuilding`.
+    pub health: ReplicaHealth,
+    /// Chunks of the volume this agent holds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chunks: Option<i64>,
+    /// Why it is out of sync.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Set while the replica is rebuilt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rebuild: Option<RebuildProgress>,
+    /// How the last rebuild ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_rebuild: Option<String>,
+}
+
+/// A replica's health.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum ReplicaHealth {
+    InSync,
+    OutOfSync,
+    Rebuilding,
+}
+
+/// A rebuild under way (the agent's `RebuildProgress`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RebuildProgress {
+    /// `Layers` (copying snapshots), `Head` (copying the head while writes
+    /// reach the replica too) or `Verify` (comparing digests).
+    pub phase: RebuildPhase,
+    pub layers_done: i64,
+    pub layers_total: i64,
+    /// Bytes of block data copied so far.
+    pub bytes_done: i64,
+    pub head_blocks_done: i64,
+    pub head_blocks_total: i64,
+    /// When the rebuild started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<Time>,
+}
+
+/// The phase of a rebuild.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum RebuildPhase {
+    Layers,
+    Head,
+    Verify,
+}
