@@ -360,9 +360,30 @@ impl Session {
         });
         let _stop_reader = crate::copy::sender::AbortOnDrop(reader.abort_handle());
         loop {
-            let frame = match frames.recv().await {
-                Some(f) => f?,
-                None => return Err(Status::aborted("the copy stream ended")),
+            let broken = match frames.recv().await {
+                Some(Ok(f)) => Ok(f),
+                Some(Err(s)) => Err(s),
+                None => Err(Status::aborted("the copy stream ended")),
+            };
+            let frame = match broken {
+                Ok(f) => f,
+                Err(s) => {
+                    // The sender died or the link broke: what arrived is
+                    // made durable, so a resume re-sends only what never
+                    // arrived.
+                    if cursor > self.checkpoint.through_block {
+                        let quiet: Replies = tokio::sync::mpsc::channel(1).0;
+                        match self.durable(cursor, bytes, &quiet).await {
+                            Ok(()) => {
+                                tracing::info!(link = %self.link, through_block = cursor, "checkpoint at the break")
+                            }
+                            Err(e) => {
+                                tracing::warn!(link = %self.link, error = %e.message(), "no checkpoint at the break")
+                            }
+                        }
+                    }
+                    return Err(s);
+                }
             };
             match frame.frame {
                 Some(pb::copy_frame::Frame::Ping(_)) => {}

@@ -41,8 +41,8 @@ use crate::{
 
 /// Blocks per batch sent (1 MiB of data at most).
 pub const BATCH_BLOCKS: usize = 256;
-/// Batches queued ahead of the network.
-const QUEUE: usize = 8;
+/// Batches queued ahead of the network (HTTP/2 windows hold more).
+const QUEUE: usize = 4;
 /// How often a ping is sent during a copy.
 pub const PING_EVERY: Duration = Duration::from_millis(100);
 /// [`Compress::Auto`] compresses when the link is held below this rate
