@@ -8,7 +8,12 @@
 //! through FUSE and a loop device, with fio against a loop device on a plain
 //! file on the same disk, and then a replica rebuild; `cairn-bench rebuild`
 //! runs only the rebuild part (no root needed).
+//!
+//! `cairn-bench copy` measures remote copy between two sites (network
+//! namespaces joined by a veth pair) against rsync and the link (iperf3).
 
+#[path = "cairn-bench/copy.rs"]
+mod copy;
 #[path = "cairn-bench/rebuild.rs"]
 mod rebuild;
 #[path = "cairn-bench/volume.rs"]
@@ -62,6 +67,9 @@ enum Command {
     /// Rebuilding a replica of a 1 GiB volume with 512 MiB written, and
     /// 4 KiB write latency during it (also part of `volume`). No root needed.
     Rebuild(rebuild::RebuildArgs),
+    /// Remote copy between two network namespaces joined by a veth pair,
+    /// against rsync and iperf3 on the same link. Needs root, rsync, iperf3.
+    Copy(copy::CopyArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -83,6 +91,7 @@ fn main() -> anyhow::Result<()> {
         Command::Store(args) => store_bench(args),
         Command::Volume(args) => volume::volume_bench(args),
         Command::Rebuild(args) => rebuild::rebuild_bench(args),
+        Command::Copy(args) => copy::copy_bench(args),
     }
 }
 
