@@ -256,6 +256,10 @@ impl Store {
         let record = {
             let mut st = replica.write_state()?;
             replica.admit(&mut st, epoch)?;
+            if st.head().map.is_empty() && st.pending.is_empty() {
+                // Nothing since the newest snapshot: nothing to drop.
+                return Ok(replica.clone());
+            }
             let old_head = st.head().no;
             let mut record = st.record();
             let head = record.layers.last_mut().expect("a replica has a head");

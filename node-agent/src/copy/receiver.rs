@@ -23,6 +23,7 @@ use cairn_api::{
     agent::v1::{self as pb, snapshot_copy_server::SnapshotCopy},
     convert,
 };
+use futures::{StreamExt, TryStreamExt};
 use serde::{Deserialize, Serialize};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -64,6 +65,9 @@ pub(crate) fn receiving_links(store: &Store) -> Result<Vec<(String, LinkRecord)>
         .filter_map(|(k, v)| serde_json::from_slice(&v).ok().map(|r| (k, r)))
         .collect())
 }
+
+/// Runs of a batch written at once.
+const APPLY_CONCURRENCY: usize = 32;
 
 /// Most bytes a compressed batch may expand to (256 blocks).
 const MAX_BATCH_BYTES: usize = 256 * BLOCK_SIZE as usize;
@@ -392,13 +396,21 @@ impl Session {
                     let Some(last) = copied.last().map(|b| b.block) else { continue };
                     let n: u64 =
                         copied.iter().filter_map(|b| b.data.as_ref()).map(|d| d.len() as u64).sum();
-                    for run in layer_runs(&copied) {
-                        match run {
-                            Run::Data(offset, data) => self.head.write(offset, data).await,
-                            Run::Zero(offset, len) => self.head.trim(offset, len).await,
-                        }
+                    // The runs of a batch cover distinct blocks: they are
+                    // written concurrently (scattered blocks of a layer are
+                    // many small writes, each a round trip to the replicas).
+                    let head = &self.head;
+                    futures::stream::iter(layer_runs(&copied))
+                        .map(|run| async move {
+                            match run {
+                                Run::Data(offset, data) => head.write(offset, data).await,
+                                Run::Zero(offset, len) => head.trim(offset, len).await,
+                            }
+                        })
+                        .buffer_unordered(APPLY_CONCURRENCY)
+                        .try_collect::<()>()
+                        .await
                         .map_err(head_status)?;
-                    }
                     cursor = last + 1;
                     bytes += n;
                     since_bytes += n;
