@@ -1,6 +1,10 @@
 //! cairn-operator: the reconcilers of Cairn's custom resources. Pure
-//! planning steps (what to keep, when to run) live apart from the code that
-//! talks to the API server and the agents, and are unit-tested alone.
+//! planning steps (what to keep, when to run, where to place) live apart
+//! from the code that talks to the API server and the agents, and are
+//! unit-tested alone; the reconcilers are tested against kube's mocked API
+//! server with a fake of the agents.
 
+pub mod agent;
 pub mod retention;
 pub mod schedule;
+pub mod volume;

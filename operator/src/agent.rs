@@ -1,0 +1,302 @@
+//! The operator's seam to the agents: [`AgentApi`], the calls reconcilers
+//! make, with the gRPC client ([`GrpcAgents`], mutual TLS for `https://`
+//! endpoints) and an in-memory fake ([`FakeAgents`]) that records calls for
+//! tests. Reconcilers reach agents only through this trait.
+
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use cairn_api::agent::v1::{
+    self as pb, replica_store_client::ReplicaStoreClient, volume_heads_client::VolumeHeadsClient,
+};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
+
+/// An agent call that failed: which agent, the gRPC code, what it said.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("agent at {endpoint}: {code:?}: {message}")]
+pub struct AgentError {
+    pub endpoint: String,
+    pub code: tonic::Code,
+    pub message: String,
+}
+
+impl AgentError {
+    fn from_status(endpoint: &str, s: tonic::Status) -> Self {
+        AgentError { endpoint: endpoint.to_string(), code: s.code(), message: s.message().into() }
+    }
+
+    pub fn is_not_found(&self) -> bool {
+        self.code == tonic::Code::NotFound
+    }
+}
+
+pub type AgentResult<T> = Result<T, AgentError>;
+
+/// What the operator asks of agents.
+#[tonic::async_trait]
+pub trait AgentApi: Send + Sync + std::fmt::Debug + 'static {
+    /// Opens (or re-confirms, same epoch) a volume's head on the agent.
+    async fn open_head(
+        &self,
+        endpoint: &str,
+        req: pb::OpenHeadRequest,
+    ) -> AgentResult<pb::HeadStatus>;
+    async fn close_head(&self, endpoint: &str, volume: &str) -> AgentResult<()>;
+    async fn promote(&self, endpoint: &str, volume: &str) -> AgentResult<pb::PromoteHeadResponse>;
+    async fn demote(
+        &self,
+        endpoint: &str,
+        volume: &str,
+        snapshot: &str,
+        generation: u64,
+    ) -> AgentResult<()>;
+    /// Deletes the agent's replica of a volume (a missing one is fine).
+    async fn delete_replica(&self, endpoint: &str, volume: &str) -> AgentResult<()>;
+}
+
+/// The agents over gRPC; one lazily connected channel per endpoint.
+#[derive(Debug, Default)]
+pub struct GrpcAgents {
+    tls: Option<ClientTlsConfig>,
+    channels: Mutex<BTreeMap<String, Channel>>,
+}
+
+impl GrpcAgents {
+    /// `tls` is used for `https://` endpoints (the operator's client
+    /// certificate and the agents' CA).
+    pub fn new(tls: Option<ClientTlsConfig>) -> Self {
+        GrpcAgents { tls, channels: Default::default() }
+    }
+
+    fn channel(&self, endpoint: &str) -> AgentResult<Channel> {
+        let bad = |m: String| AgentError {
+            endpoint: endpoint.to_string(),
+            code: tonic::Code::InvalidArgument,
+            message: m,
+        };
+        let mut channels = self.channels.lock().unwrap();
+        if let Some(c) = channels.get(endpoint) {
+            return Ok(c.clone());
+        }
+        let mut e = Endpoint::from_shared(endpoint.to_string())
+            .map_err(|e| bad(format!("not an endpoint: {e}")))?
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(60));
+        if endpoint.starts_with("https://") {
+            let tls = self.tls.clone().ok_or_else(|| {
+                bad("an https:// agent needs the operator's --agent-tls-* flags".into())
+            })?;
+            e = e.tls_config(tls).map_err(|e| bad(e.to_string()))?;
+        }
+        let c = e.connect_lazy();
+        channels.insert(endpoint.to_string(), c.clone());
+        Ok(c)
+    }
+
+    fn heads(&self, endpoint: &str) -> AgentResult<VolumeHeadsClient<Channel>> {
+        Ok(VolumeHeadsClient::new(self.channel(endpoint)?))
+    }
+}
+
+#[tonic::async_trait]
+impl AgentApi for GrpcAgents {
+    async fn open_head(
+        &self,
+        endpoint: &str,
+        req: pb::OpenHeadRequest,
+    ) -> AgentResult<pb::HeadStatus> {
+        let r = self.heads(endpoint)?.open_head(req).await;
+        r.map(|r| r.into_inner()).map_err(|s| AgentError::from_status(endpoint, s))
+    }
+
+    async fn close_head(&self, endpoint: &str, volume: &str) -> AgentResult<()> {
+        let req = pb::CloseHeadRequest { volume_id: volume.into() };
+        let r = self.heads(endpoint)?.close_head(req).await;
+        r.map(drop).map_err(|s| AgentError::from_status(endpoint, s))
+    }
+
+    async fn promote(&self, endpoint: &str, volume: &str) -> AgentResult<pb::PromoteHeadResponse> {
+        let req = pb::PromoteHeadRequest { volume_id: volume.into() };
+        let r = self.heads(endpoint)?.promote_head(req).await;
+        r.map(|r| r.into_inner()).map_err(|s| AgentError::from_status(endpoint, s))
+    }
+
+    async fn demote(
+        &self,
+        endpoint: &str,
+        volume: &str,
+        snapshot: &str,
+        generation: u64,
+    ) -> AgentResult<()> {
+        let req = pb::DemoteHeadRequest {
+            volume_id: volume.into(),
+            snapshot_id: snapshot.into(),
+            generation,
+        };
+        let r = self.heads(endpoint)?.demote_head(req).await;
+        r.map(drop).map_err(|s| AgentError::from_status(endpoint, s))
+    }
+
+    async fn delete_replica(&self, endpoint: &str, volume: &str) -> AgentResult<()> {
+        let req = pb::DeleteReplicaRequest { volume_id: volume.into() };
+        let r = ReplicaStoreClient::new(self.channel(endpoint)?).delete_replica(req).await;
+        r.map(drop).map_err(|s| AgentError::from_status(endpoint, s))
+    }
+}
+
+/// A call the fake received.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Call {
+    OpenHead {
+        endpoint: String,
+        volume: String,
+        epoch: u64,
+        role: pb::VolumeRole,
+        agents: Vec<String>,
+    },
+    CloseHead {
+        endpoint: String,
+        volume: String,
+    },
+    Promote {
+        endpoint: String,
+        volume: String,
+    },
+    Demote {
+        endpoint: String,
+        volume: String,
+        snapshot: String,
+    },
+    DeleteReplica {
+        endpoint: String,
+        volume: String,
+    },
+}
+
+/// In-memory agents for tests: heads open with every replica in sync,
+/// roles kept per volume; endpoints marked down refuse with Unavailable.
+#[derive(Debug, Default, Clone)]
+pub struct FakeAgents {
+    inner: Arc<Mutex<FakeState>>,
+}
+
+#[derive(Debug, Default)]
+struct FakeState {
+    calls: Vec<Call>,
+    down: Vec<String>,
+    roles: BTreeMap<String, pb::VolumeRole>,
+    out_of_sync: BTreeMap<String, String>,
+}
+
+impl FakeAgents {
+    pub fn calls(&self) -> Vec<Call> {
+        self.inner.lock().unwrap().calls.clone()
+    }
+
+    /// The agent at `endpoint` stops answering.
+    pub fn set_down(&self, endpoint: &str) {
+        self.inner.lock().unwrap().down.push(endpoint.to_string());
+    }
+
+    /// Heads report agent `name`'s replica out of sync for `why`.
+    pub fn set_out_of_sync(&self, name: &str, why: &str) {
+        self.inner.lock().unwrap().out_of_sync.insert(name.into(), why.into());
+    }
+
+    fn enter(&self, endpoint: &str, call: Call) -> AgentResult<()> {
+        let mut st = self.inner.lock().unwrap();
+        st.calls.push(call);
+        if st.down.iter().any(|d| d == endpoint) {
+            return Err(AgentError {
+                endpoint: endpoint.into(),
+                code: tonic::Code::Unavailable,
+                message: "tcp connect error".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+#[tonic::async_trait]
+impl AgentApi for FakeAgents {
+    async fn open_head(
+        &self,
+        endpoint: &str,
+        req: pb::OpenHeadRequest,
+    ) -> AgentResult<pb::HeadStatus> {
+        let role = pb::VolumeRole::try_from(req.role).unwrap_or(pb::VolumeRole::Primary);
+        let agents: Vec<String> = req.agents.iter().map(|a| a.name.clone()).collect();
+        self.enter(
+            endpoint,
+            Call::OpenHead {
+                endpoint: endpoint.into(),
+                volume: req.volume_id.clone(),
+                epoch: req.epoch,
+                role,
+                agents: agents.clone(),
+            },
+        )?;
+        let mut st = self.inner.lock().unwrap();
+        // A head already open keeps its role (as an agent does).
+        let role = *st.roles.entry(req.volume_id.clone()).or_insert(role);
+        let replicas = agents
+            .iter()
+            .map(|a| {
+                let why = st.out_of_sync.get(a).cloned();
+                pb::ReplicaHealth {
+                    agent: a.clone(),
+                    chunks: 1,
+                    in_sync: why.is_none(),
+                    reason: why.unwrap_or_default(),
+                    ..Default::default()
+                }
+            })
+            .collect();
+        Ok(pb::HeadStatus {
+            volume_id: req.volume_id,
+            epoch: req.epoch,
+            replicas,
+            fuse_file: String::new(),
+            role: role as i32,
+        })
+    }
+
+    async fn close_head(&self, endpoint: &str, volume: &str) -> AgentResult<()> {
+        self.enter(endpoint, Call::CloseHead { endpoint: endpoint.into(), volume: volume.into() })?;
+        self.inner.lock().unwrap().roles.remove(volume);
+        Ok(())
+    }
+
+    async fn promote(&self, endpoint: &str, volume: &str) -> AgentResult<pb::PromoteHeadResponse> {
+        self.enter(endpoint, Call::Promote { endpoint: endpoint.into(), volume: volume.into() })?;
+        self.inner.lock().unwrap().roles.insert(volume.into(), pb::VolumeRole::Primary);
+        Ok(pb::PromoteHeadResponse::default())
+    }
+
+    async fn demote(
+        &self,
+        endpoint: &str,
+        volume: &str,
+        snapshot: &str,
+        _generation: u64,
+    ) -> AgentResult<()> {
+        let call = Call::Demote {
+            endpoint: endpoint.into(),
+            volume: volume.into(),
+            snapshot: snapshot.into(),
+        };
+        self.enter(endpoint, call)?;
+        self.inner.lock().unwrap().roles.insert(volume.into(), pb::VolumeRole::Remote);
+        Ok(())
+    }
+
+    async fn delete_replica(&self, endpoint: &str, volume: &str) -> AgentResult<()> {
+        self.enter(
+            endpoint,
+            Call::DeleteReplica { endpoint: endpoint.into(), volume: volume.into() },
+        )
+    }
+}

@@ -1,0 +1,548 @@
+//! The `Volume` reconciler: observe (the StorageCluster, the head at its
+//! agent) -> validate -> desired (placement, head agent and epoch, role) ->
+//! apply (open the head, promote or demote) -> status. `desired` and
+//! `status_of` are pure. Deletion runs behind a finalizer that removes the
+//! replicas, and is refused while a RemoteLink uses the volume.
+//!
+//! Invariants: the placement, once in status, is kept (its agent list and
+//! layout version decide where every chunk lives); the head moves only to a
+//! healthy agent of the placement and then with a higher epoch, so the old
+//! head is fenced.
+
+use std::{sync::Arc, time::Duration};
+
+use cairn_api::{
+    agent::v1 as pb,
+    crd::{
+        AgentHealth, Condition, ConditionStatus, HeadLocation, PlacedAgent, Placement, RemoteLink,
+        ReplicaHealth, ReplicaStatus, StorageCluster, Volume, VolumePhase, VolumeRole,
+        VolumeStatus, quantity::format_bytes, set_condition, volume::condition,
+    },
+};
+use k8s_openapi::{apimachinery::pkg::apis::meta::v1::Time, jiff::Timestamp};
+use kube::{
+    Api, Client, Resource, ResourceExt,
+    api::{ListParams, Patch, PatchParams},
+    runtime::{
+        controller::Action,
+        events::{Event, EventType, Recorder},
+        finalizer::{Event as Finalized, finalizer},
+    },
+};
+use serde_json::json;
+
+use crate::agent::{AgentApi, AgentError};
+
+/// Held on every Volume until its replicas are removed.
+pub const FINALIZER: &str = "cairn.dev/replicas";
+/// The field manager of every write the operator makes.
+pub const MANAGER: &str = "cairn-operator";
+/// How often a Ready volume's health is looked at again.
+pub const RESYNC: Duration = Duration::from_secs(30);
+
+/// What a reconciler needs: the API server, the agents, the event recorder.
+#[derive(Clone)]
+pub struct Context {
+    pub client: Client,
+    pub agents: Arc<dyn AgentApi>,
+    pub recorder: Recorder,
+}
+
+impl std::fmt::Debug for Context {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Context").field("agents", &self.agents).finish_non_exhaustive()
+    }
+}
+
+/// A volume that cannot be placed as it stands: it waits (and says why).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Invalid {
+    #[error("storage cluster {0} does not exist: create it, or fix spec.cluster")]
+    ClusterNotFound(String),
+    #[error(
+        "storage cluster {cluster} has {have} healthy agents but the volume wants {want} replicas: add agents, or lower spec.replicas"
+    )]
+    TooFewAgents { cluster: String, want: usize, have: usize },
+}
+
+impl Invalid {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Invalid::ClusterNotFound(_) => "ClusterNotFound",
+            Invalid::TooFewAgents { .. } => "TooFewAgents",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    Invalid(#[from] Invalid),
+    #[error("{0}")]
+    Agent(#[from] AgentError),
+    #[error("the API server: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("volume {volume} is used by RemoteLink {link}: delete the link first, then the volume")]
+    InUse { volume: String, link: String },
+    #[error("finalizer: {0}")]
+    Finalizer(String),
+}
+
+/// The id of a volume at the agents: `<namespace>-<name>` when that is a
+/// valid id (a DNS label), else `v-` and 24 hex digits of its hash.
+pub fn volume_id(namespace: &str, name: &str) -> String {
+    let plain = format!("{namespace}-{name}");
+    if plain.len() <= 63 && cairn_api::VolumeId::new(&plain).is_ok() {
+        return plain;
+    }
+    let h = blake3::hash(format!("{namespace}/{name}").as_bytes()).to_hex();
+    format!("v-{}", &h[..24])
+}
+
+/// Where the volume should be and what its head should be asked.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Desired {
+    pub placement: Placement,
+    pub head: HeadLocation,
+    /// The head agent's endpoint.
+    pub endpoint: String,
+    pub open: pb::OpenHeadRequest,
+}
+
+fn endpoint(address: &str) -> String {
+    if address.contains("://") { address.to_string() } else { format!("http://{address}") }
+}
+
+/// Pure: the placement (kept once chosen), the head agent (kept while
+/// healthy, else the least loaded healthy agent of the placement, one epoch
+/// up) and the OpenHead request.
+pub fn desired(vol: &Volume, cluster: &StorageCluster) -> Result<Desired, Invalid> {
+    let name = cluster.name_any();
+    let agents = cluster.status.as_ref().map(|s| s.agents.clone()).unwrap_or_default();
+    let healthy: Vec<_> = agents.iter().filter(|a| a.health != AgentHealth::Unreachable).collect();
+    let replicas = vol.spec.replicas.unwrap_or(cluster.spec.defaults.replicas).max(1) as usize;
+    let status = vol.status.clone().unwrap_or_default();
+    let placement = match status.placement {
+        Some(p) => p,
+        None => {
+            if healthy.len() < replicas {
+                return Err(Invalid::TooFewAgents {
+                    cluster: name,
+                    want: replicas,
+                    have: healthy.len(),
+                });
+            }
+            let mut list: Vec<PlacedAgent> = healthy
+                .iter()
+                .map(|a| PlacedAgent { name: a.name.clone(), domain: a.domain.clone() })
+                .collect();
+            list.sort_by(|a, b| a.name.cmp(&b.name));
+            Placement {
+                agents: list,
+                replicas: replicas as i32,
+                chunk_size_bytes: cluster.spec.defaults.chunk_size_bytes,
+                layout_version: 1,
+            }
+        }
+    };
+    let in_placement =
+        |a: &&&cairn_api::crd::AgentStatus| placement.agents.iter().any(|p| p.name == a.name);
+    let usable: Vec<_> = healthy.iter().filter(in_placement).copied().collect();
+    let head = match status.head.as_ref().filter(|h| usable.iter().any(|a| a.name == h.agent)) {
+        Some(h) => h.clone(),
+        None => {
+            let pick = usable
+                .iter()
+                .min_by_key(|a| (a.load, a.name.clone()))
+                .ok_or_else(|| Invalid::TooFewAgents { cluster: name.clone(), want: 1, have: 0 })?;
+            HeadLocation {
+                agent: pick.name.clone(),
+                node: pick.node.clone(),
+                epoch: status.head.as_ref().map_or(1, |h| h.epoch + 1),
+            }
+        }
+    };
+    let address = agents.iter().find(|a| a.name == head.agent).map(|a| a.address.clone());
+    let ns = vol.namespace().unwrap_or_default();
+    let open = pb::OpenHeadRequest {
+        volume_id: volume_id(&ns, &vol.name_any()),
+        size_bytes: vol.spec.size_bytes as u64,
+        chunk_size_bytes: placement.chunk_size_bytes as u64,
+        replicas: placement.replicas as u32,
+        layout_version: placement.layout_version as u64,
+        epoch: head.epoch as u64,
+        agents: placement
+            .agents
+            .iter()
+            .map(|p| pb::HeadAgent {
+                name: p.name.clone(),
+                endpoint: agents
+                    .iter()
+                    .find(|a| a.name == p.name)
+                    .map(|a| endpoint(&a.address))
+                    .unwrap_or_default(),
+                domain: p.domain.clone().unwrap_or_default(),
+                cost: 0,
+            })
+            .collect(),
+        fuse: false,
+        stale_agents: vec![],
+        role: pb::VolumeRole::from(vol.spec.role) as i32,
+    };
+    Ok(Desired { placement, head, endpoint: endpoint(&address.unwrap_or_default()), open })
+}
+
+/// Pure: the status from what the head reports.
+pub fn status_of(vol: &Volume, d: &Desired, head: &pb::HeadStatus, now: Time) -> VolumeStatus {
+    let mut st = vol.status.clone().unwrap_or_default();
+    let generation = vol.meta().generation;
+    let out: Vec<&pb::ReplicaHealth> = head.replicas.iter().filter(|r| !r.in_sync).collect();
+    let rebuilding = head.replicas.iter().any(|r| r.rebuild.is_some());
+    st.phase = if out.is_empty() { VolumePhase::Ready } else { VolumePhase::Degraded };
+    st.volume_id = Some(d.open.volume_id.clone());
+    st.size_bytes = Some(vol.spec.size_bytes);
+    st.size = Some(format_bytes(vol.spec.size_bytes));
+    st.role = Some(match pb::VolumeRole::try_from(head.role) {
+        Ok(pb::VolumeRole::Remote) => VolumeRole::Remote,
+        _ => VolumeRole::Primary,
+    });
+    st.placement = Some(d.placement.clone());
+    st.head = Some(d.head.clone());
+    st.replicas = head
+        .replicas
+        .iter()
+        .map(|r| ReplicaStatus {
+            agent: r.agent.clone(),
+            health: if r.rebuild.is_some() {
+                ReplicaHealth::Rebuilding
+            } else if r.in_sync {
+                ReplicaHealth::InSync
+            } else {
+                ReplicaHealth::OutOfSync
+            },
+            chunks: Some(r.chunks as i64),
+            reason: (!r.reason.is_empty()).then(|| r.reason.clone()),
+            rebuild: None,
+            last_rebuild: (!r.last_rebuild.is_empty()).then(|| r.last_rebuild.clone()),
+        })
+        .collect();
+    let ready = out.is_empty() && st.role == Some(vol.spec.role);
+    let (reason, message) = if ready {
+        ("Ready", format!("every chunk in sync on {} agents", head.replicas.len()))
+    } else if !out.is_empty() {
+        let names: Vec<&str> = out.iter().map(|r| r.agent.as_str()).collect();
+        (
+            "ReplicasOutOfSync",
+            format!("out of sync: {}; they are rebuilt when back", names.join(", ")),
+        )
+    } else {
+        ("RoleChanging", format!("the head is {:?}, the spec asks {:?}", st.role, vol.spec.role))
+    };
+    let c = |t: &str, s: bool, r: &str, m: String| {
+        Condition::new(
+            t,
+            if s { ConditionStatus::True } else { ConditionStatus::False },
+            r,
+            m,
+            generation,
+            now.clone(),
+        )
+    };
+    set_condition(&mut st.conditions, c(condition::READY, ready, reason, message.clone()));
+    set_condition(&mut st.conditions, c(condition::DEGRADED, !out.is_empty(), reason, message));
+    set_condition(
+        &mut st.conditions,
+        c(
+            condition::REBUILDING,
+            rebuilding,
+            if rebuilding { "Rebuilding" } else { "Idle" },
+            String::new(),
+        ),
+    );
+    st.observed_generation = generation;
+    st
+}
+
+fn now() -> Time {
+    Time(Timestamp::now())
+}
+
+async fn patch_status(api: &Api<Volume>, name: &str, status: &VolumeStatus) -> Result<(), Error> {
+    let body = json!({ "apiVersion": "cairn.dev/v1alpha1", "kind": "Volume", "status": status });
+    api.patch_status(name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&body)).await?;
+    Ok(())
+}
+
+async fn event(ctx: &Context, vol: &Volume, type_: EventType, reason: &str, note: String) {
+    let ev = Event {
+        type_,
+        reason: reason.into(),
+        note: Some(note),
+        action: "Reconcile".into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&ev, &vol.object_ref(&())).await {
+        tracing::warn!(error = %e, "could not publish an event");
+    }
+}
+
+/// Reconciles one Volume.
+#[tracing::instrument(skip_all, fields(volume = %vol.name_any(), namespace = ?vol.namespace()))]
+pub async fn reconcile(vol: Arc<Volume>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let ns = vol.namespace().unwrap_or_default();
+    let api: Api<Volume> = Api::namespaced(ctx.client.clone(), &ns);
+    finalizer(&api, FINALIZER, vol, |ev| async {
+        match ev {
+            Finalized::Apply(v) => apply(&v, &ctx).await,
+            Finalized::Cleanup(v) => cleanup(&v, &ctx).await,
+        }
+    })
+    .await
+    .map_err(|e| match e {
+        kube::runtime::finalizer::Error::ApplyFailed(e)
+        | kube::runtime::finalizer::Error::CleanupFailed(e) => e,
+        other => Error::Finalizer(other.to_string()),
+    })
+}
+
+async fn apply(vol: &Volume, ctx: &Context) -> Result<Action, Error> {
+    let ns = vol.namespace().unwrap_or_default();
+    let api: Api<Volume> = Api::namespaced(ctx.client.clone(), &ns);
+    let clusters: Api<StorageCluster> = Api::all(ctx.client.clone());
+    // Observe and validate.
+    let planned = match clusters.get_opt(&vol.spec.cluster).await? {
+        None => Err(Invalid::ClusterNotFound(vol.spec.cluster.clone())),
+        Some(cluster) => desired(vol, &cluster),
+    };
+    let d = match planned {
+        Ok(d) => d,
+        Err(inv) => {
+            let mut st = vol.status.clone().unwrap_or_default();
+            st.phase = VolumePhase::Pending;
+            let c = Condition::new(
+                condition::READY,
+                ConditionStatus::False,
+                inv.reason(),
+                inv.to_string(),
+                vol.meta().generation,
+                now(),
+            );
+            if set_condition(&mut st.conditions, c) {
+                event(ctx, vol, EventType::Warning, inv.reason(), inv.to_string()).await;
+            }
+            st.observed_generation = vol.meta().generation;
+            patch_status(&api, &vol.name_any(), &st).await?;
+            // The cluster may appear or gain agents: look again later.
+            return Ok(Action::requeue(RESYNC));
+        }
+    };
+    // Apply: the head, then its role.
+    let mut head = ctx.agents.open_head(&d.endpoint, d.open.clone()).await?;
+    let at_head = pb::VolumeRole::try_from(head.role).unwrap_or(pb::VolumeRole::Primary);
+    let want = pb::VolumeRole::from(vol.spec.role);
+    if at_head != want {
+        let id = &d.open.volume_id;
+        match want {
+            pb::VolumeRole::Primary => {
+                ctx.agents.promote(&d.endpoint, id).await?;
+                event(
+                    ctx,
+                    vol,
+                    EventType::Normal,
+                    "Promoted",
+                    format!("promoted at agent {}: it takes writes now", d.head.agent),
+                )
+                .await;
+            }
+            pb::VolumeRole::Remote => {
+                let generation = vol
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.snapshots.iter().map(|s| s.generation).max())
+                    .unwrap_or(0)
+                    + 1;
+                let snap = format!("demoted-g{}", vol.meta().generation.unwrap_or(0));
+                ctx.agents.demote(&d.endpoint, id, &snap, generation as u64).await?;
+                event(
+                    ctx,
+                    vol,
+                    EventType::Normal,
+                    "Demoted",
+                    format!(
+                        "demoted at agent {} after snapshot {snap}: only copies write it now",
+                        d.head.agent
+                    ),
+                )
+                .await;
+            }
+        }
+        head.role = want as i32;
+    }
+    // Status.
+    let before = vol.status.as_ref().map(|s| s.phase);
+    let st = status_of(vol, &d, &head, now());
+    if before != Some(st.phase) && st.phase == VolumePhase::Degraded {
+        let m = st
+            .conditions
+            .iter()
+            .find(|c| c.type_ == condition::DEGRADED)
+            .map(|c| c.message.clone());
+        event(ctx, vol, EventType::Warning, "Degraded", m.unwrap_or_default()).await;
+    }
+    patch_status(&api, &vol.name_any(), &st).await?;
+    Ok(Action::requeue(RESYNC))
+}
+
+async fn cleanup(vol: &Volume, ctx: &Context) -> Result<Action, Error> {
+    let ns = vol.namespace().unwrap_or_default();
+    let name = vol.name_any();
+    let links: Api<RemoteLink> = Api::namespaced(ctx.client.clone(), &ns);
+    for l in links.list(&ListParams::default()).await? {
+        let s = &l.spec;
+        let uses = s.source_volume == name
+            || (s.target_volume == name && s.target_cluster == vol.spec.cluster);
+        if uses {
+            let e = Error::InUse { volume: name.clone(), link: l.name_any() };
+            event(ctx, vol, EventType::Warning, "DeletionBlocked", e.to_string()).await;
+            return Err(e);
+        }
+    }
+    let Some(st) = vol.status.as_ref() else { return Ok(Action::await_change()) };
+    let id = st.volume_id.clone().unwrap_or_else(|| volume_id(&ns, &name));
+    let clusters: Api<StorageCluster> = Api::all(ctx.client.clone());
+    let agents = match clusters.get_opt(&vol.spec.cluster).await? {
+        Some(c) => c.status.map(|s| s.agents).unwrap_or_default(),
+        None => Vec::new(),
+    };
+    let address = |n: &str| agents.iter().find(|a| a.name == n).map(|a| endpoint(&a.address));
+    if let Some(h) = &st.head
+        && let Some(ep) = address(&h.agent)
+    {
+        match ctx.agents.close_head(&ep, &id).await {
+            Err(e) if !e.is_not_found() => return Err(e.into()),
+            _ => {}
+        }
+    }
+    for p in st.placement.iter().flat_map(|p| &p.agents) {
+        if let Some(ep) = address(&p.name) {
+            ctx.agents.delete_replica(&ep, &id).await?;
+        }
+    }
+    event(ctx, vol, EventType::Normal, "Deleted", format!("replicas of {id} removed")).await;
+    Ok(Action::await_change())
+}
+
+/// `error_policy`: an invalid object waits for a change; anything else
+/// backs off and tries again.
+pub fn error_policy(_vol: Arc<Volume>, err: &Error, _ctx: Arc<Context>) -> Action {
+    tracing::warn!(error = %err, "reconcile failed");
+    match err {
+        Error::Invalid(_) => Action::await_change(),
+        Error::InUse { .. } => Action::requeue(Duration::from_secs(60)),
+        _ => Action::requeue(Duration::from_secs(5)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cairn_api::crd::{
+        AgentStatus, ClusterDefaults, StorageClusterSpec, StorageClusterStatus, VolumeSpec,
+    };
+
+    fn cluster(agents: &[(&str, AgentHealth, i32)]) -> StorageCluster {
+        let mut c = StorageCluster::new(
+            "site-a",
+            StorageClusterSpec {
+                node_selector: Some(Default::default()),
+                failure_domain_label: None,
+                gateway: None,
+                defaults: ClusterDefaults { replicas: 2, chunk_size_bytes: 64 << 20 },
+            },
+        );
+        c.status = Some(StorageClusterStatus {
+            agents: agents
+                .iter()
+                .map(|(n, h, load)| AgentStatus {
+                    name: n.to_string(),
+                    node: Some(format!("node-{n}")),
+                    address: format!("{n}.example:7070"),
+                    domain: None,
+                    capacity_bytes: 1 << 40,
+                    used_bytes: 0,
+                    health: *h,
+                    load: *load,
+                    last_seen: None,
+                    message: None,
+                })
+                .collect(),
+            ..Default::default()
+        });
+        c
+    }
+
+    fn vol() -> Volume {
+        let mut v = Volume::new(
+            "db",
+            VolumeSpec {
+                cluster: "site-a".into(),
+                size_bytes: 1 << 30,
+                replicas: None,
+                role: VolumeRole::Primary,
+                attachable: None,
+            },
+        );
+        v.meta_mut().namespace = Some("shop".into());
+        v
+    }
+
+    use AgentHealth::*;
+
+    #[test]
+    fn a_new_volume_is_placed_on_the_healthy_agents_with_its_head_on_the_least_loaded() {
+        let d = desired(
+            &vol(),
+            &cluster(&[("b", Healthy, 3), ("a", Healthy, 5), ("c", Unreachable, 0)]),
+        )
+        .unwrap();
+        let names: Vec<&str> = d.placement.agents.iter().map(|a| a.name.as_str()).collect();
+        assert_eq!(names, ["a", "b"]);
+        assert_eq!((d.head.agent.as_str(), d.head.epoch), ("b", 1));
+        assert_eq!(d.endpoint, "http://b.example:7070");
+        assert_eq!(d.open.volume_id, "shop-db");
+        assert_eq!(d.open.replicas, 2);
+    }
+
+    #[test]
+    fn too_few_agents_is_refused_with_what_to_do() {
+        let err = desired(&vol(), &cluster(&[("a", Healthy, 0)])).unwrap_err();
+        assert_eq!(err.reason(), "TooFewAgents");
+        assert!(err.to_string().contains("add agents, or lower spec.replicas"), "{err}");
+    }
+
+    #[test]
+    fn the_head_stays_while_healthy_and_moves_one_epoch_up_when_its_agent_is_lost() {
+        let c = cluster(&[("a", Healthy, 0), ("b", Healthy, 0)]);
+        let mut v = vol();
+        let first = desired(&v, &c).unwrap();
+        v.status = Some(VolumeStatus {
+            placement: Some(first.placement.clone()),
+            head: Some(HeadLocation { agent: "b".into(), node: None, epoch: 4 }),
+            ..Default::default()
+        });
+        let kept = desired(&v, &c).unwrap();
+        assert_eq!((kept.head.agent.as_str(), kept.head.epoch), ("b", 4));
+        let moved = desired(&v, &cluster(&[("a", Healthy, 9), ("b", Unreachable, 0)])).unwrap();
+        assert_eq!((moved.head.agent.as_str(), moved.head.epoch), ("a", 5));
+        assert_eq!(moved.placement, first.placement, "the placement is kept");
+    }
+
+    #[test]
+    fn volume_ids_are_dns_labels() {
+        assert_eq!(volume_id("shop", "db"), "shop-db");
+        let long =
+            volume_id("a-very-long-namespace-name-for-testing", "and-an-even-longer-volume-name-x");
+        assert!(long.starts_with("v-") && long.len() == 26, "{long}");
+        assert!(volume_id("ns", "with.dots").starts_with("v-"));
+    }
+}

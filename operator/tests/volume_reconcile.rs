@@ -1,0 +1,289 @@
+//! The Volume reconciler against kube's mocked API server (tower-test) and
+//! the fake agents: each scenario serves the HTTP calls the reconciler must
+//! make, in order, checks each one, and then checks the agent calls.
+
+use std::sync::Arc;
+
+use cairn_api::{
+    agent::v1 as pb,
+    crd::{
+        AgentHealth, AgentStatus, ClusterDefaults, RemoteLink, StorageCluster, StorageClusterSpec,
+        StorageClusterStatus, Volume, VolumeRole, VolumeSpec,
+    },
+};
+use cairn_operator::{
+    agent::{Call, FakeAgents},
+    volume::{Context, Error, reconcile},
+};
+use http::{Method, Request, Response};
+use kube::{Client, Resource, client::Body, runtime::events::Recorder};
+use serde_json::{Value, json};
+use tower_test::mock::Handle;
+
+type ApiServer = Handle<Request<Body>, Response<Body>>;
+
+fn cluster() -> StorageCluster {
+    let mut c = StorageCluster::new(
+        "site-a",
+        StorageClusterSpec {
+            node_selector: Some(Default::default()),
+            failure_domain_label: None,
+            gateway: None,
+            defaults: ClusterDefaults { replicas: 2, chunk_size_bytes: 64 << 20 },
+        },
+    );
+    let agent = |n: &str, load| AgentStatus {
+        name: n.into(),
+        node: Some(format!("node-{n}")),
+        address: format!("{n}.site-a:7070"),
+        domain: None,
+        capacity_bytes: 1 << 40,
+        used_bytes: 0,
+        health: AgentHealth::Healthy,
+        load,
+        last_seen: None,
+        message: None,
+    };
+    c.status = Some(StorageClusterStatus {
+        agents: vec![agent("a1", 2), agent("a2", 1)],
+        ..Default::default()
+    });
+    c
+}
+
+fn volume(role: VolumeRole, finalizer: bool, deleting: bool) -> Volume {
+    let mut v = Volume::new(
+        "db",
+        VolumeSpec {
+            cluster: "site-a".into(),
+            size_bytes: 1 << 30,
+            replicas: None,
+            role,
+            attachable: None,
+        },
+    );
+    let m = v.meta_mut();
+    m.namespace = Some("shop".into());
+    m.uid = Some("0000-1111".into());
+    m.generation = Some(3);
+    m.resource_version = Some("7".into());
+    if finalizer {
+        m.finalizers = Some(vec!["cairn.dev/replicas".into()]);
+    }
+    if deleting {
+        m.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            "2026-11-24T12:00:00Z".parse().unwrap(),
+        ));
+    }
+    v
+}
+
+fn setup() -> (Arc<Context>, ApiServer, FakeAgents) {
+    let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let client = Client::new(svc, "default");
+    let agents = FakeAgents::default();
+    let recorder = Recorder::new(client.clone(), "cairn-operator".into());
+    let ctx = Context { client, agents: Arc::new(agents.clone()), recorder };
+    (Arc::new(ctx), handle, agents)
+}
+
+/// Serves the next request: checks its method and path, answers `reply`;
+/// returns the request's JSON body (Null if none).
+async fn serve(api: &mut ApiServer, method: Method, path: &str, reply: Value) -> Value {
+    let (req, send) = api.next_request().await.expect("the reconciler made another call");
+    assert_eq!(req.method(), method, "{} {}", req.method(), req.uri());
+    assert!(
+        req.uri().path() == path,
+        "expected {method} {path}, got {} {}",
+        req.method(),
+        req.uri()
+    );
+    let query = req.uri().query().unwrap_or("").to_string();
+    let bytes = req.into_body().collect_bytes().await.unwrap();
+    let body: Value =
+        if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes).unwrap() };
+    let mut body = body;
+    if let Value::Object(m) = &mut body {
+        m.insert("__query".into(), Value::String(query));
+    }
+    send.send_response(
+        Response::builder().body(Body::from(serde_json::to_vec(&reply).unwrap())).unwrap(),
+    );
+    body
+}
+
+const VOLUME: &str = "/apis/cairn.dev/v1alpha1/namespaces/shop/volumes/db";
+const CLUSTER: &str = "/apis/cairn.dev/v1alpha1/storageclusters/site-a";
+const LINKS: &str = "/apis/cairn.dev/v1alpha1/namespaces/shop/remotelinks";
+const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/shop/events";
+
+#[tokio::test]
+async fn a_new_volume_gets_the_finalizer_first() {
+    let (ctx, mut api, agents) = setup();
+    let vol = volume(VolumeRole::Primary, false, false);
+    let run = tokio::spawn(reconcile(Arc::new(vol.clone()), ctx));
+    let patch =
+        serve(&mut api, Method::PATCH, VOLUME, json!(volume(VolumeRole::Primary, true, false)))
+            .await;
+    assert!(patch.to_string().contains("cairn.dev/replicas"), "{patch}");
+    run.await.unwrap().unwrap();
+    assert!(agents.calls().is_empty(), "nothing at the agents before the finalizer");
+}
+
+#[tokio::test]
+async fn a_volume_is_opened_at_the_least_loaded_agent_and_reported_ready_by_server_side_apply() {
+    let (ctx, mut api, agents) = setup();
+    let vol = volume(VolumeRole::Primary, true, false);
+    let run = tokio::spawn(reconcile(Arc::new(vol.clone()), ctx));
+    serve(&mut api, Method::GET, CLUSTER, json!(cluster())).await;
+    let status = serve(&mut api, Method::PATCH, &format!("{VOLUME}/status"), json!(vol)).await;
+    run.await.unwrap().unwrap();
+
+    assert!(
+        status["__query"].as_str().unwrap().contains("fieldManager=cairn-operator"),
+        "{status}"
+    );
+    let st = &status["status"];
+    assert_eq!(st["phase"], "Ready", "{st}");
+    assert_eq!(st["head"]["agent"], "a2");
+    assert_eq!(st["head"]["epoch"], 1);
+    assert_eq!(st["placement"]["agents"][0]["name"], "a1");
+    assert_eq!(st["observedGeneration"], 3);
+    let ready = st["conditions"].as_array().unwrap().iter().find(|c| c["type"] == "Ready").unwrap();
+    assert_eq!(ready["status"], "True");
+    assert_eq!(ready["observedGeneration"], 3);
+    assert_eq!(
+        agents.calls(),
+        [Call::OpenHead {
+            endpoint: "http://a2.site-a:7070".into(),
+            volume: "shop-db".into(),
+            epoch: 1,
+            role: pb::VolumeRole::Primary,
+            agents: vec!["a1".into(), "a2".into()],
+        }]
+    );
+}
+
+#[tokio::test]
+async fn a_role_change_in_the_spec_demotes_at_the_agent_with_an_event() {
+    let (ctx, mut api, agents) = setup();
+    // Opened as a primary first...
+    let vol = volume(VolumeRole::Primary, true, false);
+    let run = tokio::spawn(reconcile(Arc::new(vol.clone()), ctx.clone()));
+    serve(&mut api, Method::GET, CLUSTER, json!(cluster())).await;
+    serve(&mut api, Method::PATCH, &format!("{VOLUME}/status"), json!(vol)).await;
+    run.await.unwrap().unwrap();
+    // ...then the spec asks for Remote.
+    let vol = volume(VolumeRole::Remote, true, false);
+    let run = tokio::spawn(reconcile(Arc::new(vol.clone()), ctx));
+    serve(&mut api, Method::GET, CLUSTER, json!(cluster())).await;
+    let ev = serve(&mut api, Method::POST, EVENTS, json!({})).await;
+    assert_eq!(ev["reason"], "Demoted", "{ev}");
+    assert_eq!(ev["type"], "Normal");
+    let status = serve(&mut api, Method::PATCH, &format!("{VOLUME}/status"), json!(vol)).await;
+    run.await.unwrap().unwrap();
+    assert_eq!(status["status"]["role"], "Remote");
+    assert!(
+        matches!(agents.calls().last(), Some(Call::Demote { volume, .. }) if volume == "shop-db")
+    );
+}
+
+#[tokio::test]
+async fn deleting_a_volume_a_link_uses_is_refused_naming_the_link() {
+    let (ctx, mut api, agents) = setup();
+    let vol = volume(VolumeRole::Primary, true, true);
+    let run = tokio::spawn(reconcile(Arc::new(vol), ctx));
+    let link: RemoteLink = serde_json::from_value(json!({
+        "apiVersion": "cairn.dev/v1alpha1", "kind": "RemoteLink",
+        "metadata": {"name": "db-to-b", "namespace": "shop"},
+        "spec": {"sourceVolume": "db", "targetCluster": "site-b", "targetVolume": "db"}
+    }))
+    .unwrap();
+    let list = json!({"apiVersion": "cairn.dev/v1alpha1", "kind": "RemoteLinkList", "metadata": {}, "items": [link]});
+    serve(&mut api, Method::GET, LINKS, list).await;
+    let ev = serve(&mut api, Method::POST, EVENTS, json!({})).await;
+    assert_eq!(ev["type"], "Warning");
+    assert!(ev["note"].as_str().unwrap().contains("RemoteLink db-to-b"), "{ev}");
+    let err = run.await.unwrap().unwrap_err();
+    assert!(matches!(&err, Error::InUse { link, .. } if link == "db-to-b"), "{err}");
+    assert!(agents.calls().is_empty(), "no replica touched");
+}
+
+#[tokio::test]
+async fn deleting_an_unused_volume_removes_its_replicas_then_the_finalizer() {
+    let (ctx, mut api, agents) = setup();
+    // A volume that was placed on a1, a2 with its head on a2.
+    let mut vol = volume(VolumeRole::Primary, true, true);
+    let d = cairn_operator::volume::desired(&vol, &cluster()).unwrap();
+    vol.status = Some(cairn_api::crd::VolumeStatus {
+        volume_id: Some("shop-db".into()),
+        placement: Some(d.placement.clone()),
+        head: Some(d.head.clone()),
+        ..Default::default()
+    });
+    let run = tokio::spawn(reconcile(Arc::new(vol.clone()), ctx));
+    let empty = json!({"apiVersion": "cairn.dev/v1alpha1", "kind": "RemoteLinkList", "metadata": {}, "items": []});
+    serve(&mut api, Method::GET, LINKS, empty).await;
+    serve(&mut api, Method::GET, CLUSTER, json!(cluster())).await;
+    let ev = serve(&mut api, Method::POST, EVENTS, json!({})).await;
+    assert_eq!(ev["reason"], "Deleted");
+    let patch = serve(&mut api, Method::PATCH, VOLUME, json!(vol)).await;
+    assert!(patch.to_string().contains("remove"), "the finalizer is removed last: {patch}");
+    run.await.unwrap().unwrap();
+    let calls = agents.calls();
+    assert_eq!(
+        calls[0],
+        Call::CloseHead { endpoint: "http://a2.site-a:7070".into(), volume: "shop-db".into() }
+    );
+    assert_eq!(calls.len(), 3, "close, then a replica deleted on each agent: {calls:?}");
+}
+
+#[tokio::test]
+async fn an_unreachable_head_agent_is_an_error_that_backs_off_and_writes_no_status() {
+    let (ctx, mut api, agents) = setup();
+    agents.set_down("http://a2.site-a:7070");
+    let vol = volume(VolumeRole::Primary, true, false);
+    let run = tokio::spawn(reconcile(Arc::new(vol), ctx.clone()));
+    serve(&mut api, Method::GET, CLUSTER, json!(cluster())).await;
+    let err = run.await.unwrap().unwrap_err();
+    assert!(matches!(&err, Error::Agent(e) if e.code == tonic::Code::Unavailable), "{err}");
+    let action = cairn_operator::volume::error_policy(
+        Arc::new(volume(VolumeRole::Primary, true, false)),
+        &err,
+        ctx,
+    );
+    assert_eq!(
+        action,
+        kube::runtime::controller::Action::requeue(std::time::Duration::from_secs(5))
+    );
+}
+
+#[tokio::test]
+async fn a_missing_cluster_leaves_the_volume_pending_with_a_warning() {
+    let (ctx, mut api, _agents) = setup();
+    let vol = volume(VolumeRole::Primary, true, false);
+    let run = tokio::spawn(reconcile(Arc::new(vol.clone()), ctx));
+    let not_found = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "not found"});
+    let (req, send) = api.next_request().await.unwrap();
+    assert_eq!(req.uri().path(), CLUSTER);
+    send.send_response(
+        Response::builder()
+            .status(404)
+            .body(Body::from(serde_json::to_vec(&not_found).unwrap()))
+            .unwrap(),
+    );
+    let ev = serve(&mut api, Method::POST, EVENTS, json!({})).await;
+    assert_eq!(
+        (ev["type"].as_str(), ev["reason"].as_str()),
+        (Some("Warning"), Some("ClusterNotFound"))
+    );
+    let status = serve(&mut api, Method::PATCH, &format!("{VOLUME}/status"), json!(vol)).await;
+    assert_eq!(status["status"]["phase"], "Pending");
+    assert!(
+        status["status"]["conditions"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("storage cluster site-a does not exist")
+    );
+    run.await.unwrap().unwrap();
+}
