@@ -55,6 +55,20 @@ pub trait AgentApi: Send + Sync + std::fmt::Debug + 'static {
     ) -> AgentResult<()>;
     /// Deletes the agent's replica of a volume (a missing one is fine).
     async fn delete_replica(&self, endpoint: &str, volume: &str) -> AgentResult<()>;
+    /// Takes a crash-consistent snapshot at the volume's head.
+    async fn snapshot(
+        &self,
+        endpoint: &str,
+        volume: &str,
+        id: &str,
+        generation: u64,
+    ) -> AgentResult<()>;
+    /// The snapshots of the agent's replica of the volume, oldest first.
+    async fn snapshots(&self, endpoint: &str, volume: &str) -> AgentResult<Vec<pb::SnapshotInfo>>;
+    /// Deletes a snapshot at the head (refused while a link needs it).
+    async fn delete_snapshot(&self, endpoint: &str, volume: &str, id: &str) -> AgentResult<()>;
+    /// The links the agent sends for the volume, with their cursors.
+    async fn links(&self, endpoint: &str, volume: &str) -> AgentResult<Vec<pb::LinkStatus>>;
 }
 
 /// The agents over gRPC; one lazily connected channel per endpoint.
@@ -145,6 +159,41 @@ impl AgentApi for GrpcAgents {
         let r = ReplicaStoreClient::new(self.channel(endpoint)?).delete_replica(req).await;
         r.map(drop).map_err(|s| AgentError::from_status(endpoint, s))
     }
+
+    async fn snapshot(
+        &self,
+        endpoint: &str,
+        volume: &str,
+        id: &str,
+        generation: u64,
+    ) -> AgentResult<()> {
+        let req = pb::HeadSnapshotRequest {
+            volume_id: volume.into(),
+            snapshot_id: id.into(),
+            generation,
+        };
+        let r = self.heads(endpoint)?.head_snapshot(req).await;
+        r.map(drop).map_err(|s| AgentError::from_status(endpoint, s))
+    }
+
+    async fn snapshots(&self, endpoint: &str, volume: &str) -> AgentResult<Vec<pb::SnapshotInfo>> {
+        let req = pb::ListSnapshotsRequest { volume_id: volume.into() };
+        let r = ReplicaStoreClient::new(self.channel(endpoint)?).list_snapshots(req).await;
+        r.map(|r| r.into_inner().snapshots).map_err(|s| AgentError::from_status(endpoint, s))
+    }
+
+    async fn delete_snapshot(&self, endpoint: &str, volume: &str, id: &str) -> AgentResult<()> {
+        let req =
+            pb::DeleteHeadSnapshotRequest { volume_id: volume.into(), snapshot_id: id.into() };
+        let r = self.heads(endpoint)?.delete_head_snapshot(req).await;
+        r.map(drop).map_err(|s| AgentError::from_status(endpoint, s))
+    }
+
+    async fn links(&self, endpoint: &str, volume: &str) -> AgentResult<Vec<pb::LinkStatus>> {
+        let req = pb::ListLinksRequest { volume_id: volume.into() };
+        let r = self.heads(endpoint)?.list_links(req).await;
+        r.map(|r| r.into_inner().links).map_err(|s| AgentError::from_status(endpoint, s))
+    }
 }
 
 /// A call the fake received.
@@ -174,6 +223,15 @@ pub enum Call {
         endpoint: String,
         volume: String,
     },
+    Snapshot {
+        volume: String,
+        id: String,
+        generation: u64,
+    },
+    DeleteSnapshot {
+        volume: String,
+        id: String,
+    },
 }
 
 /// In-memory agents for tests: heads open with every replica in sync,
@@ -189,6 +247,9 @@ struct FakeState {
     down: Vec<String>,
     roles: BTreeMap<String, pb::VolumeRole>,
     out_of_sync: BTreeMap<String, String>,
+    snapshots: BTreeMap<String, Vec<pb::SnapshotInfo>>,
+    /// Per volume: the link id and its cursor (last copied snapshot).
+    links: BTreeMap<String, Vec<(String, String)>>,
 }
 
 impl FakeAgents {
@@ -204,6 +265,29 @@ impl FakeAgents {
     /// Heads report agent `name`'s replica out of sync for `why`.
     pub fn set_out_of_sync(&self, name: &str, why: &str) {
         self.inner.lock().unwrap().out_of_sync.insert(name.into(), why.into());
+    }
+
+    /// A snapshot already at the volume (sealed at `unix` seconds).
+    pub fn add_snapshot(&self, volume: &str, id: &str, generation: u64, unix: i64) {
+        let info = pb::SnapshotInfo {
+            snapshot_id: id.into(),
+            generation,
+            sealed_at_unix: unix,
+            ..Default::default()
+        };
+        self.inner.lock().unwrap().snapshots.entry(volume.into()).or_default().push(info);
+    }
+
+    /// The snapshot ids the volume has now, oldest first.
+    pub fn snapshot_ids(&self, volume: &str) -> Vec<String> {
+        let st = self.inner.lock().unwrap();
+        st.snapshots.get(volume).into_iter().flatten().map(|s| s.snapshot_id.clone()).collect()
+    }
+
+    /// A link the agent sends for `volume`, having copied up to `cursor`.
+    pub fn add_link(&self, volume: &str, link: &str, cursor: &str) {
+        let mut st = self.inner.lock().unwrap();
+        st.links.entry(volume.into()).or_default().push((link.into(), cursor.into()));
     }
 
     fn enter(&self, endpoint: &str, call: Call) -> AgentResult<()> {
@@ -298,5 +382,56 @@ impl AgentApi for FakeAgents {
             endpoint,
             Call::DeleteReplica { endpoint: endpoint.into(), volume: volume.into() },
         )
+    }
+    async fn snapshot(
+        &self,
+        endpoint: &str,
+        volume: &str,
+        id: &str,
+        generation: u64,
+    ) -> AgentResult<()> {
+        let call = Call::Snapshot { volume: volume.into(), id: id.into(), generation };
+        self.enter(endpoint, call)?;
+        let now = jiff::Timestamp::now().as_second();
+        self.add_snapshot(volume, id, generation, now);
+        Ok(())
+    }
+
+    async fn snapshots(&self, endpoint: &str, volume: &str) -> AgentResult<Vec<pb::SnapshotInfo>> {
+        let st = self.inner.lock().unwrap();
+        if st.down.iter().any(|d| d == endpoint) {
+            return Err(AgentError {
+                endpoint: endpoint.into(),
+                code: tonic::Code::Unavailable,
+                message: "tcp connect error".into(),
+            });
+        }
+        Ok(st.snapshots.get(volume).cloned().unwrap_or_default())
+    }
+
+    async fn delete_snapshot(&self, endpoint: &str, volume: &str, id: &str) -> AgentResult<()> {
+        self.enter(endpoint, Call::DeleteSnapshot { volume: volume.into(), id: id.into() })?;
+        let mut st = self.inner.lock().unwrap();
+        if let Some(v) = st.snapshots.get_mut(volume) {
+            v.retain(|s| s.snapshot_id != id);
+        }
+        Ok(())
+    }
+
+    async fn links(&self, _endpoint: &str, volume: &str) -> AgentResult<Vec<pb::LinkStatus>> {
+        let st = self.inner.lock().unwrap();
+        let links = st.links.get(volume).cloned().unwrap_or_default();
+        Ok(links
+            .into_iter()
+            .map(|(id, cursor)| pb::LinkStatus {
+                link: Some(pb::Link {
+                    link_id: id,
+                    volume_id: volume.into(),
+                    ..Default::default()
+                }),
+                last_copied_snapshot_id: cursor,
+                ..Default::default()
+            })
+            .collect())
     }
 }

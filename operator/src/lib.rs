@@ -7,4 +7,5 @@
 pub mod agent;
 pub mod retention;
 pub mod schedule;
+pub mod snapshot_schedule;
 pub mod volume;

@@ -2,16 +2,17 @@
 //! the usual kube client configuration finds (in a pod, its service
 //! account; outside, the kubeconfig), reaching agents over gRPC.
 //!
-//! Built so far: the Volume controller. The StorageCluster, RemoteLink and
-//! SnapshotSchedule controllers, the leader Lease, /metrics and the health
-//! endpoints are not built yet (docs/design.md, "The operator").
+//! Built so far: the Volume and SnapshotSchedule controllers. The
+//! StorageCluster and RemoteLink controllers, the leader Lease, /metrics and
+//! the health endpoints are not built yet (docs/design.md, "The operator").
 
 use std::{path::PathBuf, sync::Arc};
 
 use anyhow::Context as _;
-use cairn_api::crd::Volume;
+use cairn_api::crd::{SnapshotSchedule, Volume};
 use cairn_operator::{
     agent::GrpcAgents,
+    snapshot_schedule,
     volume::{self, Context},
 };
 use clap::Parser;
@@ -72,16 +73,23 @@ async fn main() -> anyhow::Result<()> {
     let agents = Arc::new(GrpcAgents::new(tls(&args)?));
     let recorder = Recorder::new(client.clone(), "cairn-operator".into());
     let ctx = Arc::new(Context { client: client.clone(), agents, recorder });
-    let volumes: Api<Volume> = Api::all(client);
-    Controller::new(volumes, watcher::Config::default())
+    let volumes = Controller::new(Api::<Volume>::all(client.clone()), watcher::Config::default())
         .shutdown_on_signal()
-        .run(volume::reconcile, volume::error_policy, ctx)
+        .run(volume::reconcile, volume::error_policy, ctx.clone())
         .for_each(|res| async move {
-            match res {
-                Ok((obj, _)) => tracing::debug!(volume = %obj.name, "reconciled"),
-                Err(e) => tracing::warn!(error = %e, "reconcile failed"),
+            if let Err(e) = res {
+                tracing::warn!(error = %e, "volume reconcile failed");
             }
-        })
-        .await;
+        });
+    let schedules =
+        Controller::new(Api::<SnapshotSchedule>::all(client), watcher::Config::default())
+            .shutdown_on_signal()
+            .run(snapshot_schedule::reconcile, snapshot_schedule::error_policy, ctx)
+            .for_each(|res| async move {
+                if let Err(e) = res {
+                    tracing::warn!(error = %e, "snapshot schedule reconcile failed");
+                }
+            });
+    futures::join!(volumes, schedules);
     Ok(())
 }

@@ -109,7 +109,7 @@ pub struct Desired {
     pub open: pb::OpenHeadRequest,
 }
 
-fn endpoint(address: &str) -> String {
+pub fn endpoint(address: &str) -> String {
     if address.contains("://") { address.to_string() } else { format!("http://{address}") }
 }
 

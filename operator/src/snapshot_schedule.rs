@@ -1,0 +1,368 @@
+//! The `SnapshotSchedule` reconciler: observe (the schedule, the volumes its
+//! selector picks, their snapshots and links at the head agent) -> validate
+//! (the cron expression and time zone) -> desired (is a run due; what
+//! retention prunes) -> apply (snapshot, delete) -> status (last and next
+//! run, missed runs, conditions).
+//!
+//! Invariants: at most one snapshot per volume per run, named after the
+//! schedule and the run's time (a repeat is a no-op); runs missed while the
+//! operator was away are counted and reported, never replayed in a burst;
+//! pruning never touches the newest snapshot, one a link still needs, or a
+//! divergent one (see `retention`); the agent refuses the rest of what a
+//! link needs as a second line.
+
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
+
+use cairn_api::crd::{
+    Condition, ConditionStatus, RetentionRule, SnapshotSchedule, SnapshotScheduleStatus,
+    StorageCluster, Volume, VolumeRole, set_condition, snapshot_schedule::condition,
+};
+use jiff::{SignedDuration, Timestamp};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, Time};
+use kube::{
+    Api, Resource, ResourceExt,
+    api::{ListParams, Patch, PatchParams},
+    runtime::{
+        controller::Action,
+        events::{Event, EventType},
+    },
+};
+use serde_json::json;
+
+use crate::{
+    retention::{self, Retention, Snap},
+    schedule::{Cron, CronError},
+    volume::{Context, Error as VolumeError, MANAGER, endpoint},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    Cron(#[from] CronError),
+    #[error("the API server: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("{0}")]
+    Volume(#[from] VolumeError),
+}
+
+/// `7d`, `12h`, `30m`, `2w` -> a duration (the schema checks the form).
+pub fn max_age(s: &str) -> Option<SignedDuration> {
+    let (n, unit) = s.split_at(s.len().checked_sub(1)?);
+    let n: i64 = n.parse().ok()?;
+    Some(match unit {
+        "m" => SignedDuration::from_mins(n),
+        "h" => SignedDuration::from_hours(n),
+        "d" => SignedDuration::from_hours(24 * n),
+        "w" => SignedDuration::from_hours(24 * 7 * n),
+        _ => return None,
+    })
+}
+
+pub fn retention_of(rule: &RetentionRule) -> Retention {
+    Retention {
+        count: rule.count.map(|c| c.max(1) as u32),
+        max_age: rule.max_age.as_deref().and_then(max_age),
+    }
+}
+
+/// A label selector as the API's `labelSelector` query (matchLabels and
+/// matchExpressions with In, NotIn, Exists, DoesNotExist).
+pub fn selector_query(sel: &LabelSelector) -> String {
+    let mut parts: Vec<String> =
+        sel.match_labels.iter().flatten().map(|(k, v)| format!("{k}={v}")).collect();
+    for e in sel.match_expressions.iter().flatten() {
+        let values = e.values.clone().unwrap_or_default().join(",");
+        parts.push(match e.operator.as_str() {
+            "In" => format!("{} in ({values})", e.key),
+            "NotIn" => format!("{} notin ({values})", e.key),
+            "Exists" => e.key.clone(),
+            _ => format!("!{}", e.key),
+        });
+    }
+    parts.join(",")
+}
+
+/// The snapshot id of a run: `<schedule>-<yyyymmdd>-<hhmm>` (UTC), the
+/// schedule name cut to fit the 63 characters of an id.
+pub fn snapshot_id(schedule: &str, run: Timestamp) -> String {
+    let stamp = run.strftime("%Y%m%d-%H%M").to_string();
+    let room = 63 - stamp.len() - 1;
+    let name: String = schedule.chars().take(room).collect();
+    format!("{}-{stamp}", name.trim_end_matches('-'))
+}
+
+/// What one reconcile does about time: the run to take now (if any), the
+/// runs missed before it, the next run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunPlan {
+    pub take: Option<Timestamp>,
+    pub missed: u32,
+    pub next: Option<Timestamp>,
+}
+
+/// Pure: from the last run (or the schedule's creation) to now.
+pub fn plan_runs(cron: &Cron, last: Timestamp, now: Timestamp) -> RunPlan {
+    let (n, latest) = cron.due(last, now);
+    RunPlan { take: latest, missed: n.saturating_sub(1), next: cron.next_after(now) }
+}
+
+fn now_time() -> Time {
+    k8s_time(Timestamp::now())
+}
+
+/// The API's time (k8s-openapi's jiff) from ours.
+pub fn k8s_time(t: Timestamp) -> Time {
+    Time(k8s_openapi::jiff::Timestamp::from_second(t.as_second()).expect("in range"))
+}
+
+/// Ours from the API's.
+pub fn from_k8s_time(t: &Time) -> Timestamp {
+    Timestamp::from_second(t.0.as_second()).expect("in range")
+}
+
+async fn event(ctx: &Context, s: &SnapshotSchedule, type_: EventType, reason: &str, note: String) {
+    let ev = Event {
+        type_,
+        reason: reason.into(),
+        note: Some(note),
+        action: "Snapshot".into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&ev, &s.object_ref(&())).await {
+        tracing::warn!(error = %e, "could not publish an event");
+    }
+}
+
+async fn patch_status(
+    api: &Api<SnapshotSchedule>,
+    name: &str,
+    st: &SnapshotScheduleStatus,
+) -> Result<(), Error> {
+    let body =
+        json!({ "apiVersion": "cairn.dev/v1alpha1", "kind": "SnapshotSchedule", "status": st });
+    api.patch_status(name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&body)).await?;
+    Ok(())
+}
+
+/// Reconciles one SnapshotSchedule.
+#[tracing::instrument(skip_all, fields(schedule = %s.name_any(), namespace = ?s.namespace()))]
+pub async fn reconcile(s: Arc<SnapshotSchedule>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let ns = s.namespace().unwrap_or_default();
+    let name = s.name_any();
+    let api: Api<SnapshotSchedule> = Api::namespaced(ctx.client.clone(), &ns);
+    let generation = s.meta().generation;
+    let mut st = s.status.clone().unwrap_or_default();
+    st.observed_generation = generation;
+    let cond = |status: bool, reason: &str, message: String| {
+        Condition::new(
+            condition::READY,
+            if status { ConditionStatus::True } else { ConditionStatus::False },
+            reason,
+            message,
+            generation,
+            now_time(),
+        )
+    };
+    // Validate.
+    let cron = match Cron::parse(&s.spec.schedule, &s.spec.time_zone) {
+        Ok(c) => c,
+        Err(e) => {
+            if set_condition(&mut st.conditions, cond(false, "InvalidSchedule", e.to_string())) {
+                event(&ctx, &s, EventType::Warning, "InvalidSchedule", e.to_string()).await;
+            }
+            patch_status(&api, &name, &st).await?;
+            return Ok(Action::await_change());
+        }
+    };
+    let now = Timestamp::now();
+    if s.spec.suspend {
+        set_condition(
+            &mut st.conditions,
+            cond(false, "Suspended", "spec.suspend is set: no snapshots are taken".into()),
+        );
+        st.next_run = None;
+        patch_status(&api, &name, &st).await?;
+        return Ok(Action::await_change());
+    }
+    // Desired: is a run due?
+    let last = st
+        .last_run
+        .as_ref()
+        .map(from_k8s_time)
+        .or_else(|| s.meta().creation_timestamp.as_ref().map(from_k8s_time))
+        .unwrap_or(now);
+    let plan = plan_runs(&cron, last, now);
+    // Observe the volumes.
+    let volumes: Api<Volume> = Api::namespaced(ctx.client.clone(), &ns);
+    let selected = volumes
+        .list(&ListParams::default().labels(&selector_query(&s.spec.volume_selector)))
+        .await?;
+    let clusters: Api<StorageCluster> = Api::all(ctx.client.clone());
+    let mut cluster_cache: BTreeMap<String, Option<StorageCluster>> = BTreeMap::new();
+    let mut failures = Vec::new();
+    let mut taken = 0;
+    let retention = retention_of(&s.spec.retention.primary);
+    for v in &selected {
+        let Some(vst) = v.status.as_ref() else { continue };
+        let (Some(head), Some(id)) = (vst.head.as_ref(), vst.volume_id.as_ref()) else { continue };
+        if v.spec.role != VolumeRole::Primary {
+            continue; // a remote copy gets its snapshots from its primary
+        }
+        if !cluster_cache.contains_key(&v.spec.cluster) {
+            cluster_cache.insert(v.spec.cluster.clone(), clusters.get_opt(&v.spec.cluster).await?);
+        }
+        let address = cluster_cache[&v.spec.cluster]
+            .as_ref()
+            .and_then(|c| c.status.as_ref())
+            .and_then(|cs| cs.agents.iter().find(|a| a.name == head.agent))
+            .map(|a| endpoint(&a.address));
+        let Some(ep) = address else {
+            failures.push(format!(
+                "{}: its head agent {} is not in its storage cluster",
+                v.name_any(),
+                head.agent
+            ));
+            continue;
+        };
+        // Apply: the snapshot of this run.
+        if let Some(run) = plan.take {
+            let snap = snapshot_id(&name, run);
+            match ctx.agents.snapshot(&ep, id, &snap, run.as_second() as u64).await {
+                Ok(()) => taken += 1,
+                Err(e) if e.code == tonic::Code::AlreadyExists => taken += 1,
+                Err(e) => {
+                    failures.push(format!("{}: {e}", v.name_any()));
+                    continue;
+                }
+            }
+            st.last_snapshot = Some(snap);
+        }
+        // Apply: retention at the primary.
+        let snaps = match ctx.agents.snapshots(&ep, id).await {
+            Ok(s) => s,
+            Err(e) => {
+                failures.push(format!("{}: {e}", v.name_any()));
+                continue;
+            }
+        };
+        let line: Vec<Snap> = snaps
+            .iter()
+            .map(|x| Snap {
+                id: x.snapshot_id.clone(),
+                sealed_at: Timestamp::from_second(x.sealed_at_unix).unwrap_or(now),
+                divergent: x.divergent,
+            })
+            .collect();
+        let mut needed = BTreeMap::new();
+        for l in ctx.agents.links(&ep, id).await.unwrap_or_default() {
+            let link = l.link.map(|l| l.link_id).unwrap_or_default();
+            let order: Vec<&str> =
+                line.iter().filter(|x| !x.divergent).map(|x| x.id.as_str()).collect();
+            if let Some(at) = order.iter().position(|x| *x == l.last_copied_snapshot_id) {
+                for x in &order[at..] {
+                    needed.entry(x.to_string()).or_insert_with(|| format!("link {link} needs it"));
+                }
+            }
+        }
+        let prune = retention::plan(&line, retention, now, &needed);
+        for gone in prune.prune {
+            if let Err(e) = ctx.agents.delete_snapshot(&ep, id, &gone).await {
+                failures.push(format!("{}: pruning {gone}: {e}", v.name_any()));
+            }
+        }
+    }
+    // Status.
+    if let Some(run) = plan.take {
+        st.last_run = Some(k8s_time(run));
+    }
+    if plan.missed > 0 {
+        st.missed_runs += plan.missed as i32;
+        let m = format!(
+            "{} runs were missed (the operator was not running?); they are not replayed: the latest was taken",
+            plan.missed
+        );
+        event(&ctx, &s, EventType::Warning, "MissedRuns", m).await;
+    }
+    st.next_run = plan.next.map(k8s_time);
+    st.volumes = Some(selected.items.len() as i32);
+    let ready = failures.is_empty();
+    let message = if ready {
+        format!("{} volumes selected; {taken} snapshotted this run", selected.items.len())
+    } else {
+        failures.join("; ")
+    };
+    if set_condition(
+        &mut st.conditions,
+        cond(ready, if ready { "Scheduled" } else { "Failed" }, message.clone()),
+    ) && !ready
+    {
+        event(&ctx, &s, EventType::Warning, "SnapshotFailed", message).await;
+    }
+    patch_status(&api, &name, &st).await?;
+    let wait = plan
+        .next
+        .map(|n| n.duration_since(Timestamp::now()).as_secs().clamp(1, 300) as u64)
+        .unwrap_or(300);
+    Ok(Action::requeue(Duration::from_secs(wait)))
+}
+
+/// `error_policy`: back off and try again.
+pub fn error_policy(_s: Arc<SnapshotSchedule>, err: &Error, _ctx: Arc<Context>) -> Action {
+    tracing::warn!(error = %err, "reconcile failed");
+    Action::requeue(Duration::from_secs(10))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelectorRequirement;
+
+    #[test]
+    fn max_ages_parse() {
+        assert_eq!(max_age("7d"), Some(SignedDuration::from_hours(168)));
+        assert_eq!(max_age("90m"), Some(SignedDuration::from_mins(90)));
+        assert_eq!(max_age("2w"), Some(SignedDuration::from_hours(336)));
+        assert_eq!(max_age("7y"), None);
+    }
+
+    #[test]
+    fn selectors_become_queries() {
+        let sel = LabelSelector {
+            match_labels: Some([("app".to_string(), "db".to_string())].into()),
+            match_expressions: Some(vec![LabelSelectorRequirement {
+                key: "tier".into(),
+                operator: "In".into(),
+                values: Some(vec!["gold".into(), "silver".into()]),
+            }]),
+        };
+        assert_eq!(selector_query(&sel), "app=db,tier in (gold,silver)");
+    }
+
+    #[test]
+    fn snapshot_ids_name_the_schedule_and_run_and_fit_63() {
+        let t: Timestamp = "2026-11-24T10:15:00Z".parse().unwrap();
+        assert_eq!(snapshot_id("every-15", t), "every-15-20261124-1015");
+        let long = snapshot_id(&"x".repeat(80), t);
+        assert!(long.len() <= 63 && long.ends_with("-20261124-1015"), "{long}");
+        assert!(cairn_api::SnapshotId::new(&long).is_ok());
+    }
+
+    #[test]
+    fn a_late_reconcile_takes_the_latest_run_and_counts_the_missed() {
+        let cron = Cron::parse("*/15 * * * *", "UTC").unwrap();
+        let p = plan_runs(
+            &cron,
+            "2026-11-24T10:00:00Z".parse().unwrap(),
+            "2026-11-24T11:05:00Z".parse().unwrap(),
+        );
+        assert_eq!(p.take, Some("2026-11-24T11:00:00Z".parse().unwrap()));
+        assert_eq!(p.missed, 3);
+        assert_eq!(p.next, Some("2026-11-24T11:15:00Z".parse().unwrap()));
+        let on_time = plan_runs(
+            &cron,
+            "2026-11-24T11:00:00Z".parse().unwrap(),
+            "2026-11-24T11:05:00Z".parse().unwrap(),
+        );
+        assert_eq!((on_time.take, on_time.missed), (None, 0));
+    }
+}

@@ -1,0 +1,80 @@
+//! Shared by the reconciler tests: kube's mocked API server, the fake
+//! agents, a storage cluster of two healthy agents.
+#![allow(dead_code)]
+
+use std::sync::Arc;
+
+use cairn_api::crd::{
+    AgentHealth, AgentStatus, ClusterDefaults, StorageCluster, StorageClusterSpec,
+    StorageClusterStatus,
+};
+use cairn_operator::{agent::FakeAgents, volume::Context};
+use http::{Method, Request, Response};
+use kube::{Client, client::Body, runtime::events::Recorder};
+use serde_json::Value;
+use tower_test::mock::Handle;
+
+pub type ApiServer = Handle<Request<Body>, Response<Body>>;
+
+pub fn cluster() -> StorageCluster {
+    let mut c = StorageCluster::new(
+        "site-a",
+        StorageClusterSpec {
+            node_selector: Some(Default::default()),
+            failure_domain_label: None,
+            gateway: None,
+            defaults: ClusterDefaults { replicas: 2, chunk_size_bytes: 64 << 20 },
+        },
+    );
+    let agent = |n: &str, load| AgentStatus {
+        name: n.into(),
+        node: Some(format!("node-{n}")),
+        address: format!("{n}.site-a:7070"),
+        domain: None,
+        capacity_bytes: 1 << 40,
+        used_bytes: 0,
+        health: AgentHealth::Healthy,
+        load,
+        last_seen: None,
+        message: None,
+    };
+    c.status = Some(StorageClusterStatus {
+        agents: vec![agent("a1", 2), agent("a2", 1)],
+        ..Default::default()
+    });
+    c
+}
+
+pub fn setup() -> (Arc<Context>, ApiServer, FakeAgents) {
+    let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let client = Client::new(svc, "default");
+    let agents = FakeAgents::default();
+    let recorder = Recorder::new(client.clone(), "cairn-operator".into());
+    let ctx = Context { client, agents: Arc::new(agents.clone()), recorder };
+    (Arc::new(ctx), handle, agents)
+}
+
+/// Serves the next request: checks its method and path, answers `reply`;
+/// returns the request's JSON body (Null if none).
+pub async fn serve(api: &mut ApiServer, method: Method, path: &str, reply: Value) -> Value {
+    let (req, send) = api.next_request().await.expect("the reconciler made another call");
+    assert_eq!(req.method(), method, "{} {}", req.method(), req.uri());
+    assert!(
+        req.uri().path() == path,
+        "expected {method} {path}, got {} {}",
+        req.method(),
+        req.uri()
+    );
+    let query = req.uri().query().unwrap_or("").to_string();
+    let bytes = req.into_body().collect_bytes().await.unwrap();
+    let body: Value =
+        if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes).unwrap() };
+    let mut body = body;
+    if let Value::Object(m) = &mut body {
+        m.insert("__query".into(), Value::String(query));
+    }
+    send.send_response(
+        Response::builder().body(Body::from(serde_json::to_vec(&reply).unwrap())).unwrap(),
+    );
+    body
+}

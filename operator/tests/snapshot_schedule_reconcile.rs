@@ -1,0 +1,155 @@
+//! The SnapshotSchedule reconciler against kube's mocked API server and the
+//! fake agents: a due run snapshots the selected primary volume once,
+//! missed runs are reported (not replayed), retention prunes at the
+//! primary but keeps what a link needs, and a bad schedule waits with a
+//! Warning.
+
+mod common;
+
+use std::sync::Arc;
+
+use cairn_api::crd::{
+    HeadLocation, SnapshotSchedule, Volume, VolumeRole, VolumeSpec, VolumeStatus,
+};
+use cairn_operator::{
+    agent::Call,
+    schedule::Cron,
+    snapshot_schedule::{k8s_time, plan_runs, reconcile, snapshot_id},
+};
+use common::{cluster, serve, setup};
+use http::Method;
+use jiff::{SignedDuration, Timestamp};
+use kube::Resource;
+use serde_json::json;
+
+fn schedule(expr: &str, created: Timestamp) -> SnapshotSchedule {
+    let mut s: SnapshotSchedule = serde_json::from_value(json!({
+        "apiVersion": "cairn.dev/v1alpha1", "kind": "SnapshotSchedule",
+        "metadata": {"name": "every-15", "namespace": "shop"},
+        "spec": {
+            "volumeSelector": {"matchLabels": {"app": "db"}},
+            "schedule": expr,
+            "timeZone": "Europe/Berlin",
+            "retention": {"primary": {"count": 3}, "remote": {"maxAge": "7d"}},
+        }
+    }))
+    .unwrap();
+    let m = s.meta_mut();
+    m.generation = Some(2);
+    m.creation_timestamp = Some(k8s_time(created));
+    s
+}
+
+fn volume(name: &str, role: VolumeRole) -> Volume {
+    let mut v = Volume::new(
+        name,
+        VolumeSpec {
+            cluster: "site-a".into(),
+            size_bytes: 1 << 30,
+            replicas: None,
+            role,
+            attachable: None,
+        },
+    );
+    v.meta_mut().namespace = Some("shop".into());
+    v.status = Some(VolumeStatus {
+        volume_id: Some(format!("shop-{name}")),
+        head: Some(HeadLocation { agent: "a2".into(), node: None, epoch: 1 }),
+        ..Default::default()
+    });
+    v
+}
+
+const SCHEDULE: &str = "/apis/cairn.dev/v1alpha1/namespaces/shop/snapshotschedules/every-15";
+const VOLUMES: &str = "/apis/cairn.dev/v1alpha1/namespaces/shop/volumes";
+const CLUSTER: &str = "/apis/cairn.dev/v1alpha1/storageclusters/site-a";
+const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/shop/events";
+
+#[tokio::test]
+async fn a_due_run_snapshots_the_primary_reports_missed_runs_and_prunes_by_retention() {
+    let (ctx, mut api, agents) = setup();
+    let now = Timestamp::now();
+    let created = now - SignedDuration::from_mins(61);
+    // Five older snapshots; link a-b has copied up to s2, so s2.. are needed.
+    for (i, id) in ["s1", "s2", "s3", "s4", "s5"].iter().enumerate() {
+        agents.add_snapshot(
+            "shop-db",
+            id,
+            i as u64 + 1,
+            (now - SignedDuration::from_hours(5 - i as i64)).as_second(),
+        );
+    }
+    agents.add_link("shop-db", "a-b", "s2");
+    let s = schedule("*/15 * * * *", created);
+    let run = tokio::spawn(reconcile(Arc::new(s.clone()), ctx));
+
+    let list = serve(
+        &mut api,
+        Method::GET,
+        VOLUMES,
+        json!({
+            "apiVersion": "cairn.dev/v1alpha1", "kind": "VolumeList", "metadata": {},
+            "items": [volume("db", VolumeRole::Primary), volume("db-copy", VolumeRole::Remote)]
+        }),
+    )
+    .await;
+    let _ = list;
+    serve(&mut api, Method::GET, CLUSTER, json!(cluster())).await;
+    let ev = serve(&mut api, Method::POST, EVENTS, json!({})).await;
+    assert_eq!(
+        (ev["type"].as_str(), ev["reason"].as_str()),
+        (Some("Warning"), Some("MissedRuns")),
+        "{ev}"
+    );
+    let status = serve(&mut api, Method::PATCH, &format!("{SCHEDULE}/status"), json!(s)).await;
+    run.await.unwrap().unwrap();
+
+    let cron = Cron::parse("*/15 * * * *", "Europe/Berlin").unwrap();
+    let want = plan_runs(&cron, created, now);
+    let taken = want.take.expect("a run is due");
+    let id = snapshot_id("every-15", taken);
+    let st = &status["status"];
+    assert_eq!(st["lastSnapshot"], id.as_str());
+    assert_eq!(st["missedRuns"], want.missed);
+    assert_eq!(st["volumes"], 2);
+    assert_eq!(st["conditions"][0]["status"], "True", "{st}");
+    assert!(status["__query"].as_str().unwrap().contains("fieldManager=cairn-operator"));
+
+    let calls = agents.calls();
+    let snaps: Vec<_> = calls.iter().filter(|c| matches!(c, Call::Snapshot { .. })).collect();
+    assert_eq!(
+        snaps,
+        [&Call::Snapshot {
+            volume: "shop-db".into(),
+            id: id.clone(),
+            generation: taken.as_second() as u64
+        }],
+        "one snapshot, of the primary only"
+    );
+    // Count 3 keeps the newest three (s4, s5, the new one); s1 goes; s2 and
+    // s3 are past the count but link a-b still needs them.
+    let deleted: Vec<_> = calls
+        .iter()
+        .filter_map(|c| match c {
+            Call::DeleteSnapshot { id, .. } => Some(id.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(deleted, ["s1"]);
+    assert_eq!(agents.snapshot_ids("shop-db"), ["s2", "s3", "s4", "s5", id.as_str()]);
+}
+
+#[tokio::test]
+async fn a_schedule_that_does_not_parse_waits_with_a_warning() {
+    let (ctx, mut api, agents) = setup();
+    let s = schedule("61 * * * *", Timestamp::now());
+    let run = tokio::spawn(reconcile(Arc::new(s.clone()), ctx));
+    let ev = serve(&mut api, Method::POST, EVENTS, json!({})).await;
+    assert_eq!(ev["reason"], "InvalidSchedule");
+    assert!(ev["note"].as_str().unwrap().contains("minute \"61\""), "{ev}");
+    let status = serve(&mut api, Method::PATCH, &format!("{SCHEDULE}/status"), json!(s)).await;
+    assert_eq!(status["status"]["conditions"][0]["status"], "False");
+    let action = run.await.unwrap().unwrap();
+    assert_eq!(action, kube::runtime::controller::Action::await_change());
+    assert!(agents.calls().is_empty());
+}
