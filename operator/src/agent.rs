@@ -69,6 +69,25 @@ pub trait AgentApi: Send + Sync + std::fmt::Debug + 'static {
     async fn delete_snapshot(&self, endpoint: &str, volume: &str, id: &str) -> AgentResult<()>;
     /// The links the agent sends for the volume, with their cursors.
     async fn links(&self, endpoint: &str, volume: &str) -> AgentResult<Vec<pb::LinkStatus>>;
+    /// Registers a link at the receiving agent (idempotent).
+    async fn register_link(&self, endpoint: &str, req: pb::RegisterLinkRequest) -> AgentResult<()>;
+    /// Creates or changes a link at the sending agent.
+    async fn put_link(&self, endpoint: &str, link: pb::Link) -> AgentResult<pb::LinkStatus>;
+    /// Copies every snapshot the link's target lacks (long: run it apart).
+    async fn sync_link(
+        &self,
+        endpoint: &str,
+        link: &str,
+        resync: bool,
+    ) -> AgentResult<pb::SyncLinkResponse>;
+    /// Planned switchover over a link (long: run it apart).
+    async fn switchover(
+        &self,
+        endpoint: &str,
+        link: &str,
+        snapshot: &str,
+        generation: u64,
+    ) -> AgentResult<()>;
 }
 
 /// The agents over gRPC; one lazily connected channel per endpoint.
@@ -194,10 +213,50 @@ impl AgentApi for GrpcAgents {
         let r = self.heads(endpoint)?.list_links(req).await;
         r.map(|r| r.into_inner().links).map_err(|s| AgentError::from_status(endpoint, s))
     }
+
+    async fn register_link(&self, endpoint: &str, req: pb::RegisterLinkRequest) -> AgentResult<()> {
+        let mut c = cairn_api::agent::v1::snapshot_copy_client::SnapshotCopyClient::new(
+            self.channel(endpoint)?,
+        );
+        c.register_link(req).await.map(drop).map_err(|s| AgentError::from_status(endpoint, s))
+    }
+
+    async fn put_link(&self, endpoint: &str, link: pb::Link) -> AgentResult<pb::LinkStatus> {
+        let r = self.heads(endpoint)?.put_link(link).await;
+        r.map(|r| r.into_inner()).map_err(|s| AgentError::from_status(endpoint, s))
+    }
+
+    async fn sync_link(
+        &self,
+        endpoint: &str,
+        link: &str,
+        resync: bool,
+    ) -> AgentResult<pb::SyncLinkResponse> {
+        let req = pb::SyncLinkRequest { link_id: link.into(), resync };
+        let mut c = self.heads(endpoint)?;
+        let r = c.sync_link(tonic::Request::new(req)).await;
+        r.map(|r| r.into_inner()).map_err(|s| AgentError::from_status(endpoint, s))
+    }
+
+    async fn switchover(
+        &self,
+        endpoint: &str,
+        link: &str,
+        snapshot: &str,
+        generation: u64,
+    ) -> AgentResult<()> {
+        let req = pb::SwitchoverRequest {
+            link_id: link.into(),
+            snapshot_id: snapshot.into(),
+            generation,
+        };
+        let r = self.heads(endpoint)?.switchover(req).await;
+        r.map(drop).map_err(|s| AgentError::from_status(endpoint, s))
+    }
 }
 
 /// A call the fake received.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Call {
     OpenHead {
         endpoint: String,
@@ -231,6 +290,23 @@ pub enum Call {
     DeleteSnapshot {
         volume: String,
         id: String,
+    },
+    RegisterLink {
+        endpoint: String,
+        link: String,
+        target_volume: String,
+    },
+    PutLink {
+        endpoint: String,
+        link: pb::Link,
+    },
+    SyncLink {
+        link: String,
+        resync: bool,
+    },
+    Switchover {
+        link: String,
+        snapshot: String,
     },
 }
 
@@ -433,5 +509,44 @@ impl AgentApi for FakeAgents {
                 ..Default::default()
             })
             .collect())
+    }
+
+    async fn register_link(&self, endpoint: &str, req: pb::RegisterLinkRequest) -> AgentResult<()> {
+        let call = Call::RegisterLink {
+            endpoint: endpoint.into(),
+            link: req.link_id,
+            target_volume: req.target_volume_id,
+        };
+        self.enter(endpoint, call)
+    }
+
+    async fn put_link(&self, endpoint: &str, link: pb::Link) -> AgentResult<pb::LinkStatus> {
+        self.enter(endpoint, Call::PutLink { endpoint: endpoint.into(), link: link.clone() })?;
+        let mut st = self.inner.lock().unwrap();
+        let links = st.links.entry(link.volume_id.clone()).or_default();
+        if !links.iter().any(|(id, _)| *id == link.link_id) {
+            links.push((link.link_id.clone(), String::new()));
+        }
+        Ok(pb::LinkStatus { link: Some(link), ..Default::default() })
+    }
+
+    async fn sync_link(
+        &self,
+        endpoint: &str,
+        link: &str,
+        resync: bool,
+    ) -> AgentResult<pb::SyncLinkResponse> {
+        self.enter(endpoint, Call::SyncLink { link: link.into(), resync })?;
+        Ok(pb::SyncLinkResponse::default())
+    }
+
+    async fn switchover(
+        &self,
+        endpoint: &str,
+        link: &str,
+        snapshot: &str,
+        _generation: u64,
+    ) -> AgentResult<()> {
+        self.enter(endpoint, Call::Switchover { link: link.into(), snapshot: snapshot.into() })
     }
 }

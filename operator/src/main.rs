@@ -2,17 +2,17 @@
 //! the usual kube client configuration finds (in a pod, its service
 //! account; outside, the kubeconfig), reaching agents over gRPC.
 //!
-//! Built so far: the Volume and SnapshotSchedule controllers. The
-//! StorageCluster and RemoteLink controllers, the leader Lease, /metrics and
-//! the health endpoints are not built yet (docs/design.md, "The operator").
+//! Built so far: the Volume, SnapshotSchedule and RemoteLink controllers.
+//! The StorageCluster controller, the leader Lease, /metrics and the health
+//! endpoints are not built yet (docs/design.md, "The operator").
 
 use std::{path::PathBuf, sync::Arc};
 
 use anyhow::Context as _;
-use cairn_api::crd::{SnapshotSchedule, Volume};
+use cairn_api::crd::{RemoteLink, SnapshotSchedule, Volume};
 use cairn_operator::{
     agent::GrpcAgents,
-    snapshot_schedule,
+    remote_link, snapshot_schedule,
     volume::{self, Context},
 };
 use clap::Parser;
@@ -81,6 +81,14 @@ async fn main() -> anyhow::Result<()> {
                 tracing::warn!(error = %e, "volume reconcile failed");
             }
         });
+    let links = Controller::new(Api::<RemoteLink>::all(client.clone()), watcher::Config::default())
+        .shutdown_on_signal()
+        .run(remote_link::reconcile, remote_link::error_policy, ctx.clone())
+        .for_each(|res| async move {
+            if let Err(e) = res {
+                tracing::warn!(error = %e, "remote link reconcile failed");
+            }
+        });
     let schedules =
         Controller::new(Api::<SnapshotSchedule>::all(client), watcher::Config::default())
             .shutdown_on_signal()
@@ -90,6 +98,6 @@ async fn main() -> anyhow::Result<()> {
                     tracing::warn!(error = %e, "snapshot schedule reconcile failed");
                 }
             });
-    futures::join!(volumes, schedules);
+    futures::join!(volumes, links, schedules);
     Ok(())
 }

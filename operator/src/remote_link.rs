@@ -1,0 +1,525 @@
+//! The `RemoteLink` reconciler: observe (the source volume and its head
+//! agent; the target cluster and, for a cluster in this Kubernetes cluster,
+//! the target volume's head agent; the pairing secret) -> desired (the
+//! agents' link: endpoint, secret, bandwidth policy, source selection,
+//! compression; paused = a rate of 0) -> apply (register at the receiver,
+//! put at the sender; a new copy, resync or switchover request is started in
+//! the background) -> status (last copied snapshot, copy in progress, lag,
+//! conditions).
+//!
+//! Invariants: copies follow snapshots (the agent link forwards every
+//! snapshot as it completes); a request token is acted on once (its value
+//! is recorded in status before the next reconcile); the pairing secret
+//! lives in a Secret owned by the link (or, for a peer site, the Secret its
+//! StorageCluster names) and is never written to status or logs.
+
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
+
+use cairn_api::{
+    agent::v1 as pb,
+    crd::{
+        Condition, ConditionStatus, CopiedSnapshot, CopyProgress, RemoteLink, RemoteLinkStatus,
+        StorageCluster, Volume, VolumeStatus, quantity::format_rate, remote_link::condition,
+        set_condition, storage_cluster::gateway_secret,
+    },
+};
+use jiff::Timestamp;
+use k8s_openapi::{ByteString, api::core::v1::Secret};
+use kube::{
+    Api, Resource, ResourceExt,
+    api::{ObjectMeta, Patch, PatchParams},
+    runtime::{
+        controller::Action,
+        events::{Event, EventType},
+    },
+};
+use serde_json::json;
+
+use crate::{
+    agent::AgentError,
+    snapshot_schedule::k8s_time,
+    volume::{Context, MANAGER, endpoint, volume_id},
+};
+
+/// How often a link's progress and lag are looked at.
+pub const POLL: Duration = Duration::from_secs(10);
+
+/// A link that cannot be set up as it stands: it waits and says why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Waiting {
+    #[error("source volume {0} has no head yet (is it Ready?)")]
+    SourceNotPlaced(String),
+    #[error("target cluster {0} does not exist: create it, or fix spec.targetCluster")]
+    TargetClusterNotFound(String),
+    #[error("target volume {0} has no head yet: create it with role Remote on the target cluster")]
+    TargetNotPlaced(String),
+    #[error("secret {0} has no pairing-secret key of at least 16 bytes")]
+    NoPairingSecret(String),
+}
+
+impl Waiting {
+    fn reason(&self) -> &'static str {
+        match self {
+            Waiting::SourceNotPlaced(_) => "SourceNotPlaced",
+            Waiting::TargetClusterNotFound(_) => "TargetClusterNotFound",
+            Waiting::TargetNotPlaced(_) => "TargetNotPlaced",
+            Waiting::NoPairingSecret(_) => "NoPairingSecret",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    Agent(#[from] AgentError),
+    #[error("the API server: {0}")]
+    Kube(#[from] kube::Error),
+}
+
+/// The sender (endpoint, volume id), the receiver's endpoint, the secret.
+type Endpoints = ((String, String), String, Vec<u8>);
+
+/// The agents' link id for a RemoteLink.
+pub fn link_id(namespace: &str, name: &str) -> String {
+    volume_id(namespace, name)
+}
+
+/// Pure: the agents' link from the RemoteLink's spec.
+pub fn agent_link(
+    rl: &RemoteLink,
+    source_volume: &str,
+    target_endpoint: String,
+    secret: Vec<u8>,
+) -> pb::Link {
+    let paused = pb::BandwidthPolicy {
+        policy: Some(pb::bandwidth_policy::Policy::Fixed(pb::Rate {
+            unlimited: false,
+            bytes_per_sec: 0,
+        })),
+    };
+    pb::Link {
+        link_id: link_id(&rl.namespace().unwrap_or_default(), &rl.name_any()),
+        volume_id: source_volume.to_string(),
+        target_endpoint,
+        pairing_secret: secret.into(),
+        policy: if rl.spec.paused {
+            Some(paused)
+        } else {
+            rl.spec.bandwidth.as_ref().map(pb::BandwidthPolicy::from)
+        },
+        source: pb::SourceSelection::from(rl.spec.source_selection) as i32,
+        compression: pb::Compression::from(rl.spec.compression) as i32,
+        forward: true,
+    }
+}
+
+/// Pure: the status from the sender's view of the link and the source's
+/// snapshots (for the lag: the age of the newest snapshot at the target).
+pub fn status_of(
+    rl: &RemoteLink,
+    link: &pb::LinkStatus,
+    source_snaps: &[pb::SnapshotInfo],
+    now: Timestamp,
+) -> RemoteLinkStatus {
+    let mut st = rl.status.clone().unwrap_or_default();
+    let generation = rl.meta().generation;
+    st.link_id = link.link.as_ref().map(|l| l.link_id.clone());
+    let cursor = &link.last_copied_snapshot_id;
+    let sealed = source_snaps.iter().find(|s| &s.snapshot_id == cursor);
+    if !cursor.is_empty() {
+        let created =
+            sealed.map_or(now, |s| Timestamp::from_second(s.sealed_at_unix).unwrap_or(now));
+        st.last_copied_snapshot = Some(CopiedSnapshot {
+            id: cursor.clone(),
+            generation: link.last_copied_generation as i64,
+            digest: link.last_copied_digest.iter().map(|b| format!("{b:02x}")).collect(),
+            created_at: k8s_time(created),
+            copied_at: k8s_time(Timestamp::from_second(link.last_copied_at_unix).unwrap_or(now)),
+        });
+        st.lag_seconds = Some(now.duration_since(created).as_secs().max(0));
+    }
+    let running = link.progress.as_ref().filter(|p| !p.done && !p.snapshot_id.is_empty());
+    st.copy = running.map(|p| {
+        let done = p.bytes_durable.max(p.bytes_sent).min(p.bytes_total.max(p.bytes_sent));
+        CopyProgress {
+            snapshot: p.snapshot_id.clone(),
+            bytes_done: done as i64,
+            bytes_total: p.bytes_total as i64,
+            percent: (done * 100).checked_div(p.bytes_total).unwrap_or(0) as i32,
+            rate_bytes_per_second: p.rate_bytes_per_sec as i64,
+            rate: Some(format_rate(p.rate_bytes_per_sec as i64)),
+            eta_seconds: Some(p.eta_seconds as i64),
+            started_at: None,
+        }
+    });
+    st.current_limit_bytes_per_second = match link.current_rate_bytes_per_sec {
+        0 => None,
+        u64::MAX => None,
+        n => Some(n as i64),
+    };
+    let newest = source_snaps.iter().rfind(|s| !s.divergent).map(|s| s.snapshot_id.as_str());
+    let synced = running.is_none() && !cursor.is_empty() && newest == Some(cursor.as_str());
+    let c = |t: &str, on: bool, reason: &str, m: String| {
+        Condition::new(
+            t,
+            if on { ConditionStatus::True } else { ConditionStatus::False },
+            reason,
+            m,
+            generation,
+            k8s_time(now),
+        )
+    };
+    set_condition(
+        &mut st.conditions,
+        c(
+            condition::PAUSED,
+            rl.spec.paused,
+            if rl.spec.paused { "Paused" } else { "Running" },
+            String::new(),
+        ),
+    );
+    set_condition(
+        &mut st.conditions,
+        c(
+            condition::SYNCING,
+            running.is_some(),
+            if running.is_some() { "Copying" } else { "Idle" },
+            running.map(|p| format!("copying {}", p.snapshot_id)).unwrap_or_default(),
+        ),
+    );
+    set_condition(
+        &mut st.conditions,
+        c(
+            condition::SYNCED,
+            synced,
+            if synced { "UpToDate" } else { "Behind" },
+            match newest {
+                Some(n) if !synced => format!("the newest snapshot {n} is not at the target yet"),
+                _ => String::new(),
+            },
+        ),
+    );
+    let degraded = !link.last_error.is_empty();
+    set_condition(
+        &mut st.conditions,
+        c(
+            condition::DEGRADED,
+            degraded,
+            if degraded { "CopyFailed" } else { "Healthy" },
+            link.last_error.clone(),
+        ),
+    );
+    st.observed_generation = generation;
+    st
+}
+
+async fn event(ctx: &Context, rl: &RemoteLink, type_: EventType, reason: &str, note: String) {
+    let ev = Event {
+        type_,
+        reason: reason.into(),
+        note: Some(note),
+        action: "Copy".into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&ev, &rl.object_ref(&())).await {
+        tracing::warn!(error = %e, "could not publish an event");
+    }
+}
+
+async fn patch_status(
+    api: &Api<RemoteLink>,
+    name: &str,
+    st: &RemoteLinkStatus,
+) -> Result<(), Error> {
+    let body = json!({ "apiVersion": "cairn.dev/v1alpha1", "kind": "RemoteLink", "status": st });
+    api.patch_status(name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&body)).await?;
+    Ok(())
+}
+
+fn head_endpoint(
+    st: Option<&VolumeStatus>,
+    cluster: Option<&StorageCluster>,
+) -> Option<(String, String)> {
+    let st = st?;
+    let head = st.head.as_ref()?;
+    let agent = cluster?.status.as_ref()?.agents.iter().find(|a| a.name == head.agent)?;
+    Some((endpoint(&agent.address), st.volume_id.clone()?))
+}
+
+/// The pairing secret of a link to a cluster in this Kubernetes cluster:
+/// the Secret `<link>-pairing`, created (owned by the link) when missing.
+async fn local_secret(ctx: &Context, rl: &RemoteLink) -> Result<Vec<u8>, Error> {
+    let ns = rl.namespace().unwrap_or_default();
+    let name = format!("{}-pairing", rl.name_any());
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
+    if let Some(s) = secrets.get_opt(&name).await?
+        && let Some(v) = s.data.as_ref().and_then(|d| d.get(gateway_secret::PAIRING_SECRET))
+        && v.0.len() >= 16
+    {
+        return Ok(v.0.clone());
+    }
+    let secret: Vec<u8> =
+        blake3::hash(format!("{}:{}", rl.uid().unwrap_or_default(), Timestamp::now()).as_bytes())
+            .as_bytes()
+            .to_vec();
+    let owner = rl.controller_owner_ref(&()).into_iter().collect();
+    let obj = Secret {
+        metadata: ObjectMeta {
+            name: Some(name.clone()),
+            owner_references: Some(owner),
+            ..Default::default()
+        },
+        data: Some(BTreeMap::from([(
+            gateway_secret::PAIRING_SECRET.to_string(),
+            ByteString(secret.clone()),
+        )])),
+        ..Default::default()
+    };
+    let mut body = serde_json::to_value(&obj).expect("a secret serializes");
+    body["apiVersion"] = json!("v1");
+    body["kind"] = json!("Secret");
+    secrets.patch(&name, &PatchParams::apply(MANAGER), &Patch::Apply(&body)).await?;
+    Ok(secret)
+}
+
+/// Reconciles one RemoteLink.
+#[tracing::instrument(skip_all, fields(link = %rl.name_any(), namespace = ?rl.namespace()))]
+pub async fn reconcile(rl: Arc<RemoteLink>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let ns = rl.namespace().unwrap_or_default();
+    let name = rl.name_any();
+    let api: Api<RemoteLink> = Api::namespaced(ctx.client.clone(), &ns);
+    let volumes: Api<Volume> = Api::namespaced(ctx.client.clone(), &ns);
+    let clusters: Api<StorageCluster> = Api::all(ctx.client.clone());
+    let mut st = rl.status.clone().unwrap_or_default();
+
+    // Observe: the source.
+    let source = volumes.get_opt(&rl.spec.source_volume).await?;
+    let source_cluster = match &source {
+        Some(v) => clusters.get_opt(&v.spec.cluster).await?,
+        None => None,
+    };
+    let waiting = |w: Waiting| w;
+    let plan: Result<Endpoints, Waiting> = async {
+        let (src_ep, src_vol) =
+            head_endpoint(source.as_ref().and_then(|v| v.status.as_ref()), source_cluster.as_ref())
+                .ok_or_else(|| waiting(Waiting::SourceNotPlaced(rl.spec.source_volume.clone())))?;
+        // Observe: the target.
+        let target_cluster = clusters
+            .get_opt(&rl.spec.target_cluster)
+            .await
+            .ok()
+            .flatten()
+            .ok_or_else(|| Waiting::TargetClusterNotFound(rl.spec.target_cluster.clone()))?;
+        if let Some(gw) = &target_cluster.spec.gateway {
+            // A peer site: its gateway receives; the secret is the one its
+            // StorageCluster names.
+            let secrets: Api<Secret> =
+                Api::namespaced(ctx.client.clone(), &gw.secret_ref.namespace);
+            let secret = secrets
+                .get_opt(&gw.secret_ref.name)
+                .await
+                .ok()
+                .flatten()
+                .and_then(|s| s.data)
+                .and_then(|d| d.get(gateway_secret::PAIRING_SECRET).map(|b| b.0.clone()))
+                .filter(|b| b.len() >= 16)
+                .ok_or_else(|| {
+                    Waiting::NoPairingSecret(format!(
+                        "{}/{}",
+                        gw.secret_ref.namespace, gw.secret_ref.name
+                    ))
+                })?;
+            return Ok(((src_ep, src_vol), gw.endpoint.clone(), secret));
+        }
+        let target = volumes.get_opt(&rl.spec.target_volume).await.ok().flatten();
+        let (tgt_ep, tgt_vol) =
+            head_endpoint(target.as_ref().and_then(|v| v.status.as_ref()), Some(&target_cluster))
+                .ok_or_else(|| Waiting::TargetNotPlaced(rl.spec.target_volume.clone()))?;
+        let secret = local_secret(&ctx, &rl)
+            .await
+            .map_err(|_| Waiting::NoPairingSecret(format!("{name}-pairing")))?;
+        let req = pb::RegisterLinkRequest {
+            link_id: link_id(&ns, &name),
+            pairing_secret: secret.clone().into(),
+            target_volume_id: tgt_vol,
+        };
+        ctx.agents
+            .register_link(&tgt_ep, req)
+            .await
+            .map_err(|e| Waiting::TargetNotPlaced(format!("{}: {e}", rl.spec.target_volume)))?;
+        Ok(((src_ep, src_vol), tgt_ep, secret))
+    }
+    .await;
+    let ((src_ep, src_vol), tgt_ep, secret) = match plan {
+        Ok(p) => p,
+        Err(w) => {
+            let c = Condition::new(
+                condition::SYNCED,
+                ConditionStatus::False,
+                w.reason(),
+                w.to_string(),
+                rl.meta().generation,
+                k8s_time(Timestamp::now()),
+            );
+            if set_condition(&mut st.conditions, c) {
+                event(&ctx, &rl, EventType::Warning, w.reason(), w.to_string()).await;
+            }
+            st.observed_generation = rl.meta().generation;
+            patch_status(&api, &name, &st).await?;
+            return Ok(Action::requeue(Duration::from_secs(30)));
+        }
+    };
+    // Apply: the link at the sender, then any new request, in the background.
+    let link = agent_link(&rl, &src_vol, tgt_ep, secret);
+    let id = link.link_id.clone();
+    ctx.agents.put_link(&src_ep, link).await?;
+    let agents = ctx.agents.clone();
+    if rl.spec.copy_request.is_some() && rl.spec.copy_request != st.last_copy_request {
+        st.last_copy_request = rl.spec.copy_request.clone();
+        let (ep, id) = (src_ep.clone(), id.clone());
+        tokio::spawn(async move {
+            if let Err(e) = agents.sync_link(&ep, &id, false).await {
+                tracing::warn!(link = %id, error = %e, "requested copy failed");
+            }
+        });
+        event(
+            &ctx,
+            &rl,
+            EventType::Normal,
+            "CopyRequested",
+            "copying every snapshot the target lacks".into(),
+        )
+        .await;
+    }
+    let agents = ctx.agents.clone();
+    if rl.spec.resync_request.is_some() && rl.spec.resync_request != st.last_resync_request {
+        st.last_resync_request = rl.spec.resync_request.clone();
+        let (ep, id) = (src_ep.clone(), id.clone());
+        tokio::spawn(async move {
+            if let Err(e) = agents.sync_link(&ep, &id, true).await {
+                tracing::warn!(link = %id, error = %e, "resync failed");
+            }
+        });
+        event(&ctx, &rl, EventType::Normal, "ResyncRequested", "rolling the target back to the newest shared snapshot (its later ones kept, marked divergent) and copying the delta".into()).await;
+    }
+    let agents = ctx.agents.clone();
+    if let Some(sw) = rl
+        .spec
+        .switchover
+        .as_ref()
+        .filter(|sw| Some(&sw.request) != st.last_switchover_request.as_ref())
+    {
+        st.last_switchover_request = Some(sw.request.clone());
+        let now = Timestamp::now();
+        let snap = sw
+            .final_snapshot
+            .clone()
+            .unwrap_or_else(|| format!("switchover-{}", now.strftime("%Y%m%d-%H%M%S")));
+        let (ep, id) = (src_ep.clone(), id.clone());
+        tokio::spawn(async move {
+            if let Err(e) = agents.switchover(&ep, &id, &snap, now.as_second() as u64).await {
+                tracing::warn!(link = %id, error = %e, "switchover failed");
+            }
+        });
+        event(&ctx, &rl, EventType::Normal, "SwitchoverStarted", "demoting the source, final copy, promoting the target; then set the Volumes' roles to match".into()).await;
+    }
+    // Status.
+    let links = ctx.agents.links(&src_ep, &src_vol).await?;
+    let snaps = ctx.agents.snapshots(&src_ep, &src_vol).await.unwrap_or_default();
+    let mine = links
+        .into_iter()
+        .find(|l| l.link.as_ref().is_some_and(|l| l.link_id == id))
+        .unwrap_or_default();
+    let before = st.clone();
+    let mut rl2 = (*rl).clone();
+    rl2.status = Some(before);
+    let st = status_of(&rl2, &mine, &snaps, Timestamp::now());
+    patch_status(&api, &name, &st).await?;
+    Ok(Action::requeue(POLL))
+}
+
+/// `error_policy`: back off and try again.
+pub fn error_policy(_rl: Arc<RemoteLink>, err: &Error, _ctx: Arc<Context>) -> Action {
+    tracing::warn!(error = %err, "reconcile failed");
+    Action::requeue(Duration::from_secs(10))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cairn_api::crd::RemoteLinkSpec;
+
+    fn link(paused: bool) -> RemoteLink {
+        let mut rl: RemoteLink = serde_json::from_value(json!({
+            "apiVersion": "cairn.dev/v1alpha1", "kind": "RemoteLink",
+            "metadata": {"name": "db-to-b", "namespace": "shop", "generation": 2},
+            "spec": {"sourceVolume": "db", "targetCluster": "site-b", "targetVolume": "db-copy",
+                     "bandwidth": {"defaultBytesPerSecond": 1000000}}
+        }))
+        .unwrap();
+        let _: &RemoteLinkSpec = &rl.spec;
+        rl.spec.paused = paused;
+        rl
+    }
+
+    #[test]
+    fn the_agents_link_carries_the_policy_and_a_pause_is_a_rate_of_zero() {
+        let l = agent_link(&link(false), "shop-db", "http://b:7070".into(), vec![7; 32]);
+        assert_eq!(l.link_id, "shop-db-to-b");
+        assert!(l.forward, "copies follow snapshots");
+        assert!(l.policy.is_some());
+        let paused = agent_link(&link(true), "shop-db", "http://b:7070".into(), vec![7; 32]);
+        let Some(pb::bandwidth_policy::Policy::Fixed(r)) = paused.policy.and_then(|p| p.policy)
+        else {
+            panic!("a paused link is a fixed rate")
+        };
+        assert_eq!((r.unlimited, r.bytes_per_sec), (false, 0));
+    }
+
+    #[test]
+    fn status_reports_the_recovery_point_as_lag_and_progress_in_percent() {
+        let now: Timestamp = "2026-11-24T12:00:00Z".parse().unwrap();
+        let snaps = vec![
+            pb::SnapshotInfo {
+                snapshot_id: "s1".into(),
+                sealed_at_unix: now.as_second() - 900,
+                ..Default::default()
+            },
+            pb::SnapshotInfo {
+                snapshot_id: "s2".into(),
+                sealed_at_unix: now.as_second() - 60,
+                ..Default::default()
+            },
+        ];
+        let ls = pb::LinkStatus {
+            link: Some(pb::Link { link_id: "shop-db-to-b".into(), ..Default::default() }),
+            last_copied_snapshot_id: "s1".into(),
+            last_copied_generation: 1,
+            last_copied_digest: vec![0xab; 32].into(),
+            last_copied_at_unix: now.as_second() - 800,
+            progress: Some(pb::CopyProgressResponse {
+                snapshot_id: "s2".into(),
+                bytes_sent: 25 << 20,
+                bytes_total: 100 << 20,
+                rate_bytes_per_sec: (10 << 20) as f64,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let st = status_of(&link(false), &ls, &snaps, now);
+        assert_eq!(st.lag_seconds, Some(900), "the newest snapshot at the target is 15 min old");
+        let copy = st.copy.unwrap();
+        assert_eq!((copy.snapshot.as_str(), copy.percent), ("s2", 25));
+        let get = |t: &str| st.conditions.iter().find(|c| c.type_ == t).unwrap().status;
+        assert_eq!(get(condition::SYNCING), ConditionStatus::True);
+        assert_eq!(get(condition::SYNCED), ConditionStatus::False);
+        // Once s2 is there and nothing runs: Synced.
+        let done = pb::LinkStatus { last_copied_snapshot_id: "s2".into(), progress: None, ..ls };
+        let st = status_of(&link(false), &done, &snaps, now);
+        assert_eq!(st.lag_seconds, Some(60));
+        assert_eq!(
+            st.conditions.iter().find(|c| c.type_ == condition::SYNCED).unwrap().status,
+            ConditionStatus::True
+        );
+    }
+}
