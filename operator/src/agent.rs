@@ -69,6 +69,8 @@ pub trait AgentApi: Send + Sync + std::fmt::Debug + 'static {
     async fn delete_snapshot(&self, endpoint: &str, volume: &str, id: &str) -> AgentResult<()>;
     /// The links the agent sends for the volume, with their cursors.
     async fn links(&self, endpoint: &str, volume: &str) -> AgentResult<Vec<pb::LinkStatus>>;
+    /// Capacity and use of the agent's data dir: (capacity, used) bytes.
+    async fn stat(&self, endpoint: &str) -> AgentResult<(u64, u64)>;
     /// Registers a link at the receiving agent (idempotent).
     async fn register_link(&self, endpoint: &str, req: pb::RegisterLinkRequest) -> AgentResult<()>;
     /// Creates or changes a link at the sending agent.
@@ -212,6 +214,15 @@ impl AgentApi for GrpcAgents {
         let req = pb::ListLinksRequest { volume_id: volume.into() };
         let r = self.heads(endpoint)?.list_links(req).await;
         r.map(|r| r.into_inner().links).map_err(|s| AgentError::from_status(endpoint, s))
+    }
+
+    async fn stat(&self, endpoint: &str) -> AgentResult<(u64, u64)> {
+        let r = ReplicaStoreClient::new(self.channel(endpoint)?).stat(pb::StatRequest {}).await;
+        r.map(|r| {
+            let s = r.into_inner();
+            (s.capacity_bytes, s.used_bytes)
+        })
+        .map_err(|s| AgentError::from_status(endpoint, s))
     }
 
     async fn register_link(&self, endpoint: &str, req: pb::RegisterLinkRequest) -> AgentResult<()> {
@@ -509,6 +520,18 @@ impl AgentApi for FakeAgents {
                 ..Default::default()
             })
             .collect())
+    }
+
+    async fn stat(&self, endpoint: &str) -> AgentResult<(u64, u64)> {
+        let st = self.inner.lock().unwrap();
+        if st.down.iter().any(|d| d == endpoint) {
+            return Err(AgentError {
+                endpoint: endpoint.into(),
+                code: tonic::Code::Unavailable,
+                message: "tcp connect error".into(),
+            });
+        }
+        Ok((1 << 40, 1 << 30))
     }
 
     async fn register_link(&self, endpoint: &str, req: pb::RegisterLinkRequest) -> AgentResult<()> {

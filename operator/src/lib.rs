@@ -9,4 +9,5 @@ pub mod remote_link;
 pub mod retention;
 pub mod schedule;
 pub mod snapshot_schedule;
+pub mod storage_cluster;
 pub mod volume;

@@ -2,20 +2,23 @@
 //! the usual kube client configuration finds (in a pod, its service
 //! account; outside, the kubeconfig), reaching agents over gRPC.
 //!
-//! Built so far: the Volume, SnapshotSchedule and RemoteLink controllers.
-//! The StorageCluster controller, the leader Lease, /metrics and the health
-//! endpoints are not built yet (docs/design.md, "The operator").
+//! `cairn-operator` (or `cairn-operator run`) runs the StorageCluster,
+//! Volume, RemoteLink and SnapshotSchedule controllers;
+//! `cairn-operator announce` runs beside an agent and keeps its
+//! announcement (a Lease) renewed. The leader Lease, /metrics and the
+//! health endpoints are not built yet (docs/design.md, "The operator").
 
 use std::{path::PathBuf, sync::Arc};
 
 use anyhow::Context as _;
-use cairn_api::crd::{RemoteLink, SnapshotSchedule, Volume};
+use cairn_api::crd::{RemoteLink, SnapshotSchedule, StorageCluster, Volume};
 use cairn_operator::{
     agent::GrpcAgents,
     remote_link, snapshot_schedule,
+    storage_cluster::{self, Announcement},
     volume::{self, Context},
 };
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use futures::StreamExt;
 use kube::{
     Api, Client,
@@ -38,6 +41,36 @@ struct Args {
     /// The CA that signed the agents' certificates.
     #[arg(long, env = "CAIRN_AGENT_CA")]
     agent_ca: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Cmd>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Run the controllers (the default).
+    Run,
+    /// Announce an agent to the Kubernetes API: keeps a Lease
+    /// `cairn-agent-<name>` renewed with its storage cluster, address, node
+    /// and failure domain, so the operator finds it (in a pod or on a host).
+    Announce {
+        /// The StorageCluster the agent belongs to.
+        #[arg(long, env = "CAIRN_CLUSTER")]
+        cluster: String,
+        /// The agent's name (its --name).
+        #[arg(long, env = "CAIRN_AGENT_NAME")]
+        name: String,
+        /// The agent's gRPC address as the operator reaches it, e.g. 10.0.0.5:7070.
+        #[arg(long, env = "CAIRN_AGENT_ADDRESS")]
+        address: String,
+        #[arg(long, env = "CAIRN_NODE_NAME")]
+        node: Option<String>,
+        /// Failure domain (zone, rack).
+        #[arg(long, env = "CAIRN_AGENT_DOMAIN")]
+        domain: Option<String>,
+        /// Namespace of the Lease.
+        #[arg(long, env = "CAIRN_NAMESPACE", default_value = "cairn-system")]
+        namespace: String,
+    },
 }
 
 fn tls(args: &Args) -> anyhow::Result<Option<ClientTlsConfig>> {
@@ -70,9 +103,23 @@ async fn main() -> anyhow::Result<()> {
     let client = Client::try_default()
         .await
         .context("no Kubernetes API server configuration (in a pod: its service account; outside: KUBECONFIG or ~/.kube/config)")?;
+    if let Some(Cmd::Announce { cluster, name, address, node, domain, namespace }) = args.command {
+        let a = Announcement { cluster, agent: name, address, node, domain };
+        tracing::info!(agent = %a.agent, cluster = %a.cluster, "announcing");
+        storage_cluster::announce(client, namespace, a).await;
+    }
     let agents = Arc::new(GrpcAgents::new(tls(&args)?));
     let recorder = Recorder::new(client.clone(), "cairn-operator".into());
     let ctx = Arc::new(Context { client: client.clone(), agents, recorder });
+    let clusters =
+        Controller::new(Api::<StorageCluster>::all(client.clone()), watcher::Config::default())
+            .shutdown_on_signal()
+            .run(storage_cluster::reconcile, storage_cluster::error_policy, ctx.clone())
+            .for_each(|res| async move {
+                if let Err(e) = res {
+                    tracing::warn!(error = %e, "storage cluster reconcile failed");
+                }
+            });
     let volumes = Controller::new(Api::<Volume>::all(client.clone()), watcher::Config::default())
         .shutdown_on_signal()
         .run(volume::reconcile, volume::error_policy, ctx.clone())
@@ -98,6 +145,6 @@ async fn main() -> anyhow::Result<()> {
                     tracing::warn!(error = %e, "snapshot schedule reconcile failed");
                 }
             });
-    futures::join!(volumes, links, schedules);
+    futures::join!(clusters, volumes, links, schedules);
     Ok(())
 }
