@@ -5,6 +5,7 @@
 //! server with a fake of the agents.
 
 pub mod agent;
+pub mod leader;
 pub mod remote_link;
 pub mod retention;
 pub mod schedule;

@@ -5,8 +5,9 @@
 //! `cairn-operator` (or `cairn-operator run`) runs the StorageCluster,
 //! Volume, RemoteLink and SnapshotSchedule controllers;
 //! `cairn-operator announce` runs beside an agent and keeps its
-//! announcement (a Lease) renewed. The leader Lease, /metrics and the
-//! health endpoints are not built yet (docs/design.md, "The operator").
+//! announcement (a Lease) renewed. Several replicas may run: only the
+//! holder of the leader Lease reconciles. /metrics and the health
+//! endpoints are not built yet (docs/design.md, "The operator").
 
 use std::{path::PathBuf, sync::Arc};
 
@@ -41,6 +42,12 @@ struct Args {
     /// The CA that signed the agents' certificates.
     #[arg(long, env = "CAIRN_AGENT_CA")]
     agent_ca: Option<PathBuf>,
+    /// This replica's name in the leader Lease (in a pod: its name).
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+    /// Namespace of the leader Lease (in a pod: its namespace).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "cairn-system")]
+    lease_namespace: String,
     #[command(subcommand)]
     command: Option<Cmd>,
 }
@@ -108,6 +115,13 @@ async fn main() -> anyhow::Result<()> {
         tracing::info!(agent = %a.agent, cluster = %a.cluster, "announcing");
         storage_cluster::announce(client, namespace, a).await;
     }
+    // Only the holder of the leader Lease reconciles.
+    let me = args.identity.clone().unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        format!("{}-{}", host.trim(), std::process::id())
+    });
+    tracing::info!(identity = %me, namespace = %args.lease_namespace, "waiting for the lead");
+    let lost = cairn_operator::leader::lead(client.clone(), args.lease_namespace.clone(), me).await;
     let agents = Arc::new(GrpcAgents::new(tls(&args)?));
     let recorder = Recorder::new(client.clone(), "cairn-operator".into());
     let ctx = Arc::new(Context { client: client.clone(), agents, recorder });
@@ -145,6 +159,9 @@ async fn main() -> anyhow::Result<()> {
                     tracing::warn!(error = %e, "snapshot schedule reconcile failed");
                 }
             });
-    futures::join!(clusters, volumes, links, schedules);
+    tokio::select! {
+        _ = async { futures::join!(clusters, volumes, links, schedules) } => {}
+        () = lost => anyhow::bail!("lost the leader lease: exiting so that one leader acts at a time"),
+    }
     Ok(())
 }
