@@ -6,6 +6,7 @@
 
 pub mod agent;
 pub mod leader;
+pub mod metrics;
 pub mod remote_link;
 pub mod retention;
 pub mod schedule;

@@ -6,8 +6,8 @@
 //! Volume, RemoteLink and SnapshotSchedule controllers;
 //! `cairn-operator announce` runs beside an agent and keeps its
 //! announcement (a Lease) renewed. Several replicas may run: only the
-//! holder of the leader Lease reconciles. /metrics and the health
-//! endpoints are not built yet (docs/design.md, "The operator").
+//! holder of the leader Lease reconciles. `/metrics`, `/healthz` and
+//! `/readyz` are served on `--metrics-listen`.
 
 use std::{path::PathBuf, sync::Arc};
 
@@ -48,6 +48,9 @@ struct Args {
     /// Namespace of the leader Lease (in a pod: its namespace).
     #[arg(long, env = "POD_NAMESPACE", default_value = "cairn-system")]
     lease_namespace: String,
+    /// Where /metrics, /healthz and /readyz are served.
+    #[arg(long, env = "CAIRN_METRICS_LISTEN", default_value = "0.0.0.0:8080")]
+    metrics_listen: std::net::SocketAddr,
     #[command(subcommand)]
     command: Option<Cmd>,
 }
@@ -94,6 +97,19 @@ fn tls(args: &Args) -> anyhow::Result<Option<ClientTlsConfig>> {
     ))
 }
 
+/// A controller's reconcile, counted and timed in the metrics.
+macro_rules! counted {
+    ($module:ident, $name:expr) => {
+        |obj, ctx: Arc<Context>| async move {
+            let started = std::time::Instant::now();
+            let result = $module::reconcile(obj, ctx.clone()).await;
+            let reason = result.as_ref().err().map(cairn_operator::metrics::reason);
+            ctx.metrics.observe($name, started, reason.as_deref());
+            result
+        }
+    };
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -115,6 +131,13 @@ async fn main() -> anyhow::Result<()> {
         tracing::info!(agent = %a.agent, cluster = %a.cluster, "announcing");
         storage_cluster::announce(client, namespace, a).await;
     }
+    let metrics = Arc::new(cairn_operator::metrics::Metrics::default());
+    let listener = tokio::net::TcpListener::bind(args.metrics_listen)
+        .await
+        .with_context(|| format!("binding --metrics-listen {}", args.metrics_listen))?;
+    tokio::spawn(cairn_operator::metrics::serve(listener, metrics.clone()));
+    client.apiserver_version().await.context("reaching the Kubernetes API server")?;
+    metrics.ready.store(true, std::sync::atomic::Ordering::SeqCst);
     // Only the holder of the leader Lease reconciles.
     let me = args.identity.clone().unwrap_or_else(|| {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
@@ -124,11 +147,15 @@ async fn main() -> anyhow::Result<()> {
     let lost = cairn_operator::leader::lead(client.clone(), args.lease_namespace.clone(), me).await;
     let agents = Arc::new(GrpcAgents::new(tls(&args)?));
     let recorder = Recorder::new(client.clone(), "cairn-operator".into());
-    let ctx = Arc::new(Context { client: client.clone(), agents, recorder });
+    let ctx = Arc::new(Context { client: client.clone(), agents, recorder, metrics });
     let clusters =
         Controller::new(Api::<StorageCluster>::all(client.clone()), watcher::Config::default())
             .shutdown_on_signal()
-            .run(storage_cluster::reconcile, storage_cluster::error_policy, ctx.clone())
+            .run(
+                counted!(storage_cluster, "storage_cluster"),
+                storage_cluster::error_policy,
+                ctx.clone(),
+            )
             .for_each(|res| async move {
                 if let Err(e) = res {
                     tracing::warn!(error = %e, "storage cluster reconcile failed");
@@ -136,7 +163,7 @@ async fn main() -> anyhow::Result<()> {
             });
     let volumes = Controller::new(Api::<Volume>::all(client.clone()), watcher::Config::default())
         .shutdown_on_signal()
-        .run(volume::reconcile, volume::error_policy, ctx.clone())
+        .run(counted!(volume, "volume"), volume::error_policy, ctx.clone())
         .for_each(|res| async move {
             if let Err(e) = res {
                 tracing::warn!(error = %e, "volume reconcile failed");
@@ -144,7 +171,7 @@ async fn main() -> anyhow::Result<()> {
         });
     let links = Controller::new(Api::<RemoteLink>::all(client.clone()), watcher::Config::default())
         .shutdown_on_signal()
-        .run(remote_link::reconcile, remote_link::error_policy, ctx.clone())
+        .run(counted!(remote_link, "remote_link"), remote_link::error_policy, ctx.clone())
         .for_each(|res| async move {
             if let Err(e) = res {
                 tracing::warn!(error = %e, "remote link reconcile failed");
@@ -153,7 +180,11 @@ async fn main() -> anyhow::Result<()> {
     let schedules =
         Controller::new(Api::<SnapshotSchedule>::all(client), watcher::Config::default())
             .shutdown_on_signal()
-            .run(snapshot_schedule::reconcile, snapshot_schedule::error_policy, ctx)
+            .run(
+                counted!(snapshot_schedule, "snapshot_schedule"),
+                snapshot_schedule::error_policy,
+                ctx,
+            )
             .for_each(|res| async move {
                 if let Err(e) = res {
                     tracing::warn!(error = %e, "snapshot schedule reconcile failed");

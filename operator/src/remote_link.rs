@@ -434,6 +434,13 @@ pub async fn reconcile(rl: Arc<RemoteLink>, ctx: Arc<Context>) -> Result<Action,
     let mut rl2 = (*rl).clone();
     rl2.status = Some(before);
     let st = status_of(&rl2, &mine, &snaps, Timestamp::now());
+    let l = crate::metrics::LinkLabels { namespace: ns.clone(), link: name.clone() };
+    let m = &ctx.metrics;
+    m.link_bytes.get_or_create(&l).set(st.copy.as_ref().map_or(0, |c| c.bytes_done));
+    m.link_rate.get_or_create(&l).set(st.copy.as_ref().map_or(0, |c| c.rate_bytes_per_second));
+    if let Some(lag) = st.lag_seconds {
+        m.link_lag.get_or_create(&l).set(lag);
+    }
     patch_status(&api, &name, &st).await?;
     Ok(Action::requeue(POLL))
 }

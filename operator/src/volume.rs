@@ -46,6 +46,7 @@ pub struct Context {
     pub client: Client,
     pub agents: Arc<dyn AgentApi>,
     pub recorder: Recorder,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl std::fmt::Debug for Context {

@@ -50,7 +50,8 @@ pub fn setup() -> (Arc<Context>, ApiServer, FakeAgents) {
     let client = Client::new(svc, "default");
     let agents = FakeAgents::default();
     let recorder = Recorder::new(client.clone(), "cairn-operator".into());
-    let ctx = Context { client, agents: Arc::new(agents.clone()), recorder };
+    let ctx =
+        Context { client, agents: Arc::new(agents.clone()), recorder, metrics: Default::default() };
     (Arc::new(ctx), handle, agents)
 }
 
