@@ -12,19 +12,13 @@
 use std::{path::PathBuf, sync::Arc};
 
 use anyhow::Context as _;
-use cairn_api::crd::{RemoteLink, SnapshotSchedule, StorageCluster, Volume};
 use cairn_operator::{
     agent::GrpcAgents,
-    remote_link, snapshot_schedule,
     storage_cluster::{self, Announcement},
-    volume::{self, Context},
+    volume::Context,
 };
 use clap::{Parser, Subcommand};
-use futures::StreamExt;
-use kube::{
-    Api, Client,
-    runtime::{Controller, events::Recorder, watcher},
-};
+use kube::{Client, runtime::events::Recorder};
 use tonic::transport::{Certificate, ClientTlsConfig, Identity};
 
 /// Cairn's operator.
@@ -97,19 +91,6 @@ fn tls(args: &Args) -> anyhow::Result<Option<ClientTlsConfig>> {
     ))
 }
 
-/// A controller's reconcile, counted and timed in the metrics.
-macro_rules! counted {
-    ($module:ident, $name:expr) => {
-        |obj, ctx: Arc<Context>| async move {
-            let started = std::time::Instant::now();
-            let result = $module::reconcile(obj, ctx.clone()).await;
-            let reason = result.as_ref().err().map(cairn_operator::metrics::reason);
-            ctx.metrics.observe($name, started, reason.as_deref());
-            result
-        }
-    };
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -148,50 +129,8 @@ async fn main() -> anyhow::Result<()> {
     let agents = Arc::new(GrpcAgents::new(tls(&args)?));
     let recorder = Recorder::new(client.clone(), "cairn-operator".into());
     let ctx = Arc::new(Context { client: client.clone(), agents, recorder, metrics });
-    let clusters =
-        Controller::new(Api::<StorageCluster>::all(client.clone()), watcher::Config::default())
-            .shutdown_on_signal()
-            .run(
-                counted!(storage_cluster, "storage_cluster"),
-                storage_cluster::error_policy,
-                ctx.clone(),
-            )
-            .for_each(|res| async move {
-                if let Err(e) = res {
-                    tracing::warn!(error = %e, "storage cluster reconcile failed");
-                }
-            });
-    let volumes = Controller::new(Api::<Volume>::all(client.clone()), watcher::Config::default())
-        .shutdown_on_signal()
-        .run(counted!(volume, "volume"), volume::error_policy, ctx.clone())
-        .for_each(|res| async move {
-            if let Err(e) = res {
-                tracing::warn!(error = %e, "volume reconcile failed");
-            }
-        });
-    let links = Controller::new(Api::<RemoteLink>::all(client.clone()), watcher::Config::default())
-        .shutdown_on_signal()
-        .run(counted!(remote_link, "remote_link"), remote_link::error_policy, ctx.clone())
-        .for_each(|res| async move {
-            if let Err(e) = res {
-                tracing::warn!(error = %e, "remote link reconcile failed");
-            }
-        });
-    let schedules =
-        Controller::new(Api::<SnapshotSchedule>::all(client), watcher::Config::default())
-            .shutdown_on_signal()
-            .run(
-                counted!(snapshot_schedule, "snapshot_schedule"),
-                snapshot_schedule::error_policy,
-                ctx,
-            )
-            .for_each(|res| async move {
-                if let Err(e) = res {
-                    tracing::warn!(error = %e, "snapshot schedule reconcile failed");
-                }
-            });
     tokio::select! {
-        _ = async { futures::join!(clusters, volumes, links, schedules) } => {}
+        () = cairn_operator::run(ctx) => {}
         () = lost => anyhow::bail!("lost the leader lease: exiting so that one leader acts at a time"),
     }
     Ok(())
