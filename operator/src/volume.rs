@@ -14,9 +14,10 @@ use std::{sync::Arc, time::Duration};
 use cairn_api::{
     agent::v1 as pb,
     crd::{
-        AgentHealth, Condition, ConditionStatus, HeadLocation, PlacedAgent, Placement, RemoteLink,
-        ReplicaHealth, ReplicaStatus, StorageCluster, Volume, VolumePhase, VolumeRole,
-        VolumeStatus, quantity::format_bytes, set_condition, volume::condition,
+        AgentHealth, Condition, ConditionStatus, HeadLocation, PlacedAgent, Placement,
+        RebuildPhase, RebuildProgress, RemoteLink, ReplicaHealth, ReplicaStatus, StorageCluster,
+        Volume, VolumePhase, VolumeRole, VolumeStatus, quantity::format_bytes, set_condition,
+        volume::condition,
     },
 };
 use k8s_openapi::{apimachinery::pkg::apis::meta::v1::Time, jiff::Timestamp};
@@ -223,7 +224,24 @@ pub fn status_of(vol: &Volume, d: &Desired, head: &pb::HeadStatus, now: Time) ->
             },
             chunks: Some(r.chunks as i64),
             reason: (!r.reason.is_empty()).then(|| r.reason.clone()),
-            rebuild: None,
+            rebuild: r.rebuild.as_ref().map(|p| RebuildProgress {
+                phase: match p.phase.as_str() {
+                    "head" => RebuildPhase::Head,
+                    "verify" => RebuildPhase::Verify,
+                    _ => RebuildPhase::Layers,
+                },
+                layers_done: p.layers_done as i64,
+                layers_total: p.layers_total as i64,
+                bytes_done: p.bytes_done as i64,
+                head_blocks_done: p.head_blocks_done as i64,
+                head_blocks_total: p.head_blocks_total as i64,
+                started_at: Some(Time(
+                    Timestamp::from_second(
+                        Timestamp::now().as_second() - (p.elapsed_ms / 1000) as i64,
+                    )
+                    .unwrap_or(Timestamp::now()),
+                )),
+            }),
             last_rebuild: (!r.last_rebuild.is_empty()).then(|| r.last_rebuild.clone()),
         })
         .collect();
@@ -536,6 +554,56 @@ mod tests {
         let moved = desired(&v, &cluster(&[("a", Healthy, 9), ("b", Unreachable, 0)])).unwrap();
         assert_eq!((moved.head.agent.as_str(), moved.head.epoch), ("a", 5));
         assert_eq!(moved.placement, first.placement, "the placement is kept");
+    }
+
+    #[test]
+    fn status_reports_out_of_sync_replicas_and_rebuild_progress() {
+        let c = cluster(&[("a", Healthy, 0), ("b", Healthy, 0)]);
+        let v = vol();
+        let d = desired(&v, &c).unwrap();
+        let head = pb::HeadStatus {
+            volume_id: "shop-db".into(),
+            epoch: 1,
+            replicas: vec![
+                pb::ReplicaHealth {
+                    agent: "a".into(),
+                    chunks: 16,
+                    in_sync: true,
+                    ..Default::default()
+                },
+                pb::ReplicaHealth {
+                    agent: "b".into(),
+                    chunks: 16,
+                    in_sync: false,
+                    reason: "agent b: tcp connect error".into(),
+                    rebuild: Some(pb::RebuildProgress {
+                        phase: "head".into(),
+                        layers_done: 2,
+                        layers_total: 2,
+                        bytes_done: 1 << 20,
+                        head_blocks_done: 10,
+                        head_blocks_total: 40,
+                        elapsed_ms: 3000,
+                    }),
+                    last_rebuild: String::new(),
+                },
+            ],
+            fuse_file: String::new(),
+            role: pb::VolumeRole::Primary as i32,
+        };
+        let st = status_of(&v, &d, &head, now());
+        assert_eq!(st.phase, VolumePhase::Degraded);
+        let b = &st.replicas[1];
+        assert_eq!(b.health, ReplicaHealth::Rebuilding);
+        let r = b.rebuild.as_ref().unwrap();
+        assert_eq!(
+            (r.phase, r.head_blocks_done, r.head_blocks_total),
+            (RebuildPhase::Head, 10, 40)
+        );
+        let get = |t: &str| st.conditions.iter().find(|c| c.type_ == t).unwrap().clone();
+        assert_eq!(get(condition::READY).status, ConditionStatus::False);
+        assert!(get(condition::DEGRADED).message.contains("out of sync: b"));
+        assert_eq!(get(condition::REBUILDING).status, ConditionStatus::True);
     }
 
     #[test]
