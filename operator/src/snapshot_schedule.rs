@@ -14,8 +14,9 @@
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use cairn_api::crd::{
-    Condition, ConditionStatus, RetentionRule, SnapshotSchedule, SnapshotScheduleStatus,
-    StorageCluster, Volume, VolumeRole, set_condition, snapshot_schedule::condition,
+    Condition, ConditionStatus, RemoteLink, RetentionRule, SnapshotSchedule,
+    SnapshotScheduleStatus, StorageCluster, Volume, VolumeRole, set_condition,
+    snapshot_schedule::condition,
 };
 use jiff::{SignedDuration, Timestamp};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, Time};
@@ -202,6 +203,12 @@ pub async fn reconcile(s: Arc<SnapshotSchedule>, ctx: Arc<Context>) -> Result<Ac
     let mut failures = Vec::new();
     let mut taken = 0;
     let retention = retention_of(&s.spec.retention.primary);
+    let remote_retention =
+        retention_of(s.spec.retention.remote.as_ref().unwrap_or(&s.spec.retention.primary));
+    let links = Api::<RemoteLink>::namespaced(ctx.client.clone(), &ns)
+        .list(&ListParams::default())
+        .await?
+        .items;
     for v in &selected {
         let Some(vst) = v.status.as_ref() else { continue };
         let (Some(head), Some(id)) = (vst.head.as_ref(), vst.volume_id.as_ref()) else { continue };
@@ -237,37 +244,37 @@ pub async fn reconcile(s: Arc<SnapshotSchedule>, ctx: Arc<Context>) -> Result<Ac
             }
             st.last_snapshot = Some(snap);
         }
-        // Apply: retention at the primary.
-        let snaps = match ctx.agents.snapshots(&ep, id).await {
-            Ok(s) => s,
-            Err(e) => {
-                failures.push(format!("{}: {e}", v.name_any()));
-                continue;
-            }
-        };
-        let line: Vec<Snap> = snaps
-            .iter()
-            .map(|x| Snap {
-                id: x.snapshot_id.clone(),
-                sealed_at: Timestamp::from_second(x.sealed_at_unix).unwrap_or(now),
-                divergent: x.divergent,
-            })
-            .collect();
-        let mut needed = BTreeMap::new();
-        for l in ctx.agents.links(&ep, id).await.unwrap_or_default() {
-            let link = l.link.map(|l| l.link_id).unwrap_or_default();
-            let order: Vec<&str> =
-                line.iter().filter(|x| !x.divergent).map(|x| x.id.as_str()).collect();
-            if let Some(at) = order.iter().position(|x| *x == l.last_copied_snapshot_id) {
-                for x in &order[at..] {
-                    needed.entry(x.to_string()).or_insert_with(|| format!("link {link} needs it"));
-                }
-            }
+        // Apply: retention at the primary, then at each remote twin this
+        // cluster reaches (a link's target on a cluster of this Kubernetes
+        // cluster).
+        if let Err(e) = prune_at(&ctx, &ep, id, retention, now).await {
+            failures.push(format!("{}: {e}", v.name_any()));
         }
-        let prune = retention::plan(&line, retention, now, &needed);
-        for gone in prune.prune {
-            if let Err(e) = ctx.agents.delete_snapshot(&ep, id, &gone).await {
-                failures.push(format!("{}: pruning {gone}: {e}", v.name_any()));
+        for l in links.iter().filter(|l| l.spec.source_volume == v.name_any()) {
+            let target = volumes.get_opt(&l.spec.target_volume).await?;
+            let Some(t) = target.filter(|t| t.spec.cluster == l.spec.target_cluster) else {
+                continue;
+            };
+            if !cluster_cache.contains_key(&t.spec.cluster) {
+                cluster_cache
+                    .insert(t.spec.cluster.clone(), clusters.get_opt(&t.spec.cluster).await?);
+            }
+            let tst = t.status.as_ref();
+            let at = tst.and_then(|s| s.head.as_ref()).and_then(|h| {
+                cluster_cache[&t.spec.cluster]
+                    .as_ref()?
+                    .status
+                    .as_ref()?
+                    .agents
+                    .iter()
+                    .find(|a| a.name == h.agent)
+                    .map(|a| endpoint(&a.address))
+            });
+            let (Some(tep), Some(tid)) = (at, tst.and_then(|s| s.volume_id.clone())) else {
+                continue;
+            };
+            if let Err(e) = prune_at(&ctx, &tep, &tid, remote_retention, now).await {
+                failures.push(format!("{} (remote twin of {}): {e}", t.name_any(), v.name_any()));
             }
         }
     }
@@ -304,6 +311,47 @@ pub async fn reconcile(s: Arc<SnapshotSchedule>, ctx: Arc<Context>) -> Result<Ac
         .map(|n| n.duration_since(Timestamp::now()).as_secs().clamp(1, 300) as u64)
         .unwrap_or(300);
     Ok(Action::requeue(Duration::from_secs(wait)))
+}
+
+/// Applies `retention` to a volume at the agent `ep` holds its head on:
+/// keeps the newest, and everything from each of its links' cursors on;
+/// a deletion the agent refuses (a link needs it) is kept.
+async fn prune_at(
+    ctx: &Context,
+    ep: &str,
+    id: &str,
+    retention: Retention,
+    now: Timestamp,
+) -> Result<(), crate::agent::AgentError> {
+    let snaps = ctx.agents.snapshots(ep, id).await?;
+    let line: Vec<Snap> = snaps
+        .iter()
+        .map(|x| Snap {
+            id: x.snapshot_id.clone(),
+            sealed_at: Timestamp::from_second(x.sealed_at_unix).unwrap_or(now),
+            divergent: x.divergent,
+        })
+        .collect();
+    let order: Vec<&str> = line.iter().filter(|x| !x.divergent).map(|x| x.id.as_str()).collect();
+    let mut needed = BTreeMap::new();
+    for l in ctx.agents.links(ep, id).await.unwrap_or_default() {
+        let link = l.link.map(|l| l.link_id).unwrap_or_default();
+        if let Some(at) = order.iter().position(|x| *x == l.last_copied_snapshot_id) {
+            for x in &order[at..] {
+                needed.entry(x.to_string()).or_insert_with(|| format!("link {link} needs it"));
+            }
+        }
+    }
+    for gone in retention::plan(&line, retention, now, &needed).prune {
+        match ctx.agents.delete_snapshot(ep, id, &gone).await {
+            Ok(()) => {}
+            Err(e) if e.code == tonic::Code::FailedPrecondition => {
+                tracing::info!(volume = %id, snapshot = %gone, why = %e.message, "kept: a link needs it");
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// `error_policy`: back off and try again.

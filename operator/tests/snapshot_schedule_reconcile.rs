@@ -64,6 +64,7 @@ const SCHEDULE: &str = "/apis/cairn.dev/v1alpha1/namespaces/shop/snapshotschedul
 const VOLUMES: &str = "/apis/cairn.dev/v1alpha1/namespaces/shop/volumes";
 const CLUSTER: &str = "/apis/cairn.dev/v1alpha1/storageclusters/site-a";
 const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/shop/events";
+const LINKS: &str = "/apis/cairn.dev/v1alpha1/namespaces/shop/remotelinks";
 
 #[tokio::test]
 async fn a_due_run_snapshots_the_primary_reports_missed_runs_and_prunes_by_retention() {
@@ -94,6 +95,7 @@ async fn a_due_run_snapshots_the_primary_reports_missed_runs_and_prunes_by_reten
     )
     .await;
     let _ = list;
+    serve(&mut api, Method::GET, LINKS, json!({"apiVersion": "cairn.dev/v1alpha1", "kind": "RemoteLinkList", "metadata": {}, "items": []})).await;
     serve(&mut api, Method::GET, CLUSTER, json!(cluster())).await;
     let ev = serve(&mut api, Method::POST, EVENTS, json!({})).await;
     assert_eq!(
@@ -152,4 +154,42 @@ async fn a_schedule_that_does_not_parse_waits_with_a_warning() {
     let action = run.await.unwrap().unwrap();
     assert_eq!(action, kube::runtime::controller::Action::await_change());
     assert!(agents.calls().is_empty());
+}
+
+#[tokio::test]
+async fn the_remote_twin_is_pruned_by_the_remote_retention() {
+    let (ctx, mut api, agents) = setup();
+    let now = Timestamp::now();
+    // Created just now: no run is due; only retention runs.
+    let s = schedule("0 3 * * *", now);
+    for i in 0..3i64 {
+        let t = (now - SignedDuration::from_hours(24 * (10 - i))).as_second();
+        agents.add_snapshot("shop-db-copy", &format!("old{i}"), i as u64 + 1, t);
+    }
+    agents.add_snapshot("shop-db-copy", "recent", 9, now.as_second() - 60);
+    let run = tokio::spawn(reconcile(Arc::new(s.clone()), ctx));
+    serve(
+        &mut api,
+        Method::GET,
+        VOLUMES,
+        json!({
+            "apiVersion": "cairn.dev/v1alpha1", "kind": "VolumeList", "metadata": {},
+            "items": [volume("db", VolumeRole::Primary)]
+        }),
+    )
+    .await;
+    let link = json!({"apiVersion": "cairn.dev/v1alpha1", "kind": "RemoteLink",
+        "metadata": {"name": "db-to-b", "namespace": "shop"},
+        "spec": {"sourceVolume": "db", "targetCluster": "site-a", "targetVolume": "db-copy"}});
+    serve(&mut api, Method::GET, LINKS, json!({"apiVersion": "cairn.dev/v1alpha1", "kind": "RemoteLinkList", "metadata": {}, "items": [link]})).await;
+    serve(&mut api, Method::GET, CLUSTER, json!(cluster())).await;
+    let mut copy = volume("db-copy", VolumeRole::Remote);
+    copy.status.as_mut().unwrap().head =
+        Some(HeadLocation { agent: "a1".into(), node: None, epoch: 1 });
+    serve(&mut api, Method::GET, &format!("{VOLUMES}/db-copy"), json!(copy)).await;
+    serve(&mut api, Method::PATCH, &format!("{SCHEDULE}/status"), json!(s)).await;
+    run.await.unwrap().unwrap();
+    // Remote retention is maxAge 7d: the three 8-10 day old twins go.
+    assert_eq!(agents.snapshot_ids("shop-db-copy"), ["recent"]);
+    assert!(agents.calls().iter().all(|c| !matches!(c, Call::Snapshot { .. })), "no run was due");
 }
