@@ -8,6 +8,7 @@ pub mod agent;
 pub mod leader;
 pub mod metrics;
 pub mod remote_link;
+pub mod report;
 pub mod retention;
 pub mod schedule;
 pub mod snapshot_schedule;

@@ -19,8 +19,8 @@ use cairn_api::{
     agent::v1 as pb,
     crd::{
         Condition, ConditionStatus, CopiedSnapshot, CopyProgress, RemoteLink, RemoteLinkStatus,
-        StorageCluster, Volume, VolumeStatus, quantity::format_rate, remote_link::condition,
-        set_condition, storage_cluster::gateway_secret,
+        StorageCluster, Volume, quantity::format_rate, remote_link::condition, set_condition,
+        storage_cluster::gateway_secret,
     },
 };
 use jiff::Timestamp;
@@ -28,17 +28,14 @@ use k8s_openapi::{ByteString, api::core::v1::Secret};
 use kube::{
     Api, Resource, ResourceExt,
     api::{ObjectMeta, Patch, PatchParams},
-    runtime::{
-        controller::Action,
-        events::{Event, EventType},
-    },
+    runtime::{controller::Action, events::EventType},
 };
 use serde_json::json;
 
 use crate::{
     agent::AgentError,
-    snapshot_schedule::k8s_time,
-    volume::{Context, MANAGER, endpoint, volume_id},
+    report::{MANAGER, apply_status, event, k8s_time},
+    volume::{Context, head_endpoint, volume_id},
 };
 
 /// How often a link's progress and lag are looked at.
@@ -113,15 +110,16 @@ pub fn agent_link(
     }
 }
 
-/// Pure: the status from the sender's view of the link and the source's
-/// snapshots (for the lag: the age of the newest snapshot at the target).
+/// Pure: the status `st` (as this reconcile has it so far) brought up to
+/// date from the sender's view of the link and the source's snapshots (for
+/// the lag: the age of the newest snapshot at the target).
 pub fn status_of(
     rl: &RemoteLink,
+    mut st: RemoteLinkStatus,
     link: &pb::LinkStatus,
     source_snaps: &[pb::SnapshotInfo],
     now: Timestamp,
 ) -> RemoteLinkStatus {
-    let mut st = rl.status.clone().unwrap_or_default();
     let generation = rl.meta().generation;
     st.link_id = link.link.as_ref().map(|l| l.link_id.clone());
     let cursor = &link.last_copied_snapshot_id;
@@ -213,39 +211,6 @@ pub fn status_of(
     st
 }
 
-async fn event(ctx: &Context, rl: &RemoteLink, type_: EventType, reason: &str, note: String) {
-    let ev = Event {
-        type_,
-        reason: reason.into(),
-        note: Some(note),
-        action: "Copy".into(),
-        secondary: None,
-    };
-    if let Err(e) = ctx.recorder.publish(&ev, &rl.object_ref(&())).await {
-        tracing::warn!(error = %e, "could not publish an event");
-    }
-}
-
-async fn patch_status(
-    api: &Api<RemoteLink>,
-    name: &str,
-    st: &RemoteLinkStatus,
-) -> Result<(), Error> {
-    let body = json!({ "apiVersion": "cairn.dev/v1alpha1", "kind": "RemoteLink", "status": st });
-    api.patch_status(name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&body)).await?;
-    Ok(())
-}
-
-fn head_endpoint(
-    st: Option<&VolumeStatus>,
-    cluster: Option<&StorageCluster>,
-) -> Option<(String, String)> {
-    let st = st?;
-    let head = st.head.as_ref()?;
-    let agent = cluster?.status.as_ref()?.agents.iter().find(|a| a.name == head.agent)?;
-    Some((endpoint(&agent.address), st.volume_id.clone()?))
-}
-
 /// The pairing secret of a link to a cluster in this Kubernetes cluster:
 /// the Secret `<link>-pairing`, created (owned by the link) when missing.
 async fn local_secret(ctx: &Context, rl: &RemoteLink) -> Result<Vec<u8>, Error> {
@@ -258,10 +223,8 @@ async fn local_secret(ctx: &Context, rl: &RemoteLink) -> Result<Vec<u8>, Error> 
     {
         return Ok(v.0.clone());
     }
-    let secret: Vec<u8> =
-        blake3::hash(format!("{}:{}", rl.uid().unwrap_or_default(), Timestamp::now()).as_bytes())
-            .as_bytes()
-            .to_vec();
+    // 32 bytes from a cryptographic generator seeded by the OS.
+    let secret: Vec<u8> = rand::random::<[u8; 32]>().to_vec();
     let owner = rl.controller_owner_ref(&()).into_iter().collect();
     let obj = Secret {
         metadata: ObjectMeta {
@@ -282,74 +245,71 @@ async fn local_secret(ctx: &Context, rl: &RemoteLink) -> Result<Vec<u8>, Error> 
     Ok(secret)
 }
 
+/// Observe: where the link's copies come from and go to, and its pairing
+/// secret; registers the link at a receiver in this Kubernetes cluster.
+/// `Ok(Err(_))`: the link cannot be set up yet, and why; `Err(_)`: the API
+/// server or an agent failed (a retry may help).
+async fn observe(ctx: &Context, rl: &RemoteLink) -> Result<Result<Endpoints, Waiting>, Error> {
+    let ns = rl.namespace().unwrap_or_default();
+    let name = rl.name_any();
+    let volumes: Api<Volume> = Api::namespaced(ctx.client.clone(), &ns);
+    let clusters: Api<StorageCluster> = Api::all(ctx.client.clone());
+    let source = volumes.get_opt(&rl.spec.source_volume).await?;
+    let source_cluster = match &source {
+        Some(v) => clusters.get_opt(&v.spec.cluster).await?,
+        None => None,
+    };
+    let Some((src_ep, src_vol)) =
+        head_endpoint(source.as_ref().and_then(|v| v.status.as_ref()), source_cluster.as_ref())
+    else {
+        return Ok(Err(Waiting::SourceNotPlaced(rl.spec.source_volume.clone())));
+    };
+    let Some(target_cluster) = clusters.get_opt(&rl.spec.target_cluster).await? else {
+        return Ok(Err(Waiting::TargetClusterNotFound(rl.spec.target_cluster.clone())));
+    };
+    if let Some(gw) = &target_cluster.spec.gateway {
+        // A peer site: its gateway receives; the secret is the one its
+        // StorageCluster names.
+        let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &gw.secret_ref.namespace);
+        let secret = secrets
+            .get_opt(&gw.secret_ref.name)
+            .await?
+            .and_then(|s| s.data)
+            .and_then(|d| d.get(gateway_secret::PAIRING_SECRET).map(|b| b.0.clone()))
+            .filter(|b| b.len() >= 16);
+        return Ok(match secret {
+            Some(secret) => Ok(((src_ep, src_vol), gw.endpoint.clone(), secret)),
+            None => Err(Waiting::NoPairingSecret(format!(
+                "{}/{}",
+                gw.secret_ref.namespace, gw.secret_ref.name
+            ))),
+        });
+    }
+    let target = volumes.get_opt(&rl.spec.target_volume).await?;
+    let Some((tgt_ep, tgt_vol)) =
+        head_endpoint(target.as_ref().and_then(|v| v.status.as_ref()), Some(&target_cluster))
+    else {
+        return Ok(Err(Waiting::TargetNotPlaced(rl.spec.target_volume.clone())));
+    };
+    let secret = local_secret(ctx, rl).await?;
+    let req = pb::RegisterLinkRequest {
+        link_id: link_id(&ns, &name),
+        pairing_secret: secret.clone().into(),
+        target_volume_id: tgt_vol,
+    };
+    ctx.agents.register_link(&tgt_ep, req).await?;
+    Ok(Ok(((src_ep, src_vol), tgt_ep, secret)))
+}
+
 /// Reconciles one RemoteLink.
 #[tracing::instrument(skip_all, fields(link = %rl.name_any(), namespace = ?rl.namespace()))]
 pub async fn reconcile(rl: Arc<RemoteLink>, ctx: Arc<Context>) -> Result<Action, Error> {
     let ns = rl.namespace().unwrap_or_default();
     let name = rl.name_any();
     let api: Api<RemoteLink> = Api::namespaced(ctx.client.clone(), &ns);
-    let volumes: Api<Volume> = Api::namespaced(ctx.client.clone(), &ns);
-    let clusters: Api<StorageCluster> = Api::all(ctx.client.clone());
     let mut st = rl.status.clone().unwrap_or_default();
 
-    // Observe: the source.
-    let source = volumes.get_opt(&rl.spec.source_volume).await?;
-    let source_cluster = match &source {
-        Some(v) => clusters.get_opt(&v.spec.cluster).await?,
-        None => None,
-    };
-    let waiting = |w: Waiting| w;
-    let plan: Result<Endpoints, Waiting> = async {
-        let (src_ep, src_vol) =
-            head_endpoint(source.as_ref().and_then(|v| v.status.as_ref()), source_cluster.as_ref())
-                .ok_or_else(|| waiting(Waiting::SourceNotPlaced(rl.spec.source_volume.clone())))?;
-        // Observe: the target.
-        let target_cluster = clusters
-            .get_opt(&rl.spec.target_cluster)
-            .await
-            .ok()
-            .flatten()
-            .ok_or_else(|| Waiting::TargetClusterNotFound(rl.spec.target_cluster.clone()))?;
-        if let Some(gw) = &target_cluster.spec.gateway {
-            // A peer site: its gateway receives; the secret is the one its
-            // StorageCluster names.
-            let secrets: Api<Secret> =
-                Api::namespaced(ctx.client.clone(), &gw.secret_ref.namespace);
-            let secret = secrets
-                .get_opt(&gw.secret_ref.name)
-                .await
-                .ok()
-                .flatten()
-                .and_then(|s| s.data)
-                .and_then(|d| d.get(gateway_secret::PAIRING_SECRET).map(|b| b.0.clone()))
-                .filter(|b| b.len() >= 16)
-                .ok_or_else(|| {
-                    Waiting::NoPairingSecret(format!(
-                        "{}/{}",
-                        gw.secret_ref.namespace, gw.secret_ref.name
-                    ))
-                })?;
-            return Ok(((src_ep, src_vol), gw.endpoint.clone(), secret));
-        }
-        let target = volumes.get_opt(&rl.spec.target_volume).await.ok().flatten();
-        let (tgt_ep, tgt_vol) =
-            head_endpoint(target.as_ref().and_then(|v| v.status.as_ref()), Some(&target_cluster))
-                .ok_or_else(|| Waiting::TargetNotPlaced(rl.spec.target_volume.clone()))?;
-        let secret = local_secret(&ctx, &rl)
-            .await
-            .map_err(|_| Waiting::NoPairingSecret(format!("{name}-pairing")))?;
-        let req = pb::RegisterLinkRequest {
-            link_id: link_id(&ns, &name),
-            pairing_secret: secret.clone().into(),
-            target_volume_id: tgt_vol,
-        };
-        ctx.agents
-            .register_link(&tgt_ep, req)
-            .await
-            .map_err(|e| Waiting::TargetNotPlaced(format!("{}: {e}", rl.spec.target_volume)))?;
-        Ok(((src_ep, src_vol), tgt_ep, secret))
-    }
-    .await;
+    let plan = observe(&ctx, &rl).await?;
     let ((src_ep, src_vol), tgt_ep, secret) = match plan {
         Ok(p) => p,
         Err(w) => {
@@ -362,10 +322,10 @@ pub async fn reconcile(rl: Arc<RemoteLink>, ctx: Arc<Context>) -> Result<Action,
                 k8s_time(Timestamp::now()),
             );
             if set_condition(&mut st.conditions, c) {
-                event(&ctx, &rl, EventType::Warning, w.reason(), w.to_string()).await;
+                event(&ctx, &*rl, "Copy", EventType::Warning, w.reason(), w.to_string()).await;
             }
             st.observed_generation = rl.meta().generation;
-            patch_status(&api, &name, &st).await?;
+            apply_status(&api, &name, &st).await?;
             return Ok(Action::requeue(Duration::from_secs(30)));
         }
     };
@@ -384,7 +344,8 @@ pub async fn reconcile(rl: Arc<RemoteLink>, ctx: Arc<Context>) -> Result<Action,
         });
         event(
             &ctx,
-            &rl,
+            &*rl,
+            "Copy",
             EventType::Normal,
             "CopyRequested",
             "copying every snapshot the target lacks".into(),
@@ -400,7 +361,7 @@ pub async fn reconcile(rl: Arc<RemoteLink>, ctx: Arc<Context>) -> Result<Action,
                 tracing::warn!(link = %id, error = %e, "resync failed");
             }
         });
-        event(&ctx, &rl, EventType::Normal, "ResyncRequested", "rolling the target back to the newest shared snapshot (its later ones kept, marked divergent) and copying the delta".into()).await;
+        event(&ctx, &*rl, "Copy", EventType::Normal, "ResyncRequested", "rolling the target back to the newest shared snapshot (its later ones kept, marked divergent) and copying the delta".into()).await;
     }
     let agents = ctx.agents.clone();
     if let Some(sw) = rl
@@ -421,7 +382,7 @@ pub async fn reconcile(rl: Arc<RemoteLink>, ctx: Arc<Context>) -> Result<Action,
                 tracing::warn!(link = %id, error = %e, "switchover failed");
             }
         });
-        event(&ctx, &rl, EventType::Normal, "SwitchoverStarted", "demoting the source, final copy, promoting the target; then set the Volumes' roles to match".into()).await;
+        event(&ctx, &*rl, "Copy", EventType::Normal, "SwitchoverStarted", "demoting the source, final copy, promoting the target; then set the Volumes' roles to match".into()).await;
     }
     // Status.
     let links = ctx.agents.links(&src_ep, &src_vol).await?;
@@ -430,10 +391,7 @@ pub async fn reconcile(rl: Arc<RemoteLink>, ctx: Arc<Context>) -> Result<Action,
         .into_iter()
         .find(|l| l.link.as_ref().is_some_and(|l| l.link_id == id))
         .unwrap_or_default();
-    let before = st.clone();
-    let mut rl2 = (*rl).clone();
-    rl2.status = Some(before);
-    let st = status_of(&rl2, &mine, &snaps, Timestamp::now());
+    let st = status_of(&rl, st, &mine, &snaps, Timestamp::now());
     let l = crate::metrics::LinkLabels { namespace: ns.clone(), link: name.clone() };
     let m = &ctx.metrics;
     m.link_bytes.get_or_create(&l).set(st.copy.as_ref().map_or(0, |c| c.bytes_done));
@@ -441,7 +399,7 @@ pub async fn reconcile(rl: Arc<RemoteLink>, ctx: Arc<Context>) -> Result<Action,
     if let Some(lag) = st.lag_seconds {
         m.link_lag.get_or_create(&l).set(lag);
     }
-    patch_status(&api, &name, &st).await?;
+    apply_status(&api, &name, &st).await?;
     Ok(Action::requeue(POLL))
 }
 
@@ -513,7 +471,7 @@ mod tests {
             }),
             ..Default::default()
         };
-        let st = status_of(&link(false), &ls, &snaps, now);
+        let st = status_of(&link(false), Default::default(), &ls, &snaps, now);
         assert_eq!(st.lag_seconds, Some(900), "the newest snapshot at the target is 15 min old");
         let copy = st.copy.unwrap();
         assert_eq!((copy.snapshot.as_str(), copy.percent), ("s2", 25));
@@ -522,7 +480,7 @@ mod tests {
         assert_eq!(get(condition::SYNCED), ConditionStatus::False);
         // Once s2 is there and nothing runs: Synced.
         let done = pb::LinkStatus { last_copied_snapshot_id: "s2".into(), progress: None, ..ls };
-        let st = status_of(&link(false), &done, &snaps, now);
+        let st = status_of(&link(false), Default::default(), &done, &snaps, now);
         assert_eq!(st.lag_seconds, Some(60));
         assert_eq!(
             st.conditions.iter().find(|c| c.type_ == condition::SYNCED).unwrap().status,

@@ -14,26 +14,22 @@
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use cairn_api::crd::{
-    Condition, ConditionStatus, RemoteLink, RetentionRule, SnapshotSchedule,
-    SnapshotScheduleStatus, StorageCluster, Volume, VolumeRole, set_condition,
-    snapshot_schedule::condition,
+    Condition, ConditionStatus, RemoteLink, RetentionRule, SnapshotSchedule, StorageCluster,
+    Volume, VolumeRole, set_condition, snapshot_schedule::condition,
 };
 use jiff::{SignedDuration, Timestamp};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use kube::{
     Api, Resource, ResourceExt,
-    api::{ListParams, Patch, PatchParams},
-    runtime::{
-        controller::Action,
-        events::{Event, EventType},
-    },
+    api::ListParams,
+    runtime::{controller::Action, events::EventType},
 };
-use serde_json::json;
 
 use crate::{
+    report::{apply_status, event, from_k8s_time, k8s_time},
     retention::{self, Retention, Snap},
     schedule::{Cron, CronError},
-    volume::{Context, Error as VolumeError, MANAGER, endpoint},
+    volume::{Context, Error as VolumeError, head_endpoint},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -107,44 +103,6 @@ pub fn plan_runs(cron: &Cron, last: Timestamp, now: Timestamp) -> RunPlan {
     RunPlan { take: latest, missed: n.saturating_sub(1), next: cron.next_after(now) }
 }
 
-fn now_time() -> Time {
-    k8s_time(Timestamp::now())
-}
-
-/// The API's time (k8s-openapi's jiff) from ours.
-pub fn k8s_time(t: Timestamp) -> Time {
-    Time(k8s_openapi::jiff::Timestamp::from_second(t.as_second()).expect("in range"))
-}
-
-/// Ours from the API's.
-pub fn from_k8s_time(t: &Time) -> Timestamp {
-    Timestamp::from_second(t.0.as_second()).expect("in range")
-}
-
-async fn event(ctx: &Context, s: &SnapshotSchedule, type_: EventType, reason: &str, note: String) {
-    let ev = Event {
-        type_,
-        reason: reason.into(),
-        note: Some(note),
-        action: "Snapshot".into(),
-        secondary: None,
-    };
-    if let Err(e) = ctx.recorder.publish(&ev, &s.object_ref(&())).await {
-        tracing::warn!(error = %e, "could not publish an event");
-    }
-}
-
-async fn patch_status(
-    api: &Api<SnapshotSchedule>,
-    name: &str,
-    st: &SnapshotScheduleStatus,
-) -> Result<(), Error> {
-    let body =
-        json!({ "apiVersion": "cairn.dev/v1alpha1", "kind": "SnapshotSchedule", "status": st });
-    api.patch_status(name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&body)).await?;
-    Ok(())
-}
-
 /// Reconciles one SnapshotSchedule.
 #[tracing::instrument(skip_all, fields(schedule = %s.name_any(), namespace = ?s.namespace()))]
 pub async fn reconcile(s: Arc<SnapshotSchedule>, ctx: Arc<Context>) -> Result<Action, Error> {
@@ -161,7 +119,7 @@ pub async fn reconcile(s: Arc<SnapshotSchedule>, ctx: Arc<Context>) -> Result<Ac
             reason,
             message,
             generation,
-            now_time(),
+            crate::report::now(),
         )
     };
     // Validate.
@@ -169,9 +127,10 @@ pub async fn reconcile(s: Arc<SnapshotSchedule>, ctx: Arc<Context>) -> Result<Ac
         Ok(c) => c,
         Err(e) => {
             if set_condition(&mut st.conditions, cond(false, "InvalidSchedule", e.to_string())) {
-                event(&ctx, &s, EventType::Warning, "InvalidSchedule", e.to_string()).await;
+                event(&ctx, &*s, "Snapshot", EventType::Warning, "InvalidSchedule", e.to_string())
+                    .await;
             }
-            patch_status(&api, &name, &st).await?;
+            apply_status(&api, &name, &st).await?;
             return Ok(Action::await_change());
         }
     };
@@ -182,7 +141,7 @@ pub async fn reconcile(s: Arc<SnapshotSchedule>, ctx: Arc<Context>) -> Result<Ac
             cond(false, "Suspended", "spec.suspend is set: no snapshots are taken".into()),
         );
         st.next_run = None;
-        patch_status(&api, &name, &st).await?;
+        apply_status(&api, &name, &st).await?;
         return Ok(Action::await_change());
     }
     // Desired: is a run due?
@@ -210,20 +169,12 @@ pub async fn reconcile(s: Arc<SnapshotSchedule>, ctx: Arc<Context>) -> Result<Ac
         .await?
         .items;
     for v in &selected {
-        let Some(vst) = v.status.as_ref() else { continue };
-        let (Some(head), Some(id)) = (vst.head.as_ref(), vst.volume_id.as_ref()) else { continue };
+        let Some(head) = v.status.as_ref().and_then(|s| s.head.as_ref()) else { continue };
         if v.spec.role != VolumeRole::Primary {
             continue; // a remote copy gets its snapshots from its primary
         }
-        if !cluster_cache.contains_key(&v.spec.cluster) {
-            cluster_cache.insert(v.spec.cluster.clone(), clusters.get_opt(&v.spec.cluster).await?);
-        }
-        let address = cluster_cache[&v.spec.cluster]
-            .as_ref()
-            .and_then(|c| c.status.as_ref())
-            .and_then(|cs| cs.agents.iter().find(|a| a.name == head.agent))
-            .map(|a| endpoint(&a.address));
-        let Some(ep) = address else {
+        let cluster = cached(&mut cluster_cache, &clusters, &v.spec.cluster).await?;
+        let Some((ep, id)) = head_endpoint(v.status.as_ref(), cluster) else {
             failures.push(format!(
                 "{}: its head agent {} is not in its storage cluster",
                 v.name_any(),
@@ -231,6 +182,7 @@ pub async fn reconcile(s: Arc<SnapshotSchedule>, ctx: Arc<Context>) -> Result<Ac
             ));
             continue;
         };
+        let id = id.as_str();
         // Apply: the snapshot of this run.
         if let Some(run) = plan.take {
             let snap = snapshot_id(&name, run);
@@ -255,24 +207,8 @@ pub async fn reconcile(s: Arc<SnapshotSchedule>, ctx: Arc<Context>) -> Result<Ac
             let Some(t) = target.filter(|t| t.spec.cluster == l.spec.target_cluster) else {
                 continue;
             };
-            if !cluster_cache.contains_key(&t.spec.cluster) {
-                cluster_cache
-                    .insert(t.spec.cluster.clone(), clusters.get_opt(&t.spec.cluster).await?);
-            }
-            let tst = t.status.as_ref();
-            let at = tst.and_then(|s| s.head.as_ref()).and_then(|h| {
-                cluster_cache[&t.spec.cluster]
-                    .as_ref()?
-                    .status
-                    .as_ref()?
-                    .agents
-                    .iter()
-                    .find(|a| a.name == h.agent)
-                    .map(|a| endpoint(&a.address))
-            });
-            let (Some(tep), Some(tid)) = (at, tst.and_then(|s| s.volume_id.clone())) else {
-                continue;
-            };
+            let cluster = cached(&mut cluster_cache, &clusters, &t.spec.cluster).await?;
+            let Some((tep, tid)) = head_endpoint(t.status.as_ref(), cluster) else { continue };
             if let Err(e) = prune_at(&ctx, &tep, &tid, remote_retention, now).await {
                 failures.push(format!("{} (remote twin of {}): {e}", t.name_any(), v.name_any()));
             }
@@ -288,7 +224,7 @@ pub async fn reconcile(s: Arc<SnapshotSchedule>, ctx: Arc<Context>) -> Result<Ac
             "{} runs were missed (the operator was not running?); they are not replayed: the latest was taken",
             plan.missed
         );
-        event(&ctx, &s, EventType::Warning, "MissedRuns", m).await;
+        event(&ctx, &*s, "Snapshot", EventType::Warning, "MissedRuns", m).await;
     }
     st.next_run = plan.next.map(k8s_time);
     st.volumes = Some(selected.items.len() as i32);
@@ -303,14 +239,26 @@ pub async fn reconcile(s: Arc<SnapshotSchedule>, ctx: Arc<Context>) -> Result<Ac
         cond(ready, if ready { "Scheduled" } else { "Failed" }, message.clone()),
     ) && !ready
     {
-        event(&ctx, &s, EventType::Warning, "SnapshotFailed", message).await;
+        event(&ctx, &*s, "Snapshot", EventType::Warning, "SnapshotFailed", message).await;
     }
-    patch_status(&api, &name, &st).await?;
+    apply_status(&api, &name, &st).await?;
     let wait = plan
         .next
         .map(|n| n.duration_since(Timestamp::now()).as_secs().clamp(1, 300) as u64)
         .unwrap_or(300);
     Ok(Action::requeue(Duration::from_secs(wait)))
+}
+
+/// A storage cluster, read once per reconcile.
+async fn cached<'a>(
+    cache: &'a mut BTreeMap<String, Option<StorageCluster>>,
+    api: &Api<StorageCluster>,
+    name: &str,
+) -> Result<Option<&'a StorageCluster>, kube::Error> {
+    if !cache.contains_key(name) {
+        cache.insert(name.to_string(), api.get_opt(name).await?);
+    }
+    Ok(cache[name].as_ref())
 }
 
 /// Applies `retention` to a volume at the agent `ep` holds its head on:

@@ -30,8 +30,8 @@ use kube::{
 use serde_json::json;
 
 use crate::{
-    snapshot_schedule::k8s_time,
-    volume::{Context, MANAGER, endpoint},
+    report::{MANAGER, apply_status, k8s_time},
+    volume::{Context, endpoint},
 };
 
 /// The label naming an announced agent's storage cluster.
@@ -234,9 +234,7 @@ pub async fn reconcile(sc: Arc<StorageCluster>, ctx: Arc<Context>) -> Result<Act
         set_condition(&mut st.conditions, c);
         st.conditions.retain(|c| c.type_ != "Degraded");
     }
-    let body =
-        json!({ "apiVersion": "cairn.dev/v1alpha1", "kind": "StorageCluster", "status": st });
-    api.patch_status(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&body)).await?;
+    apply_status(&api, &name, &st).await?;
     Ok(Action::requeue(Duration::from_secs(LEASE_SECONDS as u64 / 3)))
 }
 

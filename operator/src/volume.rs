@@ -23,21 +23,21 @@ use cairn_api::{
 use k8s_openapi::{apimachinery::pkg::apis::meta::v1::Time, jiff::Timestamp};
 use kube::{
     Api, Client, Resource, ResourceExt,
-    api::{ListParams, Patch, PatchParams},
+    api::ListParams,
     runtime::{
         controller::Action,
-        events::{Event, EventType, Recorder},
+        events::{EventType, Recorder},
         finalizer::{Event as Finalized, finalizer},
     },
 };
-use serde_json::json;
 
-use crate::agent::{AgentApi, AgentError};
+use crate::{
+    agent::{AgentApi, AgentError},
+    report::{apply_status, event, now},
+};
 
 /// Held on every Volume until its replicas are removed.
 pub const FINALIZER: &str = "cairn.dev/replicas";
-/// The field manager of every write the operator makes.
-pub const MANAGER: &str = "cairn-operator";
 /// How often a Ready volume's health is looked at again.
 pub const RESYNC: Duration = Duration::from_secs(30);
 
@@ -65,6 +65,10 @@ pub enum Invalid {
         "storage cluster {cluster} has {have} healthy agents but the volume wants {want} replicas: add agents, or lower spec.replicas"
     )]
     TooFewAgents { cluster: String, want: usize, have: usize },
+    #[error(
+        "none of the agents holding the volume's replicas ({agents}) is healthy in storage cluster {cluster}: bring one of them back (the data is on them)"
+    )]
+    NoHealthyReplica { cluster: String, agents: String },
 }
 
 impl Invalid {
@@ -72,6 +76,7 @@ impl Invalid {
         match self {
             Invalid::ClusterNotFound(_) => "ClusterNotFound",
             Invalid::TooFewAgents { .. } => "TooFewAgents",
+            Invalid::NoHealthyReplica { .. } => "NoHealthyReplica",
         }
     }
 }
@@ -115,6 +120,22 @@ pub fn endpoint(address: &str) -> String {
     if address.contains("://") { address.to_string() } else { format!("http://{address}") }
 }
 
+/// The endpoint of agent `name` as its storage cluster reports it.
+pub fn agent_endpoint(cluster: Option<&StorageCluster>, name: &str) -> Option<String> {
+    let agents = &cluster?.status.as_ref()?.agents;
+    agents.iter().find(|a| a.name == name).map(|a| endpoint(&a.address))
+}
+
+/// A placed volume's head: its agent's endpoint and the volume's id at the
+/// agents (`None` until placed, or when its agent left the cluster).
+pub fn head_endpoint(
+    st: Option<&VolumeStatus>,
+    cluster: Option<&StorageCluster>,
+) -> Option<(String, String)> {
+    let st = st?;
+    Some((agent_endpoint(cluster, &st.head.as_ref()?.agent)?, st.volume_id.clone()?))
+}
+
 /// Pure: the placement (kept once chosen), the head agent (kept while
 /// healthy, else the least loaded healthy agent of the placement, one epoch
 /// up) and the OpenHead request.
@@ -153,10 +174,17 @@ pub fn desired(vol: &Volume, cluster: &StorageCluster) -> Result<Desired, Invali
     let head = match status.head.as_ref().filter(|h| usable.iter().any(|a| a.name == h.agent)) {
         Some(h) => h.clone(),
         None => {
-            let pick = usable
-                .iter()
-                .min_by_key(|a| (a.load, a.name.clone()))
-                .ok_or_else(|| Invalid::TooFewAgents { cluster: name.clone(), want: 1, have: 0 })?;
+            let pick = usable.iter().min_by_key(|a| (a.load, a.name.clone())).ok_or_else(|| {
+                Invalid::NoHealthyReplica {
+                    cluster: name.clone(),
+                    agents: placement
+                        .agents
+                        .iter()
+                        .map(|a| a.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                }
+            })?;
             HeadLocation {
                 agent: pick.name.clone(),
                 node: pick.node.clone(),
@@ -282,29 +310,6 @@ pub fn status_of(vol: &Volume, d: &Desired, head: &pb::HeadStatus, now: Time) ->
     st
 }
 
-fn now() -> Time {
-    Time(Timestamp::now())
-}
-
-async fn patch_status(api: &Api<Volume>, name: &str, status: &VolumeStatus) -> Result<(), Error> {
-    let body = json!({ "apiVersion": "cairn.dev/v1alpha1", "kind": "Volume", "status": status });
-    api.patch_status(name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&body)).await?;
-    Ok(())
-}
-
-async fn event(ctx: &Context, vol: &Volume, type_: EventType, reason: &str, note: String) {
-    let ev = Event {
-        type_,
-        reason: reason.into(),
-        note: Some(note),
-        action: "Reconcile".into(),
-        secondary: None,
-    };
-    if let Err(e) = ctx.recorder.publish(&ev, &vol.object_ref(&())).await {
-        tracing::warn!(error = %e, "could not publish an event");
-    }
-}
-
 /// Reconciles one Volume.
 #[tracing::instrument(skip_all, fields(volume = %vol.name_any(), namespace = ?vol.namespace()))]
 pub async fn reconcile(vol: Arc<Volume>, ctx: Arc<Context>) -> Result<Action, Error> {
@@ -347,10 +352,11 @@ async fn apply(vol: &Volume, ctx: &Context) -> Result<Action, Error> {
                 now(),
             );
             if set_condition(&mut st.conditions, c) {
-                event(ctx, vol, EventType::Warning, inv.reason(), inv.to_string()).await;
+                event(ctx, vol, "Reconcile", EventType::Warning, inv.reason(), inv.to_string())
+                    .await;
             }
             st.observed_generation = vol.meta().generation;
-            patch_status(&api, &vol.name_any(), &st).await?;
+            apply_status(&api, &vol.name_any(), &st).await?;
             // The cluster may appear or gain agents: look again later.
             return Ok(Action::requeue(RESYNC));
         }
@@ -367,6 +373,7 @@ async fn apply(vol: &Volume, ctx: &Context) -> Result<Action, Error> {
                 event(
                     ctx,
                     vol,
+                    "Reconcile",
                     EventType::Normal,
                     "Promoted",
                     format!("promoted at agent {}: it takes writes now", d.head.agent),
@@ -385,6 +392,7 @@ async fn apply(vol: &Volume, ctx: &Context) -> Result<Action, Error> {
                 event(
                     ctx,
                     vol,
+                    "Reconcile",
                     EventType::Normal,
                     "Demoted",
                     format!(
@@ -406,9 +414,9 @@ async fn apply(vol: &Volume, ctx: &Context) -> Result<Action, Error> {
             .iter()
             .find(|c| c.type_ == condition::DEGRADED)
             .map(|c| c.message.clone());
-        event(ctx, vol, EventType::Warning, "Degraded", m.unwrap_or_default()).await;
+        event(ctx, vol, "Reconcile", EventType::Warning, "Degraded", m.unwrap_or_default()).await;
     }
-    patch_status(&api, &vol.name_any(), &st).await?;
+    apply_status(&api, &vol.name_any(), &st).await?;
     Ok(Action::requeue(RESYNC))
 }
 
@@ -422,32 +430,40 @@ async fn cleanup(vol: &Volume, ctx: &Context) -> Result<Action, Error> {
             || (s.target_volume == name && s.target_cluster == vol.spec.cluster);
         if uses {
             let e = Error::InUse { volume: name.clone(), link: l.name_any() };
-            event(ctx, vol, EventType::Warning, "DeletionBlocked", e.to_string()).await;
+            event(ctx, vol, "Reconcile", EventType::Warning, "DeletionBlocked", e.to_string())
+                .await;
             return Err(e);
         }
     }
     let Some(st) = vol.status.as_ref() else { return Ok(Action::await_change()) };
     let id = st.volume_id.clone().unwrap_or_else(|| volume_id(&ns, &name));
     let clusters: Api<StorageCluster> = Api::all(ctx.client.clone());
-    let agents = match clusters.get_opt(&vol.spec.cluster).await? {
-        Some(c) => c.status.map(|s| s.agents).unwrap_or_default(),
-        None => Vec::new(),
-    };
-    let address = |n: &str| agents.iter().find(|a| a.name == n).map(|a| endpoint(&a.address));
+    let cluster = clusters.get_opt(&vol.spec.cluster).await?;
     if let Some(h) = &st.head
-        && let Some(ep) = address(&h.agent)
+        && let Some(ep) = agent_endpoint(cluster.as_ref(), &h.agent)
     {
         match ctx.agents.close_head(&ep, &id).await {
             Err(e) if !e.is_not_found() => return Err(e.into()),
             _ => {}
         }
     }
+    let mut gone = Vec::new();
     for p in st.placement.iter().flat_map(|p| &p.agents) {
-        if let Some(ep) = address(&p.name) {
-            ctx.agents.delete_replica(&ep, &id).await?;
+        match agent_endpoint(cluster.as_ref(), &p.name) {
+            Some(ep) => ctx.agents.delete_replica(&ep, &id).await?,
+            None => gone.push(p.name.as_str()),
         }
     }
-    event(ctx, vol, EventType::Normal, "Deleted", format!("replicas of {id} removed")).await;
+    let note = if gone.is_empty() {
+        format!("replicas of {id} removed")
+    } else {
+        format!(
+            "replicas of {id} removed, except on {}: those agents are no longer in storage cluster {}; remove volumes/{id} from their data dirs by hand (or DeleteReplica) if they come back",
+            gone.join(", "),
+            vol.spec.cluster
+        )
+    };
+    event(ctx, vol, "Reconcile", EventType::Normal, "Deleted", note).await;
     Ok(Action::await_change())
 }
 
@@ -604,6 +620,23 @@ mod tests {
         assert_eq!(get(condition::READY).status, ConditionStatus::False);
         assert!(get(condition::DEGRADED).message.contains("out of sync: b"));
         assert_eq!(get(condition::REBUILDING).status, ConditionStatus::True);
+    }
+
+    #[test]
+    fn a_placed_volume_whose_agents_are_all_down_says_which_to_bring_back() {
+        let c = cluster(&[("a", Healthy, 0), ("b", Healthy, 0), ("c", Healthy, 0)]);
+        let mut v = vol();
+        let mut placement = desired(&v, &c).unwrap().placement;
+        placement.agents.truncate(2);
+        v.status = Some(VolumeStatus { placement: Some(placement), ..Default::default() });
+        let down = cluster(&[("a", Unreachable, 0), ("b", Unreachable, 0), ("c", Healthy, 0)]);
+        let err = desired(&v, &down).unwrap_err();
+        assert_eq!(err.reason(), "NoHealthyReplica");
+        assert!(
+            err.to_string().contains("(a, b)")
+                && err.to_string().contains("bring one of them back"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -13,8 +13,9 @@ use cairn_api::crd::{
 };
 use cairn_operator::{
     agent::Call,
+    report::k8s_time,
     schedule::Cron,
-    snapshot_schedule::{k8s_time, plan_runs, reconcile, snapshot_id},
+    snapshot_schedule::{plan_runs, reconcile, snapshot_id},
 };
 use common::{cluster, serve, setup};
 use http::Method;
