@@ -169,7 +169,7 @@ async fn fan_out_to_two_sites_keeps_each_links_snapshots_until_it_has_them() {
     for i in 0..8u64 {
         a.write(i * 4 * MIB, pattern(i, MIB as usize)).await;
     }
-    let s1 = a.snapshot("s1", 1).await;
+    a.snapshot("s1", 1).await;
     a.write(3 * MIB, pattern(100, 64 * 1024)).await;
     let s2 = a.snapshot("s2", 2).await;
 
@@ -204,7 +204,6 @@ async fn fan_out_to_two_sites_keeps_each_links_snapshots_until_it_has_them() {
     // s1..s3 are older than every link's cursor: deletable.
     a.heads.clone().delete_head_snapshot(del("s1")).await.unwrap();
     assert_eq!(a.digest("s2").await, s2, "the next layer keeps s2's content after s1 folds");
-    let _ = s1;
 
     // A new snapshot is needed by both links until each has it.
     a.write(0, pattern(102, 8192)).await;

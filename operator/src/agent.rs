@@ -339,6 +339,20 @@ struct FakeState {
     links: BTreeMap<String, Vec<(String, String)>>,
 }
 
+impl FakeState {
+    /// An agent marked down answers as a dead one would.
+    fn reachable(&self, endpoint: &str) -> AgentResult<()> {
+        if self.down.iter().any(|d| d == endpoint) {
+            return Err(AgentError {
+                endpoint: endpoint.into(),
+                code: tonic::Code::Unavailable,
+                message: "tcp connect error".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
 impl FakeAgents {
     pub fn calls(&self) -> Vec<Call> {
         self.inner.lock().unwrap().calls.clone()
@@ -377,17 +391,11 @@ impl FakeAgents {
         st.links.entry(volume.into()).or_default().push((link.into(), cursor.into()));
     }
 
+    /// Records a call that changes something, refused when the agent is down.
     fn enter(&self, endpoint: &str, call: Call) -> AgentResult<()> {
         let mut st = self.inner.lock().unwrap();
         st.calls.push(call);
-        if st.down.iter().any(|d| d == endpoint) {
-            return Err(AgentError {
-                endpoint: endpoint.into(),
-                code: tonic::Code::Unavailable,
-                message: "tcp connect error".into(),
-            });
-        }
-        Ok(())
+        st.reachable(endpoint)
     }
 }
 
@@ -486,13 +494,7 @@ impl AgentApi for FakeAgents {
 
     async fn snapshots(&self, endpoint: &str, volume: &str) -> AgentResult<Vec<pb::SnapshotInfo>> {
         let st = self.inner.lock().unwrap();
-        if st.down.iter().any(|d| d == endpoint) {
-            return Err(AgentError {
-                endpoint: endpoint.into(),
-                code: tonic::Code::Unavailable,
-                message: "tcp connect error".into(),
-            });
-        }
+        st.reachable(endpoint)?;
         Ok(st.snapshots.get(volume).cloned().unwrap_or_default())
     }
 
@@ -523,14 +525,7 @@ impl AgentApi for FakeAgents {
     }
 
     async fn stat(&self, endpoint: &str) -> AgentResult<(u64, u64)> {
-        let st = self.inner.lock().unwrap();
-        if st.down.iter().any(|d| d == endpoint) {
-            return Err(AgentError {
-                endpoint: endpoint.into(),
-                code: tonic::Code::Unavailable,
-                message: "tcp connect error".into(),
-            });
-        }
+        self.inner.lock().unwrap().reachable(endpoint)?;
         Ok((1 << 40, 1 << 30))
     }
 

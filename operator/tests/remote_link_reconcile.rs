@@ -59,27 +59,23 @@ fn site_b() -> serde_json::Value {
 const NS: &str = "/apis/cairn.dev/v1alpha1/namespaces/shop";
 const CLUSTERS: &str = "/apis/cairn.dev/v1alpha1/storageclusters";
 
+/// Serves the reads of a link's two ends: the placed source db at site-a
+/// (head a2) and its placed remote twin db-copy at site-b (head b1).
+async fn serve_both_ends(api: &mut common::ApiServer) {
+    let source = volume("db", "site-a", VolumeRole::Primary, "a2");
+    serve(api, Method::GET, &format!("{NS}/volumes/db"), json!(source)).await;
+    serve(api, Method::GET, &format!("{CLUSTERS}/site-a"), json!(cluster())).await;
+    serve(api, Method::GET, &format!("{CLUSTERS}/site-b"), site_b()).await;
+    let target = volume("db-copy", "site-b", VolumeRole::Remote, "b1");
+    serve(api, Method::GET, &format!("{NS}/volumes/db-copy"), json!(target)).await;
+}
+
 #[tokio::test]
 async fn a_link_is_paired_registered_put_and_a_copy_request_runs_once() {
     let (ctx, mut api, agents) = setup();
     let rl = link(Some("now-1"));
     let run = tokio::spawn(reconcile(Arc::new(rl.clone()), ctx));
-    serve(
-        &mut api,
-        Method::GET,
-        &format!("{NS}/volumes/db"),
-        json!(volume("db", "site-a", VolumeRole::Primary, "a2")),
-    )
-    .await;
-    serve(&mut api, Method::GET, &format!("{CLUSTERS}/site-a"), json!(cluster())).await;
-    serve(&mut api, Method::GET, &format!("{CLUSTERS}/site-b"), site_b()).await;
-    serve(
-        &mut api,
-        Method::GET,
-        &format!("{NS}/volumes/db-copy"),
-        json!(volume("db-copy", "site-b", VolumeRole::Remote, "b1")),
-    )
-    .await;
+    serve_both_ends(&mut api).await;
     // No pairing Secret yet: one is made, owned by the link.
     let (req, send) = api.next_request().await.unwrap();
     assert_eq!(req.uri().path(), "/api/v1/namespaces/shop/secrets/db-to-b-pairing");
@@ -136,22 +132,7 @@ async fn a_handled_copy_request_is_not_run_again() {
         ..Default::default()
     });
     let run = tokio::spawn(reconcile(Arc::new(rl.clone()), ctx));
-    serve(
-        &mut api,
-        Method::GET,
-        &format!("{NS}/volumes/db"),
-        json!(volume("db", "site-a", VolumeRole::Primary, "a2")),
-    )
-    .await;
-    serve(&mut api, Method::GET, &format!("{CLUSTERS}/site-a"), json!(cluster())).await;
-    serve(&mut api, Method::GET, &format!("{CLUSTERS}/site-b"), site_b()).await;
-    serve(
-        &mut api,
-        Method::GET,
-        &format!("{NS}/volumes/db-copy"),
-        json!(volume("db-copy", "site-b", VolumeRole::Remote, "b1")),
-    )
-    .await;
+    serve_both_ends(&mut api).await;
     let existing = json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "db-to-b-pairing"},
                           "data": {"pairing-secret": "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3"}});
     serve(&mut api, Method::GET, "/api/v1/namespaces/shop/secrets/db-to-b-pairing", existing).await;

@@ -526,11 +526,7 @@ impl Links {
         Ok(pb::SyncLinkResponse {
             copies,
             common_snapshot_id: common.map(|i| ours[i].id.to_string()).unwrap_or_default(),
-            divergent_snapshot_ids: if later.is_empty() {
-                Vec::new()
-            } else {
-                later.iter().map(|s| s.to_string()).collect()
-            },
+            divergent_snapshot_ids: later.iter().map(|s| s.to_string()).collect(),
             status: Some(status),
         })
     }

@@ -451,7 +451,7 @@ pub async fn send_snapshot(
                 }
                 for part in blocks.chunks(BATCH_BLOCKS) {
                     let batch = packer.pack(part.to_vec()).await;
-                    let bytes = batch.wire_bytes();
+                    let bytes = batch_wire_bytes(&batch);
                     wire_bytes += bytes;
                     limiter.acquire(bytes.max(1)).await;
                     if tx.send(frame(pb::copy_frame::Frame::Batch(batch))).await.is_err() {
@@ -578,17 +578,11 @@ impl Packer {
 }
 
 /// Bytes of block data a batch puts on the wire.
-trait WireBytes {
-    fn wire_bytes(&self) -> u64;
-}
-
-impl WireBytes for pb::CopyBatch {
-    fn wire_bytes(&self) -> u64 {
-        if self.zstd_data.is_empty() {
-            self.blocks.iter().map(|b| b.data.len() as u64).sum()
-        } else {
-            self.zstd_data.len() as u64
-        }
+fn batch_wire_bytes(batch: &pb::CopyBatch) -> u64 {
+    if batch.zstd_data.is_empty() {
+        batch.blocks.iter().map(|b| b.data.len() as u64).sum()
+    } else {
+        batch.zstd_data.len() as u64
     }
 }
 
