@@ -85,6 +85,19 @@ fn a_remote_volume_is_admitted_unless_made_attachable_and_promotes_by_its_role()
 }
 
 #[test]
+fn only_an_attachable_primary_is_attached_to_a_node() {
+    let crds = crds();
+    let volume = &crds["Volume"];
+    let primary = example("Volume", "db-data");
+    let attached = with(primary.clone(), "/spec/attachedNode", json!("worker-1"));
+    assert!(volume.admit(&attached, Some(&primary)).is_ok());
+    let demoted = with(attached.clone(), "/spec/role", json!("Remote"));
+    assert!(refusal(volume, &demoted, Some(&attached)).contains("unpublish it"));
+    let closed = with(attached, "/spec/attachable", json!(false));
+    assert!(refusal(volume, &closed, None).contains("attachedNode is set only on an attachable"));
+}
+
+#[test]
 fn a_storage_cluster_needs_exactly_one_kind_of_agents() {
     let crds = crds();
     let cluster = &crds["StorageCluster"];

@@ -69,6 +69,10 @@ pub enum Invalid {
         "none of the agents holding the volume's replicas ({agents}) is healthy in storage cluster {cluster}: bring one of them back (the data is on them)"
     )]
     NoHealthyReplica { cluster: String, agents: String },
+    #[error(
+        "spec.attachedNode is {node} but no healthy agent of storage cluster {cluster} runs there: run pods of this volume on a node of the cluster (the StorageClass topology does this), or bring that node's agent back"
+    )]
+    NoAgentOnNode { cluster: String, node: String },
 }
 
 impl Invalid {
@@ -77,6 +81,7 @@ impl Invalid {
             Invalid::ClusterNotFound(_) => "ClusterNotFound",
             Invalid::TooFewAgents { .. } => "TooFewAgents",
             Invalid::NoHealthyReplica { .. } => "NoHealthyReplica",
+            Invalid::NoAgentOnNode { .. } => "NoAgentOnNode",
         }
     }
 }
@@ -171,24 +176,43 @@ pub fn desired(vol: &Volume, cluster: &StorageCluster) -> Result<Desired, Invali
     let in_placement =
         |a: &&&cairn_api::crd::AgentStatus| placement.agents.iter().any(|p| p.name == a.name);
     let usable: Vec<_> = healthy.iter().filter(in_placement).copied().collect();
-    let head = match status.head.as_ref().filter(|h| usable.iter().any(|a| a.name == h.agent)) {
-        Some(h) => h.clone(),
-        None => {
-            let pick = usable.iter().min_by_key(|a| (a.load, a.name.clone())).ok_or_else(|| {
-                Invalid::NoHealthyReplica {
-                    cluster: name.clone(),
-                    agents: placement
-                        .agents
-                        .iter()
-                        .map(|a| a.name.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", "),
+    let next_epoch = status.head.as_ref().map_or(1, |h| h.epoch + 1);
+    let head = if let Some(node) = vol.spec.attached_node.as_deref() {
+        // The CSI driver published the volume to a node: the head runs on
+        // that node's agent (its FUSE file is attached there).
+        let here = agents
+            .iter()
+            .find(|a| a.node.as_deref() == Some(node) && a.health != AgentHealth::Unreachable)
+            .ok_or_else(|| Invalid::NoAgentOnNode { cluster: name.clone(), node: node.into() })?;
+        match status.head.as_ref().filter(|h| h.agent == here.name) {
+            Some(h) => h.clone(),
+            None => HeadLocation {
+                agent: here.name.clone(),
+                node: here.node.clone(),
+                epoch: next_epoch,
+            },
+        }
+    } else {
+        match status.head.as_ref().filter(|h| usable.iter().any(|a| a.name == h.agent)) {
+            Some(h) => h.clone(),
+            None => {
+                let pick =
+                    usable.iter().min_by_key(|a| (a.load, a.name.clone())).ok_or_else(|| {
+                        Invalid::NoHealthyReplica {
+                            cluster: name.clone(),
+                            agents: placement
+                                .agents
+                                .iter()
+                                .map(|a| a.name.as_str())
+                                .collect::<Vec<_>>()
+                                .join(", "),
+                        }
+                    })?;
+                HeadLocation {
+                    agent: pick.name.clone(),
+                    node: pick.node.clone(),
+                    epoch: next_epoch,
                 }
-            })?;
-            HeadLocation {
-                agent: pick.name.clone(),
-                node: pick.node.clone(),
-                epoch: status.head.as_ref().map_or(1, |h| h.epoch + 1),
             }
         }
     };
@@ -525,6 +549,7 @@ mod tests {
                 replicas: None,
                 role: VolumeRole::Primary,
                 attachable: None,
+                attached_node: None,
             },
         );
         v.meta_mut().namespace = Some("shop".into());
@@ -570,6 +595,36 @@ mod tests {
         let moved = desired(&v, &cluster(&[("a", Healthy, 9), ("b", Unreachable, 0)])).unwrap();
         assert_eq!((moved.head.agent.as_str(), moved.head.epoch), ("a", 5));
         assert_eq!(moved.placement, first.placement, "the placement is kept");
+    }
+
+    #[test]
+    fn publishing_to_a_node_moves_the_head_to_its_agent_one_epoch_up() {
+        let c = cluster(&[("a", Healthy, 0), ("b", Healthy, 0), ("c", Healthy, 0)]);
+        let mut v = vol();
+        let first = desired(&v, &c).unwrap();
+        v.status = Some(VolumeStatus {
+            placement: Some(first.placement.clone()),
+            head: Some(HeadLocation { agent: "a".into(), node: Some("node-a".into()), epoch: 3 }),
+            ..Default::default()
+        });
+        v.spec.attached_node = Some("node-c".into());
+        let moved = desired(&v, &c).unwrap();
+        assert_eq!((moved.head.agent.as_str(), moved.head.epoch), ("c", 4));
+        assert_eq!(moved.head.node.as_deref(), Some("node-c"));
+        assert_eq!(moved.endpoint, "http://c.example:7070");
+        assert_eq!(moved.open.epoch, 4, "the head is opened at the new epoch (the fence)");
+        assert_eq!(moved.placement, first.placement, "the data does not move");
+        // Once there, it stays at that epoch (a repeat publish is no new fence).
+        v.status.as_mut().unwrap().head = Some(moved.head.clone());
+        assert_eq!(desired(&v, &c).unwrap().head.epoch, 4);
+        // A node without a healthy agent of the cluster waits, saying so.
+        v.spec.attached_node = Some("node-z".into());
+        let err = desired(&v, &c).unwrap_err();
+        assert_eq!(err.reason(), "NoAgentOnNode");
+        assert!(err.to_string().contains("node-z"), "{err}");
+        let c_down = cluster(&[("a", Healthy, 0), ("b", Healthy, 0), ("c", Unreachable, 0)]);
+        v.spec.attached_node = Some("node-c".into());
+        assert_eq!(desired(&v, &c_down).unwrap_err().reason(), "NoAgentOnNode");
     }
 
     #[test]

@@ -25,6 +25,7 @@ fn volume(name: &str, cluster: &str, role: VolumeRole, head: &str) -> Volume {
             replicas: None,
             role,
             attachable: None,
+            attached_node: None,
         },
     );
     v.meta_mut().namespace = Some("shop".into());

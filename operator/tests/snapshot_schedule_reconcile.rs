@@ -50,6 +50,7 @@ fn volume(name: &str, role: VolumeRole) -> Volume {
             replicas: None,
             role,
             attachable: None,
+            attached_node: None,
         },
     );
     v.meta_mut().namespace = Some("shop".into());

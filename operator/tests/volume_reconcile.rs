@@ -28,6 +28,7 @@ fn volume(role: VolumeRole, finalizer: bool, deleting: bool) -> Volume {
             replicas: None,
             role,
             attachable: None,
+            attached_node: None,
         },
     );
     let m = v.meta_mut();

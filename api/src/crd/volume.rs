@@ -65,6 +65,10 @@ pub mod condition {
     {
         "rule": "self.role != 'Remote' || !has(self.attachable) || !self.attachable",
         "message": "a Remote volume is never attachable: remove attachable (or set it to false), or promote the volume first with role: Primary"
+    },
+    {
+        "rule": "!has(self.attachedNode) || (self.role == 'Primary' && (!has(self.attachable) || self.attachable))",
+        "message": "attachedNode is set only on an attachable Primary volume: unpublish it (remove attachedNode) before demoting it or setting attachable: false"
     }
 ]))]
 pub struct VolumeSpec {
@@ -111,6 +115,13 @@ pub struct VolumeSpec {
     /// keeps pods off it, e.g. before a switchover.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attachable: Option<bool>,
+    /// The node whose pods use the volume, set by the CSI driver at
+    /// ControllerPublishVolume (unset at unpublish): the head moves to the
+    /// agent on that node, with a higher epoch, so the node it leaves can no
+    /// longer write. Unset: the operator places the head.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub attached_node: Option<String>,
 }
 
 impl VolumeSpec {
