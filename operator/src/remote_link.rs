@@ -19,8 +19,8 @@ use cairn_api::{
     agent::v1 as pb,
     crd::{
         Condition, ConditionStatus, CopiedSnapshot, CopyProgress, RemoteLink, RemoteLinkStatus,
-        StorageCluster, Volume, quantity::format_rate, remote_link::condition, set_condition,
-        storage_cluster::gateway_secret,
+        SnapshotSchedule, StorageCluster, Volume, quantity::format_rate, remote_link::condition,
+        set_condition, storage_cluster::gateway_secret,
     },
 };
 use jiff::Timestamp;
@@ -35,7 +35,8 @@ use serde_json::json;
 use crate::{
     agent::AgentError,
     report::{MANAGER, apply_status, event, k8s_time},
-    volume::{Context, head_endpoint, volume_id},
+    snapshot_schedule::copies_follow,
+    volume::{Context, ROLE_HOLD, head_endpoint, volume_id},
 };
 
 /// How often a link's progress and lag are looked at.
@@ -87,6 +88,7 @@ pub fn agent_link(
     source_volume: &str,
     target_endpoint: String,
     secret: Vec<u8>,
+    forward: bool,
 ) -> pb::Link {
     let paused = pb::BandwidthPolicy {
         policy: Some(pb::bandwidth_policy::Policy::Fixed(pb::Rate {
@@ -106,7 +108,7 @@ pub fn agent_link(
         },
         source: pb::SourceSelection::from(rl.spec.source_selection) as i32,
         compression: pb::Compression::from(rl.spec.compression) as i32,
-        forward: true,
+        forward,
     }
 }
 
@@ -330,7 +332,13 @@ pub async fn reconcile(rl: Arc<RemoteLink>, ctx: Arc<Context>) -> Result<Action,
         }
     };
     // Apply: the link at the sender, then any new request, in the background.
-    let link = agent_link(&rl, &src_vol, tgt_ep, secret);
+    let source =
+        Api::<Volume>::namespaced(ctx.client.clone(), &ns).get(&rl.spec.source_volume).await?;
+    let schedules = Api::<SnapshotSchedule>::namespaced(ctx.client.clone(), &ns)
+        .list(&Default::default())
+        .await?;
+    let forward = copies_follow(&schedules.items, source.labels());
+    let link = agent_link(&rl, &src_vol, tgt_ep, secret, forward);
     let id = link.link_id.clone();
     ctx.agents.put_link(&src_ep, link).await?;
     let agents = ctx.agents.clone();
@@ -363,7 +371,6 @@ pub async fn reconcile(rl: Arc<RemoteLink>, ctx: Arc<Context>) -> Result<Action,
         });
         event(&ctx, &*rl, "Copy", EventType::Normal, "ResyncRequested", "rolling the target back to the newest shared snapshot (its later ones kept, marked divergent) and copying the delta".into()).await;
     }
-    let agents = ctx.agents.clone();
     if let Some(sw) = rl
         .spec
         .switchover
@@ -371,18 +378,22 @@ pub async fn reconcile(rl: Arc<RemoteLink>, ctx: Arc<Context>) -> Result<Action,
         .filter(|sw| Some(&sw.request) != st.last_switchover_request.as_ref())
     {
         st.last_switchover_request = Some(sw.request.clone());
-        let now = Timestamp::now();
-        let snap = sw
-            .final_snapshot
-            .clone()
-            .unwrap_or_else(|| format!("switchover-{}", now.strftime("%Y%m%d-%H%M%S")));
-        let (ep, id) = (src_ep.clone(), id.clone());
-        tokio::spawn(async move {
-            if let Err(e) = agents.switchover(&ep, &id, &snap, now.as_second() as u64).await {
-                tracing::warn!(link = %id, error = %e, "switchover failed");
+        match switchover_refusal(&ctx, &rl).await? {
+            Some(why) => {
+                event(&ctx, &*rl, "Copy", EventType::Warning, "SwitchoverRefused", why).await;
             }
-        });
-        event(&ctx, &*rl, "Copy", EventType::Normal, "SwitchoverStarted", "demoting the source, final copy, promoting the target; then set the Volumes' roles to match".into()).await;
+            None => {
+                let hold = json!({"metadata": {"annotations": {ROLE_HOLD: format!("{name}/{}", sw.request)}}});
+                let volumes: Api<Volume> = Api::namespaced(ctx.client.clone(), &ns);
+                for v in [&rl.spec.source_volume, &rl.spec.target_volume] {
+                    volumes.patch(v, &manager(), &Patch::Merge(&hold)).await?;
+                }
+                event(&ctx, &*rl, "Copy", EventType::Normal, "SwitchoverStarted", format!("demoting {} (sealing a final snapshot), copying what {} lacks, promoting it; then the Volumes' roles are set to match", rl.spec.source_volume, rl.spec.target_volume)).await;
+            }
+        }
+    }
+    if let Some(token) = st.last_switchover_request.clone() {
+        resume_switchover(&ctx, &rl, &token, &src_ep, &id).await?;
     }
     // Status.
     let links = ctx.agents.links(&src_ep, &src_vol).await?;
@@ -403,6 +414,131 @@ pub async fn reconcile(rl: Arc<RemoteLink>, ctx: Arc<Context>) -> Result<Action,
     Ok(Action::requeue(POLL))
 }
 
+/// Why a switchover request cannot run, if it cannot: the target is at a
+/// peer site (its Volume is its own operator's), or the source is attached
+/// to a node (its pods would keep writing a demoted volume).
+async fn switchover_refusal(ctx: &Context, rl: &RemoteLink) -> Result<Option<String>, Error> {
+    let ns = rl.namespace().unwrap_or_default();
+    let clusters: Api<StorageCluster> = Api::all(ctx.client.clone());
+    let target = clusters.get_opt(&rl.spec.target_cluster).await?;
+    if target.is_some_and(|c| c.spec.gateway.is_some()) {
+        return Ok(Some(format!(
+            "the target cluster {} is a peer site: switch over by hand: set spec.role: Remote on Volume {} here, wait until this link reports the final snapshot copied, then set spec.role: Primary on Volume {} at the peer site",
+            rl.spec.target_cluster, rl.spec.source_volume, rl.spec.target_volume
+        )));
+    }
+    let volumes: Api<Volume> = Api::namespaced(ctx.client.clone(), &ns);
+    let source = volumes.get(&rl.spec.source_volume).await?;
+    if let Some(node) = &source.spec.attached_node {
+        return Ok(Some(format!(
+            "Volume {} is attached to node {node}: stop the pods that use it (the CSI driver then unpublishes it), then set a new spec.switchover.request",
+            rl.spec.source_volume
+        )));
+    }
+    Ok(None)
+}
+
+/// The final snapshot of a switchover whose spec names none: from the
+/// request token (any string), so a resumed switchover seals the same one:
+/// `switchover-` and the token in lowercase letters, digits and dashes.
+pub fn final_snapshot_name(token: &str) -> String {
+    let mut s: String = token
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '-' })
+        .collect();
+    s.truncate(52);
+    let s = s.trim_matches('-');
+    if s.is_empty() {
+        let h = blake3::hash(token.as_bytes()).to_hex();
+        return format!("switchover-{}", &h[..16]);
+    }
+    format!("switchover-{s}")
+}
+
+/// Merge patches of Volumes, recorded under the operator's name.
+fn manager() -> PatchParams {
+    PatchParams { field_manager: Some(MANAGER.into()), ..Default::default() }
+}
+
+/// Switchovers this operator runs now, by link id.
+static RUNNING: std::sync::Mutex<std::collections::BTreeSet<String>> =
+    std::sync::Mutex::new(std::collections::BTreeSet::new());
+
+/// Runs (or, after a restart, resumes) the switchover `token` while the
+/// Volumes carry its role hold: the agents' `Switchover` (retried every
+/// 10 s until it succeeds: it resumes the final copy), then each Volume's
+/// role is set to match its head and its hold lifted, the source first.
+async fn resume_switchover(
+    ctx: &Context,
+    rl: &RemoteLink,
+    token: &str,
+    src_ep: &str,
+    link_id: &str,
+) -> Result<(), Error> {
+    let ns = rl.namespace().unwrap_or_default();
+    let hold = format!("{}/{token}", rl.name_any());
+    let volumes: Api<Volume> = Api::namespaced(ctx.client.clone(), &ns);
+    let held = |v: &Volume| v.annotations().get(ROLE_HOLD) == Some(&hold);
+    let source = volumes.get(&rl.spec.source_volume).await?;
+    let target = volumes.get_opt(&rl.spec.target_volume).await?;
+    let source_held = held(&source);
+    if !source_held && !target.as_ref().is_some_and(held) {
+        return Ok(());
+    }
+    if !RUNNING.lock().unwrap().insert(link_id.to_string()) {
+        return Ok(());
+    }
+    let role = |v: Option<&Volume>| v.and_then(|v| v.status.as_ref()).and_then(|s| s.role);
+    let done = role(Some(&source)) == Some(cairn_api::crd::VolumeRole::Remote)
+        && role(target.as_ref()) == Some(cairn_api::crd::VolumeRole::Primary);
+    let snap = rl
+        .spec
+        .switchover
+        .as_ref()
+        .and_then(|sw| sw.final_snapshot.clone())
+        .unwrap_or_else(|| final_snapshot_name(token));
+    let (agents, recorder_ctx, rl) = (ctx.agents.clone(), ctx.clone(), rl.clone());
+    let (src_ep, link_id) = (src_ep.to_string(), link_id.to_string());
+    let generation = Timestamp::now().as_second() as u64;
+    tokio::spawn(async move {
+        let ctx = recorder_ctx;
+        if source_held && !done {
+            let mut tries = 0u32;
+            while let Err(e) = agents.switchover(&src_ep, &link_id, &snap, generation).await {
+                tries += 1;
+                tracing::warn!(link = %link_id, error = %e, "switchover not done yet; resuming in 10 s");
+                if tries == 1 {
+                    event(
+                        &ctx,
+                        &rl,
+                        "Copy",
+                        EventType::Warning,
+                        "SwitchoverRetrying",
+                        format!(
+                            "{e}; retrying every 10 s (the final copy resumes where it stopped)"
+                        ),
+                    )
+                    .await;
+                }
+                tokio::time::sleep(Duration::from_secs(10)).await;
+            }
+        }
+        let volumes: Api<Volume> = Api::namespaced(ctx.client.clone(), &ns);
+        let flips = [(&rl.spec.source_volume, "Remote"), (&rl.spec.target_volume, "Primary")];
+        for (v, role) in flips {
+            let p = json!({"metadata": {"annotations": {ROLE_HOLD: null}}, "spec": {"role": role}});
+            if let Err(e) = volumes.patch(v, &manager(), &Patch::Merge(&p)).await {
+                tracing::warn!(volume = %v, error = %e, "setting the role after the switchover failed; the next reconcile finishes it");
+                RUNNING.lock().unwrap().remove(&link_id);
+                return;
+            }
+        }
+        event(&ctx, &rl, "Copy", EventType::Normal, "SwitchedOver", format!("Volume {} is the primary now and {} a remote copy; copy back with a RemoteLink from {} to {}", rl.spec.target_volume, rl.spec.source_volume, rl.spec.target_volume, rl.spec.source_volume)).await;
+        RUNNING.lock().unwrap().remove(&link_id);
+    });
+    Ok(())
+}
+
 /// `error_policy`: back off and try again.
 pub fn error_policy(_rl: Arc<RemoteLink>, err: &Error, _ctx: Arc<Context>) -> Action {
     tracing::warn!(error = %err, "reconcile failed");
@@ -412,6 +548,16 @@ pub fn error_policy(_rl: Arc<RemoteLink>, err: &Error, _ctx: Arc<Context>) -> Ac
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_switchover_token_names_a_valid_stable_snapshot() {
+        for token in ["2026-11-25T10:00:00Z", "now", "--", &"x".repeat(63)] {
+            let name = final_snapshot_name(token);
+            assert!(cairn_api::SnapshotId::new(&name).is_ok(), "{token} -> {name}");
+            assert_eq!(name, final_snapshot_name(token), "stable");
+        }
+        assert_eq!(final_snapshot_name("2026-11-25T10:00:00Z"), "switchover-2026-11-25t10-00-00z");
+    }
     use cairn_api::crd::RemoteLinkSpec;
 
     fn link(paused: bool) -> RemoteLink {
@@ -429,11 +575,10 @@ mod tests {
 
     #[test]
     fn the_agents_link_carries_the_policy_and_a_pause_is_a_rate_of_zero() {
-        let l = agent_link(&link(false), "shop-db", "http://b:7070".into(), vec![7; 32]);
+        let l = agent_link(&link(false), "shop-db", "http://b:7070".into(), vec![7; 32], true);
         assert_eq!(l.link_id, "shop-db-to-b");
-        assert!(l.forward, "copies follow snapshots");
         assert!(l.policy.is_some());
-        let paused = agent_link(&link(true), "shop-db", "http://b:7070".into(), vec![7; 32]);
+        let paused = agent_link(&link(true), "shop-db", "http://b:7070".into(), vec![7; 32], false);
         let Some(pb::bandwidth_policy::Policy::Fixed(r)) = paused.policy.and_then(|p| p.policy)
         else {
             panic!("a paused link is a fixed rate")

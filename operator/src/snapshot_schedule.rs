@@ -79,6 +79,40 @@ pub fn selector_query(sel: &LabelSelector) -> String {
     parts.join(",")
 }
 
+/// Pure: whether a label selector selects an object with `labels`
+/// (matchLabels and matchExpressions; an empty selector selects all).
+pub fn selects(sel: &LabelSelector, labels: &std::collections::BTreeMap<String, String>) -> bool {
+    let plain = sel.match_labels.iter().flatten().all(|(k, v)| labels.get(k) == Some(v));
+    plain
+        && sel.match_expressions.iter().flatten().all(|e| {
+            let values = e.values.as_deref().unwrap_or_default();
+            let value = labels.get(&e.key);
+            match e.operator.as_str() {
+                "In" => value.is_some_and(|v| values.contains(v)),
+                "NotIn" => value.is_none_or(|v| !values.contains(v)),
+                "Exists" => value.is_some(),
+                "DoesNotExist" => value.is_none(),
+                _ => false,
+            }
+        })
+}
+
+/// Pure: whether a volume's links copy each snapshot as it completes: yes
+/// unless every SnapshotSchedule selecting it says `copy: false` (then
+/// copies run only on a RemoteLink's `copyRequest`).
+pub fn copies_follow(
+    schedules: &[SnapshotSchedule],
+    labels: &std::collections::BTreeMap<String, String>,
+) -> bool {
+    let mut selecting = schedules.iter().filter(|s| selects(&s.spec.volume_selector, labels));
+    let mut any = false;
+    let copy = selecting.any(|s| {
+        any = true;
+        s.spec.copy
+    });
+    copy || !any
+}
+
 /// The snapshot id of a run: `<schedule>-<yyyymmdd>-<hhmm>` (UTC), the
 /// schedule name cut to fit the 63 characters of an id.
 pub fn snapshot_id(schedule: &str, run: Timestamp) -> String {
@@ -319,6 +353,39 @@ mod tests {
         assert_eq!(max_age("90m"), Some(SignedDuration::from_mins(90)));
         assert_eq!(max_age("2w"), Some(SignedDuration::from_hours(336)));
         assert_eq!(max_age("7y"), None);
+    }
+
+    #[test]
+    fn copies_follow_snapshots_unless_every_schedule_of_the_volume_says_not_to() {
+        use std::collections::BTreeMap;
+        let sched = |app: &str, copy: bool| {
+            let mut s: SnapshotSchedule = serde_json::from_value(serde_json::json!({
+                "apiVersion": "cairn.dev/v1alpha1", "kind": "SnapshotSchedule",
+                "metadata": {"name": format!("s-{app}")},
+                "spec": {"volumeSelector": {"matchLabels": {"app": app}}, "schedule": "* * * * *",
+                         "retention": {"primary": {"count": 1}}}
+            }))
+            .unwrap();
+            s.spec.copy = copy;
+            s
+        };
+        let labels: BTreeMap<String, String> = [("app".to_string(), "db".to_string())].into();
+        assert!(copies_follow(&[], &labels), "no schedule: copies follow");
+        assert!(!copies_follow(&[sched("db", false)], &labels));
+        assert!(copies_follow(&[sched("db", false), sched("db", true)], &labels));
+        assert!(copies_follow(&[sched("web", false)], &labels), "not selected: no say");
+        let sel = LabelSelector {
+            match_labels: None,
+            match_expressions: Some(vec![LabelSelectorRequirement {
+                key: "tier".into(),
+                operator: "NotIn".into(),
+                values: Some(vec!["cache".into()]),
+            }]),
+        };
+        assert!(selects(&sel, &labels), "NotIn holds for a missing label");
+        let cache: BTreeMap<String, String> = [("tier".to_string(), "cache".to_string())].into();
+        assert!(!selects(&sel, &cache));
+        assert!(selects(&LabelSelector::default(), &cache), "empty selects all");
     }
 
     #[test]

@@ -38,6 +38,10 @@ use crate::{
 
 /// Held on every Volume until its replicas are removed.
 pub const FINALIZER: &str = "cairn.dev/replicas";
+/// Set on a Volume while a switchover changes its role: the Volume
+/// reconciler then neither promotes nor demotes it. The value names the
+/// RemoteLink and its request (`<link>/<request>`).
+pub const ROLE_HOLD: &str = "cairn.dev/role-hold";
 /// How often a Ready volume's health is looked at again.
 pub const RESYNC: Duration = Duration::from_secs(30);
 
@@ -220,7 +224,9 @@ pub fn desired(vol: &Volume, cluster: &StorageCluster) -> Result<Desired, Invali
     let ns = vol.namespace().unwrap_or_default();
     let open = pb::OpenHeadRequest {
         volume_id: volume_id(&ns, &vol.name_any()),
-        size_bytes: vol.spec.size_bytes as u64,
+        // The size it was placed with: growth is not built (see
+        // docs/design.md), and a replica refuses another geometry.
+        size_bytes: placed_size(vol) as u64,
         chunk_size_bytes: placement.chunk_size_bytes as u64,
         replicas: placement.replicas as u32,
         layout_version: placement.layout_version as u64,
@@ -246,6 +252,16 @@ pub fn desired(vol: &Volume, cluster: &StorageCluster) -> Result<Desired, Invali
     Ok(Desired { placement, head, endpoint: endpoint(&address.unwrap_or_default()), open })
 }
 
+/// The size a volume has at its agents: the size it was first placed with
+/// (`status.sizeBytes`), else the spec's.
+pub fn placed_size(vol: &Volume) -> i64 {
+    vol.status
+        .as_ref()
+        .filter(|s| s.placement.is_some())
+        .and_then(|s| s.size_bytes)
+        .unwrap_or(vol.spec.size_bytes)
+}
+
 /// Pure: the status from what the head reports.
 pub fn status_of(vol: &Volume, d: &Desired, head: &pb::HeadStatus, now: Time) -> VolumeStatus {
     let mut st = vol.status.clone().unwrap_or_default();
@@ -254,8 +270,8 @@ pub fn status_of(vol: &Volume, d: &Desired, head: &pb::HeadStatus, now: Time) ->
     let rebuilding = head.replicas.iter().any(|r| r.rebuild.is_some());
     st.phase = if out.is_empty() { VolumePhase::Ready } else { VolumePhase::Degraded };
     st.volume_id = Some(d.open.volume_id.clone());
-    st.size_bytes = Some(vol.spec.size_bytes);
-    st.size = Some(format_bytes(vol.spec.size_bytes));
+    st.size_bytes = Some(d.open.size_bytes as i64);
+    st.size = Some(format_bytes(d.open.size_bytes as i64));
     st.role = Some(match pb::VolumeRole::try_from(head.role) {
         Ok(pb::VolumeRole::Remote) => VolumeRole::Remote,
         _ => VolumeRole::Primary,
@@ -298,7 +314,17 @@ pub fn status_of(vol: &Volume, d: &Desired, head: &pb::HeadStatus, now: Time) ->
         })
         .collect();
     let ready = out.is_empty() && st.role == Some(vol.spec.role);
-    let (reason, message) = if ready {
+    let (reason, message) = if ready && (d.open.size_bytes as i64) < vol.spec.size_bytes {
+        (
+            "GrowthNotSupported",
+            format!(
+                "every chunk in sync on {} agents; spec.sizeBytes is {} but volume growth is not supported yet: the volume keeps {} (create a larger volume and copy the data)",
+                head.replicas.len(),
+                vol.spec.size_bytes,
+                d.open.size_bytes
+            ),
+        )
+    } else if ready {
         ("Ready", format!("every chunk in sync on {} agents", head.replicas.len()))
     } else if !out.is_empty() {
         let names: Vec<&str> = out.iter().map(|r| r.agent.as_str()).collect();
@@ -389,7 +415,8 @@ async fn apply(vol: &Volume, ctx: &Context) -> Result<Action, Error> {
     let mut head = ctx.agents.open_head(&d.endpoint, d.open.clone()).await?;
     let at_head = pb::VolumeRole::try_from(head.role).unwrap_or(pb::VolumeRole::Primary);
     let want = pb::VolumeRole::from(vol.spec.role);
-    if at_head != want {
+    let hold = vol.annotations().get(ROLE_HOLD).cloned();
+    if at_head != want && hold.is_none() {
         let id = &d.open.volume_id;
         match want {
             pb::VolumeRole::Primary => {
@@ -431,7 +458,20 @@ async fn apply(vol: &Volume, ctx: &Context) -> Result<Action, Error> {
     }
     // Status.
     let before = vol.status.as_ref().map(|s| s.phase);
-    let st = status_of(vol, &d, &head, now());
+    let mut st = status_of(vol, &d, &head, now());
+    if let Some(hold) = hold.filter(|_| at_head != want) {
+        let c = Condition::new(
+            condition::READY,
+            ConditionStatus::False,
+            "RoleHeld",
+            format!(
+                "the head is {at_head:?}, the spec asks {want:?}: held by the switchover {hold} (RemoteLink/request); the roles change when it completes"
+            ),
+            vol.meta().generation,
+            now(),
+        );
+        set_condition(&mut st.conditions, c);
+    }
     if before != Some(st.phase) && st.phase == VolumePhase::Degraded {
         let m = st
             .conditions
@@ -692,6 +732,27 @@ mod tests {
                 && err.to_string().contains("bring one of them back"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_grown_spec_keeps_the_placed_size_and_says_growth_is_not_supported() {
+        let c = cluster(&[("a", Healthy, 0), ("b", Healthy, 0)]);
+        let mut v = vol();
+        let d = desired(&v, &c).unwrap();
+        v.status = Some(VolumeStatus {
+            placement: Some(d.placement.clone()),
+            size_bytes: Some(1 << 30),
+            ..Default::default()
+        });
+        v.spec.size_bytes = 2 << 30;
+        let d = desired(&v, &c).unwrap();
+        assert_eq!(d.open.size_bytes, 1 << 30, "the replicas keep their geometry");
+        let head = pb::HeadStatus { role: pb::VolumeRole::Primary as i32, ..Default::default() };
+        let st = status_of(&v, &d, &head, now());
+        assert_eq!(st.size_bytes, Some(1 << 30));
+        let ready = st.conditions.iter().find(|c| c.type_ == condition::READY).unwrap();
+        assert_eq!(ready.reason, "GrowthNotSupported");
+        assert!(ready.message.contains("not supported yet"), "{}", ready.message);
     }
 
     #[test]

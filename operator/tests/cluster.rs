@@ -298,6 +298,63 @@ async fn volumes_become_ready_snapshots_are_scheduled_pruned_and_copied_and_a_fa
     })
     .await;
 
+    // A planned switchover by spec: the operator holds both roles, the
+    // agents demote, copy and promote, then the specs are flipped.
+    let role_of = |name: &'static str| {
+        let volumes = volumes.clone();
+        async move {
+            let v = volumes.get(name).await.ok()?;
+            let held = v
+                .metadata
+                .annotations
+                .as_ref()
+                .is_some_and(|a| a.contains_key("cairn.dev/role-hold"));
+            let st = v.status?;
+            (!held && st.role == Some(v.spec.role)).then_some(v.spec.role)
+        }
+    };
+    let merge = |v: serde_json::Value| Patch::Merge(v);
+    links
+        .patch(
+            "db-to-b",
+            &PatchParams::default(),
+            &merge(json!({"spec": {"switchover": {"request": "sw-1"}}})),
+        )
+        .await
+        .unwrap();
+    use cairn_api::crd::VolumeRole::{Primary, Remote};
+    wait_for("switchover: db Remote, db-copy Primary", 240, || async {
+        (role_of("db").await? == Remote && role_of("db-copy").await? == Primary).then_some(())
+    })
+    .await;
+    // Nothing lost: the final snapshot has the same digest at both sites.
+    let last = |name: &'static str| {
+        let volumes = volumes.clone();
+        async move {
+            let snaps = volumes.get(name).await.ok()?.status?.snapshots;
+            snaps.into_iter().find(|s| s.id == "switchover-sw-1").map(|s| s.digest)
+        }
+    };
+    let (da, db) = wait_for("the final snapshot listed at both sites", 60, || async {
+        Some((last("db").await?, last("db-copy").await?))
+    })
+    .await;
+    assert_eq!(da, db, "the switchover's final snapshot differs between the sites");
+    // And back, over a link the other way.
+    apply(
+        &links,
+        "back-to-a",
+        json!({"apiVersion": "cairn.dev/v1alpha1", "kind": "RemoteLink",
+        "metadata": {"name": "back-to-a", "namespace": ns},
+        "spec": {"sourceVolume": "db-copy", "targetCluster": "it-site-a", "targetVolume": "db",
+                 "switchover": {"request": "sw-2"}}}),
+    )
+    .await;
+    wait_for("switchover back: db Primary, db-copy Remote", 240, || async {
+        (role_of("db").await? == Primary && role_of("db-copy").await? == Remote).then_some(())
+    })
+    .await;
+
     // Failover by spec: the remote twin becomes the primary.
     apply(&volumes, "db-copy", vol("db-copy", "it-site-b", "Primary")).await;
     wait_for("db-copy promoted", 60, || async {
@@ -306,8 +363,31 @@ async fn volumes_become_ready_snapshots_are_scheduled_pruned_and_copied_and_a_fa
     })
     .await;
 
-    // Clean up: the link first (a volume it uses cannot be deleted).
+    // Failback by spec: the old primary is demoted and resynced from the
+    // new one; only what changed crosses, and the link reports it synced.
+    apply(&volumes, "db", vol("db", "it-site-a", "Remote")).await;
+    wait_for("db demoted", 60, || async { (role_of("db").await? == Remote).then_some(()) }).await;
+    links
+        .patch(
+            "back-to-a",
+            &PatchParams::default(),
+            &merge(json!({"spec": {"resyncRequest": "fb-1"}})),
+        )
+        .await
+        .unwrap();
+    wait_for("the failback resync done", 240, || async {
+        let st = links.get("back-to-a").await.ok()?.status?;
+        let synced = st
+            .conditions
+            .iter()
+            .any(|c| c.type_ == "Synced" && c.status == cairn_api::crd::ConditionStatus::True);
+        (st.last_resync_request.as_deref() == Some("fb-1") && synced).then_some(())
+    })
+    .await;
+
+    // Clean up: the links first (a volume one uses cannot be deleted).
     let dp = kube::api::DeleteParams::default();
+    links.delete("back-to-a", &dp).await.unwrap();
     links.delete("db-to-b", &dp).await.unwrap();
     schedules.delete("every-minute", &dp).await.unwrap();
     for name in ["db", "db-copy"] {

@@ -13,7 +13,7 @@ use cairn_api::crd::{HeadLocation, RemoteLink, Volume, VolumeRole, VolumeSpec, V
 use cairn_operator::{agent::Call, remote_link::reconcile};
 use common::{cluster, serve, setup};
 use http::{Method, Response};
-use kube::{Resource, client::Body};
+use kube::{Resource, ResourceExt, client::Body};
 use serde_json::json;
 
 fn volume(name: &str, cluster: &str, role: VolumeRole, head: &str) -> Volume {
@@ -71,6 +71,16 @@ async fn serve_both_ends(api: &mut common::ApiServer) {
     serve(api, Method::GET, &format!("{NS}/volumes/db-copy"), json!(target)).await;
 }
 
+/// Serves what decides whether copies follow snapshots: the source Volume
+/// (its labels) and the namespace's SnapshotSchedules.
+async fn serve_copy_rules(api: &mut common::ApiServer, schedules: Vec<serde_json::Value>) {
+    let mut source = volume("db", "site-a", VolumeRole::Primary, "a2");
+    source.meta_mut().labels = Some([("app".to_string(), "shop".to_string())].into());
+    serve(api, Method::GET, &format!("{NS}/volumes/db"), json!(source)).await;
+    let list = json!({"apiVersion": "cairn.dev/v1alpha1", "kind": "SnapshotScheduleList", "metadata": {}, "items": schedules});
+    serve(api, Method::GET, &format!("{NS}/snapshotschedules"), list).await;
+}
+
 #[tokio::test]
 async fn a_link_is_paired_registered_put_and_a_copy_request_runs_once() {
     let (ctx, mut api, agents) = setup();
@@ -93,6 +103,7 @@ async fn a_link_is_paired_registered_put_and_a_copy_request_runs_once() {
     .await;
     assert_eq!(secret["metadata"]["ownerReferences"][0]["name"], "db-to-b", "{secret}");
     assert!(secret["data"]["pairing-secret"].is_string());
+    serve_copy_rules(&mut api, vec![]).await;
     let ev =
         serve(&mut api, Method::POST, "/apis/events.k8s.io/v1/namespaces/shop/events", json!({}))
             .await;
@@ -137,6 +148,7 @@ async fn a_handled_copy_request_is_not_run_again() {
     let existing = json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "db-to-b-pairing"},
                           "data": {"pairing-secret": "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3"}});
     serve(&mut api, Method::GET, "/api/v1/namespaces/shop/secrets/db-to-b-pairing", existing).await;
+    serve_copy_rules(&mut api, vec![]).await;
     serve(&mut api, Method::PATCH, &format!("{NS}/remotelinks/db-to-b/status"), json!(rl)).await;
     run.await.unwrap().unwrap();
     let calls = agents.calls();
@@ -176,4 +188,171 @@ async fn a_link_whose_source_is_not_placed_waits_with_a_warning() {
     );
     run.await.unwrap().unwrap();
     assert!(agents.calls().is_empty());
+}
+
+/// Answers the next `n` requests in whatever order they come (the
+/// switchover's background task and the reconcile run concurrently), each
+/// by its method and path; returns them as (method path, body).
+async fn serve_unordered(
+    api: &mut common::ApiServer,
+    mut replies: Vec<(Method, String, serde_json::Value)>,
+) -> Vec<(String, serde_json::Value)> {
+    let mut seen = Vec::new();
+    while !replies.is_empty() {
+        let (req, send) = api.next_request().await.expect("another call");
+        let (method, path) = (req.method().clone(), req.uri().path().to_string());
+        let i = replies
+            .iter()
+            .position(|(m, p, _)| *m == method && *p == path)
+            .unwrap_or_else(|| panic!("unexpected {method} {path}; still expected {replies:?}"));
+        let (_, _, reply) = replies.remove(i);
+        let bytes = req.into_body().collect_bytes().await.unwrap();
+        let body = if bytes.is_empty() {
+            serde_json::Value::Null
+        } else {
+            serde_json::from_slice(&bytes).unwrap()
+        };
+        send.send_response(
+            Response::builder().body(Body::from(serde_json::to_vec(&reply).unwrap())).unwrap(),
+        );
+        seen.push((format!("{method} {path}"), body));
+    }
+    seen
+}
+
+#[tokio::test]
+async fn a_switchover_holds_both_roles_runs_at_the_agents_then_flips_the_specs() {
+    let (ctx, mut api, agents) = setup();
+    let mut rl = link(None);
+    rl.spec.switchover = Some(cairn_api::crd::SwitchoverRequest {
+        request: "2026-11-25T10:00:00Z".into(),
+        final_snapshot: None,
+    });
+    let run = tokio::spawn(reconcile(Arc::new(rl.clone()), ctx));
+    serve_both_ends(&mut api).await;
+    let existing = json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "db-to-b-pairing"},
+                          "data": {"pairing-secret": "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3"}});
+    serve(&mut api, Method::GET, "/api/v1/namespaces/shop/secrets/db-to-b-pairing", existing).await;
+    serve_copy_rules(&mut api, vec![]).await;
+    // Refusal checks: the target cluster is here, the source is not attached.
+    serve(&mut api, Method::GET, &format!("{CLUSTERS}/site-b"), site_b()).await;
+    let source = volume("db", "site-a", VolumeRole::Primary, "a2");
+    serve(&mut api, Method::GET, &format!("{NS}/volumes/db"), json!(source)).await;
+    // Both Volumes get the hold, then the event.
+    let hold = "db-to-b/2026-11-25T10:00:00Z";
+    for v in ["db", "db-copy"] {
+        let p = serve(&mut api, Method::PATCH, &format!("{NS}/volumes/{v}"), json!(source)).await;
+        assert_eq!(p["metadata"]["annotations"]["cairn.dev/role-hold"], hold, "{p}");
+    }
+    let ev =
+        serve(&mut api, Method::POST, "/apis/events.k8s.io/v1/namespaces/shop/events", json!({}))
+            .await;
+    assert_eq!(ev["reason"], "SwitchoverStarted");
+    // The run: it reads both Volumes, finds the hold, starts in the
+    // background; the roles are flipped after the agents' switchover.
+    let mut held_src = source.clone();
+    held_src.annotations_mut().insert("cairn.dev/role-hold".into(), hold.into());
+    let mut held_tgt = volume("db-copy", "site-b", VolumeRole::Remote, "b1");
+    held_tgt.annotations_mut().insert("cairn.dev/role-hold".into(), hold.into());
+    serve(&mut api, Method::GET, &format!("{NS}/volumes/db"), json!(held_src)).await;
+    serve(&mut api, Method::GET, &format!("{NS}/volumes/db-copy"), json!(held_tgt)).await;
+    let seen = serve_unordered(
+        &mut api,
+        vec![
+            (Method::PATCH, format!("{NS}/remotelinks/db-to-b/status"), json!(rl)),
+            (Method::PATCH, format!("{NS}/volumes/db"), json!(held_src)),
+            (Method::PATCH, format!("{NS}/volumes/db-copy"), json!(held_tgt)),
+            (Method::POST, "/apis/events.k8s.io/v1/namespaces/shop/events".into(), json!({})),
+        ],
+    )
+    .await;
+    run.await.unwrap().unwrap();
+    let find = |k: &str| seen.iter().find(|(p, _)| p == k).map(|(_, b)| b.clone()).unwrap();
+    let status = find(&format!("PATCH {NS}/remotelinks/db-to-b/status"));
+    assert_eq!(status["status"]["lastSwitchoverRequest"], "2026-11-25T10:00:00Z");
+    let src = find(&format!("PATCH {NS}/volumes/db"));
+    assert_eq!(src["spec"]["role"], "Remote");
+    assert!(src["metadata"]["annotations"]["cairn.dev/role-hold"].is_null(), "hold lifted: {src}");
+    let tgt = find(&format!("PATCH {NS}/volumes/db-copy"));
+    assert_eq!(tgt["spec"]["role"], "Primary");
+    assert_eq!(
+        find("POST /apis/events.k8s.io/v1/namespaces/shop/events")["reason"],
+        "SwitchedOver"
+    );
+    // The roles flip only after the agents switched over, the source first.
+    let order: Vec<&str> = seen.iter().map(|(p, _)| p.as_str()).collect();
+    let (s, t) = (
+        order.iter().position(|p| p.ends_with("/volumes/db")).unwrap(),
+        order.iter().position(|p| p.ends_with("/volumes/db-copy")).unwrap(),
+    );
+    assert!(s < t, "{order:?}");
+    let calls = agents.calls();
+    assert!(
+        calls.contains(&Call::Switchover {
+            link: "shop-db-to-b".into(),
+            snapshot: "switchover-2026-11-25t10-00-00z".into()
+        }),
+        "{calls:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_switchover_of_an_attached_source_is_refused_and_changes_no_role() {
+    let (ctx, mut api, agents) = setup();
+    let mut rl = link(None);
+    rl.spec.switchover =
+        Some(cairn_api::crd::SwitchoverRequest { request: "now-1".into(), final_snapshot: None });
+    let run = tokio::spawn(reconcile(Arc::new(rl.clone()), ctx));
+    serve_both_ends(&mut api).await;
+    let existing = json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "db-to-b-pairing"},
+                          "data": {"pairing-secret": "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3"}});
+    serve(&mut api, Method::GET, "/api/v1/namespaces/shop/secrets/db-to-b-pairing", existing).await;
+    serve_copy_rules(&mut api, vec![]).await;
+    serve(&mut api, Method::GET, &format!("{CLUSTERS}/site-b"), site_b()).await;
+    let mut source = volume("db", "site-a", VolumeRole::Primary, "a2");
+    source.spec.attached_node = Some("worker-1".into());
+    serve(&mut api, Method::GET, &format!("{NS}/volumes/db"), json!(source)).await;
+    let ev =
+        serve(&mut api, Method::POST, "/apis/events.k8s.io/v1/namespaces/shop/events", json!({}))
+            .await;
+    assert_eq!(
+        (ev["type"].as_str(), ev["reason"].as_str()),
+        (Some("Warning"), Some("SwitchoverRefused"))
+    );
+    assert!(ev["note"].as_str().unwrap().contains("attached to node worker-1"), "{ev}");
+    // No hold: the resume step finds none and starts nothing.
+    serve(&mut api, Method::GET, &format!("{NS}/volumes/db"), json!(source)).await;
+    let target = volume("db-copy", "site-b", VolumeRole::Remote, "b1");
+    serve(&mut api, Method::GET, &format!("{NS}/volumes/db-copy"), json!(target)).await;
+    let status =
+        serve(&mut api, Method::PATCH, &format!("{NS}/remotelinks/db-to-b/status"), json!(rl))
+            .await;
+    run.await.unwrap().unwrap();
+    assert_eq!(status["status"]["lastSwitchoverRequest"], "now-1", "refused, not retried");
+    let calls = agents.calls();
+    assert!(!calls.iter().any(|c| matches!(c, Call::Switchover { .. })), "{calls:?}");
+}
+
+#[tokio::test]
+async fn copies_wait_for_a_request_when_every_schedule_of_the_source_says_copy_false() {
+    let (ctx, mut api, agents) = setup();
+    let rl = link(None);
+    let run = tokio::spawn(reconcile(Arc::new(rl.clone()), ctx));
+    serve_both_ends(&mut api).await;
+    let existing = json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "db-to-b-pairing"},
+                          "data": {"pairing-secret": "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3"}});
+    serve(&mut api, Method::GET, "/api/v1/namespaces/shop/secrets/db-to-b-pairing", existing).await;
+    let schedule = json!({"apiVersion": "cairn.dev/v1alpha1", "kind": "SnapshotSchedule",
+        "metadata": {"name": "hourly", "namespace": "shop"},
+        "spec": {"volumeSelector": {"matchLabels": {"app": "shop"}}, "schedule": "0 * * * *",
+                 "retention": {"primary": {"count": 24}}, "copy": false}});
+    serve_copy_rules(&mut api, vec![schedule]).await;
+    serve(&mut api, Method::PATCH, &format!("{NS}/remotelinks/db-to-b/status"), json!(rl)).await;
+    run.await.unwrap().unwrap();
+    let calls = agents.calls();
+    let put = calls.iter().find_map(|c| match c {
+        Call::PutLink { link, .. } => Some(link.clone()),
+        _ => None,
+    });
+    assert!(!put.expect("the link is put").forward, "snapshots are not copied as they complete");
 }

@@ -16,7 +16,7 @@ use cairn_operator::{
 };
 use common::{cluster, serve, setup};
 use http::{Method, Response};
-use kube::{Resource, client::Body};
+use kube::{Resource, ResourceExt, client::Body};
 use serde_json::json;
 
 fn volume(role: VolumeRole, finalizer: bool, deleting: bool) -> Volume {
@@ -120,6 +120,34 @@ async fn a_role_change_in_the_spec_demotes_at_the_agent_with_an_event() {
     assert_eq!(status["status"]["role"], "Remote");
     assert!(
         matches!(agents.calls().last(), Some(Call::Demote { volume, .. }) if volume == "shop-db")
+    );
+}
+
+#[tokio::test]
+async fn a_volume_held_by_a_switchover_is_neither_promoted_nor_demoted() {
+    let (ctx, mut api, agents) = setup();
+    let vol = volume(VolumeRole::Primary, true, false);
+    let run = tokio::spawn(reconcile(Arc::new(vol.clone()), ctx.clone()));
+    serve(&mut api, Method::GET, CLUSTER, json!(cluster())).await;
+    serve(&mut api, Method::PATCH, &format!("{VOLUME}/status"), json!(vol)).await;
+    run.await.unwrap().unwrap();
+    // The spec says Remote, but a switchover holds the role: no demotion.
+    let mut vol = volume(VolumeRole::Remote, true, false);
+    vol.annotations_mut().insert(cairn_operator::volume::ROLE_HOLD.into(), "db-to-b/now-1".into());
+    let run = tokio::spawn(reconcile(Arc::new(vol.clone()), ctx));
+    serve(&mut api, Method::GET, CLUSTER, json!(cluster())).await;
+    let status = serve(&mut api, Method::PATCH, &format!("{VOLUME}/status"), json!(vol)).await;
+    run.await.unwrap().unwrap();
+    let ready = &status["status"]["conditions"][0];
+    assert_eq!(
+        (ready["type"].as_str(), ready["reason"].as_str()),
+        (Some("Ready"), Some("RoleHeld"))
+    );
+    assert!(ready["message"].as_str().unwrap().contains("db-to-b/now-1"), "{ready}");
+    let calls = agents.calls();
+    assert!(
+        !calls.iter().any(|c| matches!(c, Call::Demote { .. } | Call::Promote { .. })),
+        "{calls:?}"
     );
 }
 

@@ -137,9 +137,13 @@ pub struct RemoteLinkSpec {
     #[schemars(length(min = 1, max = 63))]
     pub copy_request: Option<String>,
     /// Planned switchover: demote the source (sealing a final snapshot),
-    /// copy what the target lacks, promote the target. Nothing acknowledged
-    /// before is lost. Done when `status.lastSwitchoverRequest` equals its
-    /// `request`.
+    /// copy what the target lacks, promote the target, then set the two
+    /// Volumes' `spec.role` to match (source `Remote`, target `Primary`).
+    /// Nothing acknowledged before is lost. Both Volumes carry the
+    /// annotation `cairn.dev/role-hold` while it runs (their roles are not
+    /// changed by anyone else meanwhile); it is gone when done. Only for a
+    /// target on a cluster of this Kubernetes cluster, and refused while the
+    /// source is attached to a node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub switchover: Option<SwitchoverRequest>,
     /// Failback: set to a new value to sync a target that diverged (it was
