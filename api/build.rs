@@ -1,12 +1,13 @@
-//! Compiles the protobuf API with protox (no `protoc`, no network) and emits
-//! the file descriptor set for gRPC reflection.
+//! Compiles the protobuf APIs (the agent's and CSI's) with protox (no
+//! `protoc`, no network; protox brings the google.protobuf well-known types)
+//! and emits the file descriptor set for gRPC reflection.
 
 use std::{env, fs, path::PathBuf};
 
 use prost::Message;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["proto/cairn/agent/v1/agent.proto"];
+    let protos = ["proto/cairn/agent/v1/agent.proto", "proto/csi/v1/csi.proto"];
     for proto in protos {
         println!("cargo:rerun-if-changed={proto}");
     }

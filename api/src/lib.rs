@@ -1,7 +1,7 @@
 //! cairn-api: everything that crosses a process boundary in Cairn, defined
 //! once: identifier newtypes that validate on construction, block geometry,
-//! the digest definition, the agent's protobuf API with its conversions, and
-//! the custom resources (`crd`).
+//! the digest definition, the agent's protobuf API with its conversions, the
+//! CSI protobuf API (`csi`), and the custom resources (`crd`).
 
 pub mod block;
 pub mod convert;
@@ -28,6 +28,16 @@ pub mod agent {
     pub mod v1 {
         #![allow(missing_docs, clippy::all, missing_debug_implementations)]
         tonic::include_proto!("cairn.agent.v1");
+    }
+}
+
+/// The Container Storage Interface, package `csi.v1`, written from the CSI
+/// specification (see `proto/csi/v1/csi.proto` for what was left out).
+pub mod csi {
+    /// Generated messages, clients and servers of `csi.v1`.
+    pub mod v1 {
+        #![allow(missing_docs, clippy::all, missing_debug_implementations)]
+        tonic::include_proto!("csi.v1");
     }
 }
 
