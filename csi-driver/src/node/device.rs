@@ -43,17 +43,34 @@ pub fn backed_by(file: &Path) -> Vec<PathBuf> {
     devices
 }
 
+/// Whether the device refuses writes (attached with --read-only).
+pub fn read_only(device: &Path) -> bool {
+    read_sys(device, "ro").is_some_and(|v| v.trim() == "1")
+}
+
 /// The device's size in bytes, as the kernel has it now.
 pub fn size(device: &Path) -> Option<u64> {
     read_sys(device, "size")?.trim().parse::<u64>().ok().map(|sectors| sectors * 512)
 }
 
-/// The loop device serving `file`: an attached one if there is one (a
-/// repeated stage, a restarted plugin), else a new one with direct I/O (no
-/// page cache between the device and the file), or buffered if the kernel
-/// refuses direct I/O for it.
+/// The writable loop device serving `file`: an attached one if there is
+/// one (a repeated stage, a restarted plugin), else a new one.
 pub async fn attach(file: &Path) -> Result<PathBuf, Error> {
-    if let Some(device) = backed_by(file).into_iter().next() {
+    attach_mode(file, false).await
+}
+
+/// A read-only loop device over `file`, for read-only raw block
+/// publishing: a read-only bind mount does not stop writes to a device
+/// node, a read-only device does.
+pub async fn attach_read_only(file: &Path) -> Result<PathBuf, Error> {
+    attach_mode(file, true).await
+}
+
+/// Attaches with direct I/O (no page cache between the device and the
+/// file), or buffered if the kernel refuses direct I/O for it.
+async fn attach_mode(file: &Path, ro: bool) -> Result<PathBuf, Error> {
+    let existing = || backed_by(file).into_iter().find(|d| read_only(d) == ro);
+    if let Some(device) = existing() {
         return Ok(device);
     }
     let args = |direct: bool| {
@@ -63,6 +80,9 @@ pub async fn attach(file: &Path) -> Result<PathBuf, Error> {
             "--sector-size".as_ref(),
             SECTOR_SIZE.as_ref(),
         ];
+        if ro {
+            a.push("--read-only".as_ref());
+        }
         if direct {
             a.push("--direct-io=on".as_ref());
         }
@@ -71,7 +91,7 @@ pub async fn attach(file: &Path) -> Result<PathBuf, Error> {
     };
     let device = match run("losetup", &args(true)).await {
         Ok(out) => PathBuf::from(out),
-        Err(e) => match backed_by(file).into_iter().next() {
+        Err(e) => match existing() {
             // Attached, but direct I/O could not be switched on.
             Some(device) => {
                 tracing::warn!(device = %device.display(), error = %e, "direct I/O refused; the loop device runs buffered");
@@ -89,7 +109,7 @@ pub async fn attach(file: &Path) -> Result<PathBuf, Error> {
             why: format!("losetup attached it, but it is not backed by {}", file.display()),
         });
     }
-    tracing::info!(device = %device.display(), file = %file.display(), "loop device attached");
+    tracing::info!(device = %device.display(), file = %file.display(), read_only = ro, "loop device attached");
     Ok(device)
 }
 
@@ -97,22 +117,31 @@ pub async fn attach(file: &Path) -> Result<PathBuf, Error> {
 /// on one is mounted. Waits until the kernel has let go.
 pub async fn detach(file: &Path) -> Result<(), Error> {
     for device in backed_by(file) {
-        if let Some(m) = mount::mounted_device(&device) {
-            return Err(Error::Device {
-                device,
-                why: format!("a filesystem on it is mounted at {}: unmount it first", m.display()),
-            });
-        }
-        run("losetup", &["--detach".as_ref(), device.as_os_str()]).await?;
-        let deadline = Instant::now() + DETACH_WAIT;
-        while backing_file(&device).as_deref() == Some(file) && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        if backing_file(&device).as_deref() == Some(file) {
-            tracing::warn!(device = %device.display(), "loop device still open elsewhere; it detaches when its last user closes it");
-        }
-        tracing::info!(device = %device.display(), file = %file.display(), "loop device detached");
+        detach_one(&device, file).await?;
     }
+    Ok(())
+}
+
+/// Detaches `device` if it is still backed by `file`.
+pub async fn detach_one(device: &Path, file: &Path) -> Result<(), Error> {
+    if backing_file(device).as_deref() != Some(file) {
+        return Ok(());
+    }
+    if let Some(m) = mount::mounted_device(device) {
+        return Err(Error::Device {
+            device: device.to_path_buf(),
+            why: format!("a filesystem on it is mounted at {}: unmount it first", m.display()),
+        });
+    }
+    run("losetup", &["--detach".as_ref(), device.as_os_str()]).await?;
+    let deadline = Instant::now() + DETACH_WAIT;
+    while backing_file(device).as_deref() == Some(file) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    if backing_file(device).as_deref() == Some(file) {
+        tracing::warn!(device = %device.display(), "loop device still open elsewhere; it detaches when its last user closes it");
+    }
+    tracing::info!(device = %device.display(), file = %file.display(), "loop device detached");
     Ok(())
 }
 

@@ -89,6 +89,8 @@ pub enum Error {
     Precondition { volume: String, why: String },
     #[error("{path} does not exist")]
     PathNotFound { path: String },
+    #[error(transparent)]
+    Context(#[from] crate::ContextError),
     #[error("{call} at the local agent {endpoint}: {}", .status.message())]
     Agent { call: &'static str, endpoint: String, status: Status },
 }
@@ -107,6 +109,7 @@ impl From<Error> for Status {
             }
             Error::NotStaged { .. } | Error::PathNotFound { .. } => Status::not_found(msg),
             Error::Incompatible { .. } => Status::already_exists(msg),
+            Error::Context(e) => Status::from(e),
             // The agent's codes mean what CSI's mean (NOT_FOUND,
             // FAILED_PRECONDITION for a fenced head, UNAVAILABLE...).
             Error::Agent { status, .. } => Status::new(status.code(), msg),
@@ -204,8 +207,7 @@ impl NodeService {
     async fn stage(&self, r: &csi::NodeStageVolumeRequest, access: Access) -> Result<(), Error> {
         let volume = r.volume_id.as_str();
         let staging = Path::new(&r.staging_target_path);
-        let open = crate::open_head_from_context(&r.publish_context)
-            .map_err(|e| Error::Precondition { volume: volume.into(), why: e.to_string() })?;
+        let open = crate::open_head_from_context(&r.publish_context)?;
         if let Some(old) = self.state.load(volume)? {
             if old.staging_target_path != staging {
                 return Err(Error::Incompatible {
@@ -344,6 +346,7 @@ impl NodeService {
                 }
                 staging.to_path_buf()
             }
+            Access::Block if r.readonly => device::attach_read_only(&record.fuse_file).await?,
             Access::Block => self.device_of(&record)?,
         };
         if let Some(m) = mount::mounted_at(target) {
@@ -382,6 +385,7 @@ impl NodeService {
     }
 
     async fn unpublish(&self, volume: &str, target: &Path) -> Result<(), Error> {
+        let bound = mount::mounted_at(target).and_then(|m| mount::bound_device(&m));
         mount::umount(target).await?;
         let removed = match std::fs::symlink_metadata(target) {
             Ok(m) if m.is_dir() => std::fs::remove_dir(target),
@@ -390,6 +394,13 @@ impl NodeService {
             Err(e) => Err(e),
         };
         removed.map_err(|source| Error::Io { what: "removing", path: target.into(), source })?;
+        // A read-only device made for this publish goes with its last one.
+        if let (Some(device), Some(record)) = (bound, self.state.load(volume)?)
+            && device::read_only(&device)
+            && mount::node_binds(&device).is_empty()
+        {
+            device::detach_one(&device, &record.fuse_file).await?;
+        }
         tracing::info!(volume, target = %target.display(), "unpublished");
         Ok(())
     }
@@ -399,9 +410,10 @@ impl NodeService {
         self.state.load(volume)?.ok_or_else(|| Error::NotStaged { volume: volume.into() })
     }
 
-    /// The loop device of a staged volume.
+    /// The (writable) loop device of a staged volume.
     fn device_of(&self, record: &Staged) -> Result<PathBuf, Error> {
-        device::backed_by(&record.fuse_file).into_iter().next().ok_or_else(|| Error::Precondition {
+        let devices = device::backed_by(&record.fuse_file);
+        devices.into_iter().find(|d| !device::read_only(d)).ok_or_else(|| Error::Precondition {
             volume: record.volume_id.clone(),
             why: format!("no loop device serves {}: stage it again", record.fuse_file.display()),
         })
@@ -444,7 +456,7 @@ impl NodeService {
         let usage = match &record.access {
             Access::Block => {
                 let size = device::size(&self.device_of(&record)?).unwrap_or(0) as i64;
-                vec![usage(csi::volume_usage::Unit::Bytes, size, 0, size)]
+                vec![usage(csi::volume_usage::Unit::Bytes, 0, size, 0)]
             }
             Access::Mount { .. } => {
                 let st = mount::statvfs(p).map_err(|source| Error::Io {

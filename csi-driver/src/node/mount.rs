@@ -77,6 +77,15 @@ pub fn mounted_device(device: &Path) -> Option<PathBuf> {
     mounts().into_iter().find(|m| m.device == number).map(|m| m.mountpoint)
 }
 
+/// The device node a mount is a bind of (raw block publishing), if it is
+/// one.
+pub fn bound_device(m: &Mount) -> Option<PathBuf> {
+    let from_dev = m.fstype == "devtmpfs" || m.fstype == "tmpfs";
+    let name = m.root.strip_prefix("/").ok()?;
+    let loop_name = name.to_str().is_some_and(|n| n.starts_with("loop") && !n.contains('/'));
+    (from_dev && loop_name).then(|| Path::new("/dev").join(name))
+}
+
 /// Where the device node itself is bind-mounted (raw block volumes
 /// published into pods): binds of `/<name>` from the filesystem of /dev.
 pub fn node_binds(device: &Path) -> Vec<PathBuf> {
