@@ -567,6 +567,9 @@ async fn an_ext4_volume_keeps_its_files_when_it_moves_to_another_node() {
     assert_eq!(code(gone), Code::NotFound);
 
     // Unstaging while published is refused; undo in order, twice.
+    let busy = n.node_unstage_volume(unstage_req(vol, &staging)).await;
+    assert_eq!(code(busy), Code::FailedPrecondition);
+    assert!(std::fs::read(target.join("file-0")).unwrap() == files[0].1, "still mounted");
     for t in [&target, &target_ro] {
         for _ in 0..2 {
             n.node_unpublish_volume(unpublish_req(vol, t)).await.unwrap();

@@ -278,8 +278,8 @@ impl NodeService {
     }
 
     async fn unstage(&self, volume: &str, staging: &Path) -> Result<(), Error> {
-        mount::umount(staging).await?;
         let Some(record) = self.state.load(volume)? else {
+            mount::umount(staging).await?;
             return Ok(());
         };
         if record.staging_target_path != staging {
@@ -292,17 +292,28 @@ impl NodeService {
                 ),
             });
         }
-        let busy: Vec<String> = device::backed_by(&record.fuse_file)
-            .iter()
-            .flat_map(|d| mount::node_binds(d))
-            .map(|p| p.display().to_string())
-            .collect();
+        // Still in a pod: the device bound (raw block) or its filesystem
+        // mounted anywhere but the staging path (bind mounts of it).
+        let mounts = mount::mounts();
+        let mut busy = Vec::new();
+        for d in device::backed_by(&record.fuse_file) {
+            let number = mount::device_number(&d);
+            busy.extend(mount::node_binds(&d));
+            busy.extend(
+                mounts
+                    .iter()
+                    .filter(|m| Some(&m.device) == number.as_ref() && m.mountpoint != staging)
+                    .map(|m| m.mountpoint.clone()),
+            );
+        }
         if !busy.is_empty() {
+            let at: Vec<String> = busy.iter().map(|p| p.display().to_string()).collect();
             return Err(Error::Precondition {
                 volume: volume.into(),
-                why: format!("still published at {}: unpublish it first", busy.join(", ")),
+                why: format!("still published at {}: unpublish it first", at.join(", ")),
             });
         }
+        mount::umount(staging).await?;
         device::detach(&record.fuse_file).await?;
         self.state.remove(volume)?;
         tracing::info!(volume, staging = %staging.display(), "unstaged");
