@@ -208,7 +208,9 @@ impl NodeService {
         let volume = r.volume_id.as_str();
         let staging = Path::new(&r.staging_target_path);
         let open = crate::open_head_from_context(&r.publish_context)?;
-        if let Some(old) = self.state.load(volume)? {
+        // A record of a stage that did not finish (refused fs type, crash)
+        // fixes nothing: this request replaces it.
+        if let Some(old) = self.state.load(volume)?.filter(|o| self.staged_fully(o)) {
             if old.staging_target_path != staging {
                 return Err(Error::Incompatible {
                     volume: volume.into(),
@@ -414,6 +416,19 @@ impl NodeService {
         }
         tracing::info!(volume, target = %target.display(), "unpublished");
         Ok(())
+    }
+
+    /// Whether a record's stage finished: its filesystem mounted at the
+    /// staging path, or for raw block its device attached.
+    fn staged_fully(&self, record: &Staged) -> bool {
+        let device = self.device_of(record).ok();
+        match &record.access {
+            Access::Block => device.is_some(),
+            Access::Mount { .. } => device.is_some_and(|d| {
+                mount::mounted_at(&record.staging_target_path)
+                    .is_some_and(|m| Some(m.device) == mount::device_number(&d))
+            }),
+        }
     }
 
     /// The record of a volume staged here; NOT_FOUND otherwise.
