@@ -42,7 +42,8 @@ impl FsType {
 }
 
 /// How a volume is used.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
 pub enum Access {
     /// A filesystem, mounted with these flags.
     Mount { fs_type: FsType, flags: Vec<String> },

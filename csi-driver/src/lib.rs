@@ -73,8 +73,10 @@ pub enum ContextError {
 impl From<ContextError> for Status {
     fn from(e: ContextError) -> Self {
         match e {
-            ContextError::Missing { .. }
-            | ContextError::Base64 { .. }
+            // Not published to this node (yet): the CO must call
+            // ControllerPublishVolume first.
+            ContextError::Missing { .. } => Status::failed_precondition(e.to_string()),
+            ContextError::Base64 { .. }
             | ContextError::Decode { .. }
             | ContextError::Epoch { .. }
             | ContextError::EpochMismatch { .. } => Status::invalid_argument(e.to_string()),
@@ -224,7 +226,7 @@ mod tests {
         ctx.remove(PUBLISH_OPEN_HEAD_KEY);
         let e = open_head_from_context(&ctx).unwrap_err();
         assert!(matches!(e, ContextError::Missing { key: PUBLISH_OPEN_HEAD_KEY }));
-        assert_eq!(Status::from(e).code(), tonic::Code::InvalidArgument);
+        assert_eq!(Status::from(e).code(), tonic::Code::FailedPrecondition);
     }
 
     #[test]

@@ -364,3 +364,62 @@ async fn a_killed_head_agent_leaves_no_dead_mount_in_the_way() {
     heads.close_head(pb::CloseHeadRequest { volume_id: "solo-vol".into() }).await.unwrap();
     agent.terminate().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_same_epoch_open_with_fuse_exposes_a_head_opened_without_it() {
+    if let Some(why) = skip_reason() {
+        eprintln!("skipped: needs root, /dev/fuse and loop devices ({why})");
+        return;
+    }
+    let data = tempfile::tempdir().unwrap();
+    let fuse_dir = tempfile::tempdir().unwrap();
+    let args = [OsStr::new("--fuse-dir"), fuse_dir.path().as_os_str()];
+    let agent = AgentProcess::start_args(data.path(), "solo", &args).unwrap();
+    let request = |fuse| pb::OpenHeadRequest {
+        fuse,
+        ..cairn_e2e::open_head_request(
+            "late-fuse",
+            64 << 20,
+            64 << 20,
+            1,
+            [("solo".to_string(), agent.endpoint())],
+        )
+    };
+    let mut heads = agent.heads().await.unwrap();
+    // Opened the way the operator opens it: no FUSE.
+    let plain = heads.open_head(request(false)).await.unwrap().into_inner();
+    assert!(plain.fuse_file.is_empty(), "{plain:?}");
+    heads
+        .head_write(pb::HeadWriteRequest {
+            volume_id: "late-fuse".into(),
+            offset: 4096,
+            data: pattern(3, 8192).into(),
+        })
+        .await
+        .unwrap();
+
+    // The CSI node repeats it with fuse=true: the same head, now a file.
+    let exposed = heads.open_head(request(true)).await.unwrap().into_inner();
+    assert!(!exposed.fuse_file.is_empty(), "{exposed:?}");
+    assert_eq!(exposed.epoch, 1);
+    assert!(exposed.fuse_file.starts_with(fuse_dir.path().to_str().unwrap()));
+    let mut got = vec![0u8; 8192];
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::File::open(&exposed.fuse_file).unwrap();
+        assert_eq!(f.metadata().unwrap().len(), 64 << 20);
+        f.read_exact_at(&mut got, 4096).unwrap();
+    }
+    assert_eq!(got, pattern(3, 8192), "the file serves what was written before");
+
+    // Repeats, with or without fuse, keep the one mount.
+    for fuse in [true, false] {
+        let again = heads.open_head(request(fuse)).await.unwrap().into_inner();
+        assert_eq!(again.fuse_file, exposed.fuse_file, "fuse={fuse}");
+    }
+    assert!(Path::new(&exposed.fuse_file).exists());
+
+    heads.close_head(pb::CloseHeadRequest { volume_id: "late-fuse".into() }).await.unwrap();
+    assert!(!Path::new(&exposed.fuse_file).exists(), "closing the head unmounts it");
+    agent.terminate().unwrap();
+}

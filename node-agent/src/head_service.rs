@@ -418,10 +418,25 @@ impl VolumeHeads for HeadService {
             )));
         }
         let mut heads = self.heads.lock().await;
-        if let Some(h) = heads.get(&volume)
+        if let Some(h) = heads.get_mut(&volume)
             && h.head.epoch() == r.epoch
             && !h.head.is_fenced()
         {
+            // A repeat at the same epoch keeps the open head. With fuse=true
+            // it also exposes the head through FUSE if it is not yet (the
+            // operator opens heads without FUSE, the CSI node asks for the
+            // mount); with fuse=false an existing mount stays.
+            if r.fuse && h.fuse.is_none() {
+                if h.is_remote() {
+                    return Err(Status::failed_precondition(format!(
+                        "volume {volume} is a remote copy (role Remote) here and is never attached: promote it first"
+                    )));
+                }
+                let file: Arc<dyn BlockVolume> =
+                    Arc::new(HeadVolume::new(h.head.clone(), tokio::runtime::Handle::current()));
+                let mount = self.mount(h.head.volume().to_string(), file).await?;
+                h.fuse = Some(std::sync::Mutex::new(mount));
+            }
             return Ok(Response::new(status_of(h)));
         }
         if let Some(old) = heads.get(&volume) {

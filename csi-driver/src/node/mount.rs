@@ -1,0 +1,245 @@
+//! Mounts as the kernel reports them (`/proc/self/mountinfo`), and the
+//! tools that make filesystems: `mount`/`umount`, `blkid` to find what a
+//! device holds, `mkfs.<fs>` only on an empty device, `resize2fs` and
+//! `xfs_growfs` to grow one. Nothing here formats a device that holds a
+//! filesystem or anything else blkid recognises.
+
+use std::{
+    ffi::{OsStr, OsString},
+    os::unix::{ffi::OsStrExt, fs::MetadataExt},
+    path::{Path, PathBuf},
+};
+
+use super::{Error, run, run_status};
+use crate::capability::FsType;
+
+/// One line of `/proc/self/mountinfo`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mount {
+    /// `major:minor` of the mounted device.
+    pub device: String,
+    /// The path inside that filesystem mounted here (`/` but for binds).
+    pub root: PathBuf,
+    pub mountpoint: PathBuf,
+    /// Per-mount options (`rw`/`ro`, ...).
+    pub options: String,
+    pub fstype: String,
+    pub source: PathBuf,
+}
+
+impl Mount {
+    pub fn read_only(&self) -> bool {
+        self.options.split(',').any(|o| o == "ro")
+    }
+}
+
+/// Parses mountinfo text.
+pub fn parse(text: &str) -> Vec<Mount> {
+    text.lines()
+        .filter_map(|line| {
+            // id parent major:minor root mountpoint options [optional...] - fstype source super
+            let f: Vec<&str> = line.split(' ').collect();
+            let sep = f.iter().position(|x| *x == "-")?;
+            Some(Mount {
+                device: f.get(2)?.to_string(),
+                root: unescape(f.get(3)?),
+                mountpoint: unescape(f.get(4)?),
+                options: f.get(5)?.to_string(),
+                fstype: f.get(sep + 1)?.to_string(),
+                source: unescape(f.get(sep + 2)?),
+            })
+        })
+        .collect()
+}
+
+/// The mounts of this process's mount namespace.
+pub fn mounts() -> Vec<Mount> {
+    std::fs::read_to_string("/proc/self/mountinfo").map(|t| parse(&t)).unwrap_or_default()
+}
+
+/// The topmost mount at `path`, if it is a mount point.
+pub fn mounted_at(path: &Path) -> Option<Mount> {
+    mounts().into_iter().rfind(|m| m.mountpoint == path)
+}
+
+/// `major:minor` of a device node.
+pub fn device_number(device: &Path) -> Option<String> {
+    let rdev = std::fs::metadata(device).ok()?.rdev();
+    (rdev != 0).then(|| format!("{}:{}", libc::major(rdev), libc::minor(rdev)))
+}
+
+/// Where a filesystem on `device` is mounted (its first mount), if anywhere.
+/// Bind mounts of the device node itself (raw block publishing) do not
+/// count: they are matched by the mounted device, which for those is the
+/// filesystem holding /dev.
+pub fn mounted_device(device: &Path) -> Option<PathBuf> {
+    let number = device_number(device)?;
+    mounts().into_iter().find(|m| m.device == number).map(|m| m.mountpoint)
+}
+
+/// The device node a mount is a bind of (raw block publishing), if it is
+/// one.
+pub fn bound_device(m: &Mount) -> Option<PathBuf> {
+    let from_dev = m.fstype == "devtmpfs" || m.fstype == "tmpfs";
+    let name = m.root.strip_prefix("/").ok()?;
+    let loop_name = name.to_str().is_some_and(|n| n.starts_with("loop") && !n.contains('/'));
+    (from_dev && loop_name).then(|| Path::new("/dev").join(name))
+}
+
+/// Where the device node itself is bind-mounted (raw block volumes
+/// published into pods): binds of `/<name>` from the filesystem of /dev.
+pub fn node_binds(device: &Path) -> Vec<PathBuf> {
+    let Some(name) = device.file_name() else { return Vec::new() };
+    let root = Path::new("/").join(name);
+    mounts()
+        .into_iter()
+        .filter(|m| m.root == root && (m.fstype == "devtmpfs" || m.fstype == "tmpfs"))
+        .map(|m| m.mountpoint)
+        .collect()
+}
+
+/// Undoes mountinfo's octal escapes (`\040` for a space).
+fn unescape(field: &str) -> PathBuf {
+    let b = field.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let octal = b.get(i + 1..i + 4).filter(|d| d.iter().all(|c| (b'0'..=b'7').contains(c)));
+        match (b[i], octal) {
+            (b'\\', Some(d)) => {
+                out.push((d[0] - b'0') << 6 | (d[1] - b'0') << 3 | (d[2] - b'0'));
+                i += 4;
+            }
+            (c, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    PathBuf::from(OsStr::from_bytes(&out))
+}
+
+/// `mount [-t fstype] [-o options] source target`.
+pub async fn mount(
+    source: &Path,
+    target: &Path,
+    fstype: Option<&str>,
+    options: &[String],
+) -> Result<(), Error> {
+    let mut args: Vec<OsString> = Vec::new();
+    if let Some(t) = fstype {
+        args.extend(["-t".into(), t.into()]);
+    }
+    if !options.is_empty() {
+        args.extend(["-o".into(), options.join(",").into()]);
+    }
+    args.extend([source.as_os_str().to_owned(), target.as_os_str().to_owned()]);
+    let args: Vec<&OsStr> = args.iter().map(OsString::as_os_str).collect();
+    run("mount", &args).await.map(drop)
+}
+
+/// Bind-mounts `source` on `target`, read-only if asked (a bind mount
+/// takes `ro` only on a remount).
+pub async fn bind(source: &Path, target: &Path, read_only: bool) -> Result<(), Error> {
+    mount(source, target, None, &["bind".into()]).await?;
+    if read_only
+        && let Err(e) = mount(Path::new("none"), target, None, &["remount,bind,ro".into()]).await
+    {
+        let _ = umount(target).await;
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// Unmounts everything mounted at `path` (stacked mounts too).
+pub async fn umount(path: &Path) -> Result<(), Error> {
+    while mounted_at(path).is_some() {
+        run("umount", &[path.as_os_str()]).await?;
+    }
+    Ok(())
+}
+
+/// What blkid finds on a device: `None` for nothing it knows (an empty
+/// device), else the filesystem (or partition table, or other) type.
+pub async fn probe(device: &Path) -> Result<Option<String>, Error> {
+    let args: [&OsStr; 6] = [
+        "-p".as_ref(),
+        "-o".as_ref(),
+        "value".as_ref(),
+        "-s".as_ref(),
+        "TYPE".as_ref(),
+        device.as_os_str(),
+    ];
+    // Exit status 2: nothing was found.
+    match run_status("blkid", &args, &[2]).await? {
+        (0, out) if !out.is_empty() => Ok(Some(out)),
+        (0, _) => {
+            // Something without a TYPE (a partition table): not empty.
+            let pt: [&OsStr; 6] = [
+                "-p".as_ref(),
+                "-o".as_ref(),
+                "value".as_ref(),
+                "-s".as_ref(),
+                "PTTYPE".as_ref(),
+                device.as_os_str(),
+            ];
+            let (_, pt) = run_status("blkid", &pt, &[2]).await?;
+            Ok(Some(if pt.is_empty() { "unknown".into() } else { format!("partition table {pt}") }))
+        }
+        _ => Ok(None),
+    }
+}
+
+/// Formats an empty device.
+pub async fn mkfs(fs: FsType, device: &Path) -> Result<(), Error> {
+    let program = format!("mkfs.{}", fs.as_str());
+    let force = match fs {
+        FsType::Ext4 => "-F",
+        FsType::Xfs => "-f",
+    };
+    run(&program, &[force.as_ref(), "-q".as_ref(), device.as_os_str()]).await.map(drop)
+}
+
+/// Grows the filesystem mounted at `mountpoint` (from `device`) to the
+/// device's size.
+pub async fn grow(fs: FsType, device: &Path, mountpoint: &Path) -> Result<(), Error> {
+    match fs {
+        FsType::Ext4 => run("resize2fs", &[device.as_os_str()]).await.map(drop),
+        FsType::Xfs => run("xfs_growfs", &[mountpoint.as_os_str()]).await.map(drop),
+    }
+}
+
+/// Space and inodes of the filesystem holding `path`.
+pub fn statvfs(path: &Path) -> std::io::Result<libc::statvfs> {
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    // SAFETY: an all-zero statvfs is a valid value for libc to overwrite.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a NUL-terminated path and `st` a valid out pointer.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(st)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_lines_are_parsed_with_escapes_and_optional_fields() {
+        let text = "36 35 98:0 / /mnt/a\\040b rw,noatime master:1 - ext4 /dev/loop3 rw,errors=continue\n\
+                    40 36 0:5 /loop3 /var/lib/pods/x/block ro,nosuid shared:2 - devtmpfs udev rw\n\
+                    bad line\n";
+        let m = parse(text);
+        assert_eq!(m.len(), 2);
+        assert_eq!(m[0].mountpoint, PathBuf::from("/mnt/a b"));
+        assert_eq!(m[0].device, "98:0");
+        assert_eq!(m[0].fstype, "ext4");
+        assert_eq!(m[0].source, PathBuf::from("/dev/loop3"));
+        assert!(!m[0].read_only());
+        assert!(m[1].read_only());
+        assert_eq!(m[1].fstype, "devtmpfs");
+        assert_eq!(m[1].root, PathBuf::from("/loop3"));
+    }
+}
