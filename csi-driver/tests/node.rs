@@ -395,7 +395,7 @@ async fn identity_answers_by_role_and_the_node_is_ready_while_its_agent_answers(
         .collect();
     assert_eq!(
         rpcs,
-        [R::StageUnstageVolume, R::GetVolumeStats, R::ExpandVolume, R::VolumeCondition]
+        [R::StageUnstageVolume, R::GetVolumeStats, R::VolumeCondition]
     );
 
     // Without its agent the node is not ready.

@@ -650,12 +650,11 @@ impl Node for NodeService {
         &self,
         _req: Request<csi::NodeGetCapabilitiesRequest>,
     ) -> Result<Response<csi::NodeGetCapabilitiesResponse>, Status> {
-        let capabilities = [
-            Type::StageUnstageVolume,
-            Type::GetVolumeStats,
-            Type::ExpandVolume,
-            Type::VolumeCondition,
-        ]
+        // EXPAND_VOLUME is not advertised: volumes cannot grow yet (see
+        // docs/design.md), so the CO never has a larger volume to grow the
+        // filesystem to. NodeExpandVolume itself works (it grows the
+        // filesystem to the device) for when growth lands.
+        let capabilities = [Type::StageUnstageVolume, Type::GetVolumeStats, Type::VolumeCondition]
         .into_iter()
         .map(rpc)
         .collect();
