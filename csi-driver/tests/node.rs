@@ -393,10 +393,7 @@ async fn identity_answers_by_role_and_the_node_is_ready_while_its_agent_answers(
             None => panic!("empty capability"),
         })
         .collect();
-    assert_eq!(
-        rpcs,
-        [R::StageUnstageVolume, R::GetVolumeStats, R::VolumeCondition]
-    );
+    assert_eq!(rpcs, [R::StageUnstageVolume, R::GetVolumeStats, R::VolumeCondition]);
 
     // Without its agent the node is not ready.
     agent.terminate().unwrap();

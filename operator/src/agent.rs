@@ -374,6 +374,7 @@ impl FakeAgents {
             snapshot_id: id.into(),
             generation,
             sealed_at_unix: unix,
+            digest: blake3::hash(id.as_bytes()).as_bytes().to_vec().into(),
             ..Default::default()
         };
         self.inner.lock().unwrap().snapshots.entry(volume.into()).or_default().push(info);

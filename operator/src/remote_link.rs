@@ -344,8 +344,21 @@ pub async fn reconcile(rl: Arc<RemoteLink>, ctx: Arc<Context>) -> Result<Action,
     let agents = ctx.agents.clone();
     if rl.spec.copy_request.is_some() && rl.spec.copy_request != st.last_copy_request {
         st.last_copy_request = rl.spec.copy_request.clone();
-        let (ep, id) = (src_ep.clone(), id.clone());
+        let (ep, id, vol) = (src_ep.clone(), id.clone(), src_vol.clone());
+        let snap = request_snapshot_name("copy", rl.spec.copy_request.as_deref().unwrap_or(""));
         tokio::spawn(async move {
+            // A snapshot of the source now (above every earlier
+            // generation), then everything the target lacks. A source that
+            // is itself a remote copy (a cascade) takes none: it forwards
+            // what it has.
+            let snaps = agents.snapshots(&ep, &vol).await.unwrap_or_default();
+            let newest = snaps.iter().map(|s| s.generation).max().unwrap_or(0);
+            let generation = newest.max(Timestamp::now().as_second() as u64) + 1;
+            if !snaps.iter().any(|s| s.snapshot_id == snap)
+                && let Err(e) = agents.snapshot(&ep, &vol, &snap, generation).await
+            {
+                tracing::warn!(link = %id, error = %e, "no snapshot for the requested copy; copying what there is");
+            }
             if let Err(e) = agents.sync_link(&ep, &id, false).await {
                 tracing::warn!(link = %id, error = %e, "requested copy failed");
             }
@@ -438,10 +451,11 @@ async fn switchover_refusal(ctx: &Context, rl: &RemoteLink) -> Result<Option<Str
     Ok(None)
 }
 
-/// The final snapshot of a switchover whose spec names none: from the
-/// request token (any string), so a resumed switchover seals the same one:
-/// `switchover-` and the token in lowercase letters, digits and dashes.
-pub fn final_snapshot_name(token: &str) -> String {
+/// The snapshot a request takes (a copy request's, or the final one of a
+/// switchover whose spec names none): from the request token (any string),
+/// so a resumed request seals the same one: `<what>-` and the token in
+/// lowercase letters, digits and dashes.
+pub fn request_snapshot_name(what: &str, token: &str) -> String {
     let mut s: String = token
         .chars()
         .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '-' })
@@ -450,9 +464,9 @@ pub fn final_snapshot_name(token: &str) -> String {
     let s = s.trim_matches('-');
     if s.is_empty() {
         let h = blake3::hash(token.as_bytes()).to_hex();
-        return format!("switchover-{}", &h[..16]);
+        return format!("{what}-{}", &h[..16]);
     }
-    format!("switchover-{s}")
+    format!("{what}-{s}")
 }
 
 /// Merge patches of Volumes, recorded under the operator's name.
@@ -496,7 +510,7 @@ async fn resume_switchover(
         .switchover
         .as_ref()
         .and_then(|sw| sw.final_snapshot.clone())
-        .unwrap_or_else(|| final_snapshot_name(token));
+        .unwrap_or_else(|| request_snapshot_name("switchover", token));
     let (agents, recorder_ctx, rl) = (ctx.agents.clone(), ctx.clone(), rl.clone());
     let (src_ep, link_id) = (src_ep.to_string(), link_id.to_string());
     let generation = Timestamp::now().as_second() as u64;
@@ -552,11 +566,14 @@ mod tests {
     #[test]
     fn a_switchover_token_names_a_valid_stable_snapshot() {
         for token in ["2026-11-25T10:00:00Z", "now", "--", &"x".repeat(63)] {
-            let name = final_snapshot_name(token);
+            let name = request_snapshot_name("switchover", token);
             assert!(cairn_api::SnapshotId::new(&name).is_ok(), "{token} -> {name}");
-            assert_eq!(name, final_snapshot_name(token), "stable");
+            assert_eq!(name, request_snapshot_name("switchover", token), "stable");
         }
-        assert_eq!(final_snapshot_name("2026-11-25T10:00:00Z"), "switchover-2026-11-25t10-00-00z");
+        assert_eq!(
+            request_snapshot_name("switchover", "2026-11-25T10:00:00Z"),
+            "switchover-2026-11-25t10-00-00z"
+        );
     }
     use cairn_api::crd::RemoteLinkSpec;
 

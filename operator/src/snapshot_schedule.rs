@@ -122,6 +122,21 @@ pub fn snapshot_id(schedule: &str, run: Timestamp) -> String {
     format!("{}-{stamp}", name.trim_end_matches('-'))
 }
 
+/// Pure: whether snapshot `id` is one `snapshot_id(schedule, run)` names
+/// (the schedule's name, cut to fit, then `-yyyymmdd-hhmm`).
+pub fn is_run_of(schedule: &str, id: &str) -> bool {
+    let stamp_len = "-yyyymmdd-hhmm".len();
+    let Some(split) = id.len().checked_sub(stamp_len) else { return false };
+    let (name, stamp) = id.split_at(split);
+    let room = 63 - (stamp_len - 1) - 1;
+    let want: String = schedule.chars().take(room).collect();
+    let b = stamp.as_bytes();
+    name == want.trim_end_matches('-')
+        && b[0] == b'-'
+        && b[9] == b'-'
+        && b[1..9].iter().chain(&b[10..]).all(u8::is_ascii_digit)
+}
+
 /// What one reconcile does about time: the run to take now (if any), the
 /// runs missed before it, the next run.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -233,7 +248,7 @@ pub async fn reconcile(s: Arc<SnapshotSchedule>, ctx: Arc<Context>) -> Result<Ac
         // Apply: retention at the primary, then at each remote twin this
         // cluster reaches (a link's target on a cluster of this Kubernetes
         // cluster).
-        if let Err(e) = prune_at(&ctx, &ep, id, retention, now).await {
+        if let Err(e) = prune_at(&ctx, &name, &ep, id, retention, now).await {
             failures.push(format!("{}: {e}", v.name_any()));
         }
         for l in links.iter().filter(|l| l.spec.source_volume == v.name_any()) {
@@ -243,7 +258,7 @@ pub async fn reconcile(s: Arc<SnapshotSchedule>, ctx: Arc<Context>) -> Result<Ac
             };
             let cluster = cached(&mut cluster_cache, &clusters, &t.spec.cluster).await?;
             let Some((tep, tid)) = head_endpoint(t.status.as_ref(), cluster) else { continue };
-            if let Err(e) = prune_at(&ctx, &tep, &tid, remote_retention, now).await {
+            if let Err(e) = prune_at(&ctx, &name, &tep, &tid, remote_retention, now).await {
                 failures.push(format!("{} (remote twin of {}): {e}", t.name_any(), v.name_any()));
             }
         }
@@ -300,14 +315,18 @@ async fn cached<'a>(
 /// a deletion the agent refuses (a link needs it) is kept.
 async fn prune_at(
     ctx: &Context,
+    schedule: &str,
     ep: &str,
     id: &str,
     retention: Retention,
     now: Timestamp,
 ) -> Result<(), crate::agent::AgentError> {
     let snaps = ctx.agents.snapshots(ep, id).await?;
+    // Only this schedule's own snapshots: those taken by hand, through CSI
+    // (a VolumeSnapshot) or by another schedule are not its to prune.
     let line: Vec<Snap> = snaps
         .iter()
+        .filter(|x| is_run_of(schedule, &x.snapshot_id))
         .map(|x| Snap {
             id: x.snapshot_id.clone(),
             sealed_at: Timestamp::from_second(x.sealed_at_unix).unwrap_or(now),
@@ -386,6 +405,23 @@ mod tests {
         let cache: BTreeMap<String, String> = [("tier".to_string(), "cache".to_string())].into();
         assert!(!selects(&sel, &cache));
         assert!(selects(&LabelSelector::default(), &cache), "empty selects all");
+    }
+
+    #[test]
+    fn a_schedule_knows_its_own_snapshots_by_name() {
+        let run = Timestamp::from_second(1_800_000_000).unwrap();
+        assert!(is_run_of("every-15", &snapshot_id("every-15", run)));
+        let long = "x".repeat(70);
+        assert!(is_run_of(&long, &snapshot_id(&long, run)));
+        for other in [
+            "snapshot-1b4e28ba-2fa1-11d2-883f-0016d3cca427",
+            "every-15",
+            "every-15-2026",
+            "every-150-20260101-0000",
+            "nightly-20260101-0300",
+        ] {
+            assert!(!is_run_of("every-15", other), "{other}");
+        }
     }
 
     #[test]

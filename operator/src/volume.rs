@@ -16,8 +16,10 @@ use cairn_api::{
     crd::{
         AgentHealth, Condition, ConditionStatus, HeadLocation, PlacedAgent, Placement,
         RebuildPhase, RebuildProgress, RemoteLink, ReplicaHealth, ReplicaStatus, StorageCluster,
-        Volume, VolumePhase, VolumeRole, VolumeStatus, quantity::format_bytes, set_condition,
-        volume::condition,
+        Volume, VolumePhase, VolumeRole, VolumeSnapshot, VolumeStatus,
+        quantity::format_bytes,
+        set_condition,
+        volume::{MAX_STATUS_SNAPSHOTS, condition},
     },
 };
 use k8s_openapi::{apimachinery::pkg::apis::meta::v1::Time, jiff::Timestamp};
@@ -262,6 +264,27 @@ pub fn placed_size(vol: &Volume) -> i64 {
         .unwrap_or(vol.spec.size_bytes)
 }
 
+/// Pure: `status.snapshots` from the agent's list (oldest first), the
+/// newest `MAX_STATUS_SNAPSHOTS` of them.
+pub fn status_snapshots(snaps: &[pb::SnapshotInfo]) -> Vec<VolumeSnapshot> {
+    let skip = snaps.len().saturating_sub(MAX_STATUS_SNAPSHOTS);
+    snaps[skip..]
+        .iter()
+        // The schema wants a 32-byte digest; an agent always gives one.
+        .filter(|s| s.digest.len() == 32)
+        .map(|s| VolumeSnapshot {
+            id: s.snapshot_id.clone(),
+            generation: s.generation as i64,
+            digest: s.digest.iter().map(|b| format!("{b:02x}")).collect(),
+            created_at: Time(
+                Timestamp::from_second(s.sealed_at_unix).unwrap_or(Timestamp::UNIX_EPOCH),
+            ),
+            divergent: s.divergent,
+            schedule: None,
+        })
+        .collect()
+}
+
 /// Pure: the status from what the head reports.
 pub fn status_of(vol: &Volume, d: &Desired, head: &pb::HeadStatus, now: Time) -> VolumeStatus {
     let mut st = vol.status.clone().unwrap_or_default();
@@ -413,6 +436,9 @@ async fn apply(vol: &Volume, ctx: &Context) -> Result<Action, Error> {
     };
     // Apply: the head, then its role.
     let mut head = ctx.agents.open_head(&d.endpoint, d.open.clone()).await?;
+    // The snapshots as the head's agent has them (for status, and the
+    // generation of a demotion's last snapshot); unknown if it cannot say.
+    let snaps = ctx.agents.snapshots(&d.endpoint, &d.open.volume_id).await.ok();
     let at_head = pb::VolumeRole::try_from(head.role).unwrap_or(pb::VolumeRole::Primary);
     let want = pb::VolumeRole::from(vol.spec.role);
     let hold = vol.annotations().get(ROLE_HOLD).cloned();
@@ -432,12 +458,12 @@ async fn apply(vol: &Volume, ctx: &Context) -> Result<Action, Error> {
                 .await;
             }
             pb::VolumeRole::Remote => {
-                let generation = vol
+                let listed = snaps.iter().flatten().map(|s| s.generation as i64).max();
+                let recorded = vol
                     .status
                     .as_ref()
-                    .and_then(|s| s.snapshots.iter().map(|s| s.generation).max())
-                    .unwrap_or(0)
-                    + 1;
+                    .and_then(|s| s.snapshots.iter().map(|s| s.generation).max());
+                let generation = listed.max(recorded).unwrap_or(0) + 1;
                 let snap = format!("demoted-g{}", vol.meta().generation.unwrap_or(0));
                 ctx.agents.demote(&d.endpoint, id, &snap, generation as u64).await?;
                 event(
@@ -459,6 +485,9 @@ async fn apply(vol: &Volume, ctx: &Context) -> Result<Action, Error> {
     // Status.
     let before = vol.status.as_ref().map(|s| s.phase);
     let mut st = status_of(vol, &d, &head, now());
+    if let Some(snaps) = &snaps {
+        st.snapshots = status_snapshots(snaps);
+    }
     if let Some(hold) = hold.filter(|_| at_head != want) {
         let c = Condition::new(
             condition::READY,
@@ -753,6 +782,28 @@ mod tests {
         let ready = st.conditions.iter().find(|c| c.type_ == condition::READY).unwrap();
         assert_eq!(ready.reason, "GrowthNotSupported");
         assert!(ready.message.contains("not supported yet"), "{}", ready.message);
+    }
+
+    #[test]
+    fn status_lists_the_agents_snapshots_with_hex_digests_newest_bounded() {
+        let snap = |i: u64| pb::SnapshotInfo {
+            snapshot_id: format!("s{i}"),
+            generation: i,
+            digest: vec![i as u8; 32].into(),
+            sealed_at_unix: 1_800_000_000 + i as i64,
+            divergent: i == 1,
+            ..Default::default()
+        };
+        let few: Vec<_> = (0..3).map(snap).collect();
+        let st = status_snapshots(&few);
+        assert_eq!(st.len(), 3);
+        assert_eq!(st[2].digest, "02".repeat(32));
+        assert!(st[1].divergent && !st[0].divergent);
+        assert_eq!(st[2].created_at.0.as_second(), 1_800_000_002);
+        let many: Vec<_> = (0..(MAX_STATUS_SNAPSHOTS as u64 + 5)).map(snap).collect();
+        let st = status_snapshots(&many);
+        assert_eq!(st.len(), MAX_STATUS_SNAPSHOTS);
+        assert_eq!(st[0].id, "s5", "the oldest go first");
     }
 
     #[test]

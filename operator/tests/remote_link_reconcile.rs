@@ -129,9 +129,13 @@ async fn a_link_is_paired_registered_put_and_a_copy_request_runs_once() {
     assert_eq!(put.target_endpoint, "http://b1.site-b:7070");
     assert_eq!(put.volume_id, "shop-db");
     assert!(put.forward && put.policy.is_some() && put.pairing_secret.len() >= 16);
+    let snap = calls.iter().position(|c| matches!(c, Call::Snapshot { volume, id, .. } if volume == "shop-db" && id == "copy-now-1"));
+    let sync = calls
+        .iter()
+        .position(|c| c == &Call::SyncLink { link: "shop-db-to-b".into(), resync: false });
     assert!(
-        calls.contains(&Call::SyncLink { link: "shop-db-to-b".into(), resync: false }),
-        "{calls:?}"
+        matches!((snap, sync), (Some(a), Some(b)) if a < b),
+        "a snapshot, then the copy: {calls:?}"
     );
 }
 

@@ -73,16 +73,26 @@ async fn a_due_run_snapshots_the_primary_reports_missed_runs_and_prunes_by_reten
     let (ctx, mut api, agents) = setup();
     let now = Timestamp::now();
     let created = now - SignedDuration::from_mins(61);
-    // Five older snapshots; link a-b has copied up to s2, so s2.. are needed.
-    for (i, id) in ["s1", "s2", "s3", "s4", "s5"].iter().enumerate() {
+    // Five older snapshots of this schedule, and one a VolumeSnapshot took
+    // (not the schedule's to prune); link a-b has copied up to s2, so
+    // s2.. are needed.
+    let s_ = |i: i64| snapshot_id("every-15", now - SignedDuration::from_hours(5 - i));
+    let ids: Vec<String> = (0..5).map(s_).collect();
+    agents.add_snapshot(
+        "shop-db",
+        "snapshot-csi-0",
+        1,
+        (now - SignedDuration::from_hours(6)).as_second(),
+    );
+    for (i, id) in ids.iter().enumerate() {
         agents.add_snapshot(
             "shop-db",
             id,
-            i as u64 + 1,
+            i as u64 + 2,
             (now - SignedDuration::from_hours(5 - i as i64)).as_second(),
         );
     }
-    agents.add_link("shop-db", "a-b", "s2");
+    agents.add_link("shop-db", "a-b", &ids[1]);
     let s = schedule("*/15 * * * *", created);
     let run = tokio::spawn(reconcile(Arc::new(s.clone()), ctx));
 
@@ -139,8 +149,11 @@ async fn a_due_run_snapshots_the_primary_reports_missed_runs_and_prunes_by_reten
             _ => None,
         })
         .collect();
-    assert_eq!(deleted, ["s1"]);
-    assert_eq!(agents.snapshot_ids("shop-db"), ["s2", "s3", "s4", "s5", id.as_str()]);
+    assert_eq!(deleted, [ids[0].as_str()]);
+    let mut left: Vec<&str> = vec!["snapshot-csi-0"];
+    left.extend(ids[1..].iter().map(String::as_str));
+    left.push(id.as_str());
+    assert_eq!(agents.snapshot_ids("shop-db"), left);
 }
 
 #[tokio::test]
@@ -165,10 +178,16 @@ async fn the_remote_twin_is_pruned_by_the_remote_retention() {
     // Created just now: no run is due; only retention runs.
     let s = schedule("0 3 * * *", now);
     for i in 0..3i64 {
-        let t = (now - SignedDuration::from_hours(24 * (10 - i))).as_second();
-        agents.add_snapshot("shop-db-copy", &format!("old{i}"), i as u64 + 1, t);
+        let t = now - SignedDuration::from_hours(24 * (10 - i));
+        agents.add_snapshot(
+            "shop-db-copy",
+            &snapshot_id("every-15", t),
+            i as u64 + 1,
+            t.as_second(),
+        );
     }
-    agents.add_snapshot("shop-db-copy", "recent", 9, now.as_second() - 60);
+    let recent = snapshot_id("every-15", now - SignedDuration::from_mins(1));
+    agents.add_snapshot("shop-db-copy", &recent, 9, now.as_second() - 60);
     let run = tokio::spawn(reconcile(Arc::new(s.clone()), ctx));
     serve(
         &mut api,
@@ -192,6 +211,6 @@ async fn the_remote_twin_is_pruned_by_the_remote_retention() {
     serve(&mut api, Method::PATCH, &format!("{SCHEDULE}/status"), json!(s)).await;
     run.await.unwrap().unwrap();
     // Remote retention is maxAge 7d: the three 8-10 day old twins go.
-    assert_eq!(agents.snapshot_ids("shop-db-copy"), ["recent"]);
+    assert_eq!(agents.snapshot_ids("shop-db-copy"), [recent]);
     assert!(agents.calls().iter().all(|c| !matches!(c, Call::Snapshot { .. })), "no run was due");
 }

@@ -69,11 +69,15 @@ async fn a_new_volume_gets_the_finalizer_first() {
 async fn a_volume_is_opened_at_the_least_loaded_agent_and_reported_ready_by_server_side_apply() {
     let (ctx, mut api, agents) = setup();
     let vol = volume(VolumeRole::Primary, true, false);
+    agents.add_snapshot("shop-db", "nightly-1", 7, 1_800_000_000);
     let run = tokio::spawn(reconcile(Arc::new(vol.clone()), ctx));
     serve(&mut api, Method::GET, CLUSTER, json!(cluster())).await;
     let status = serve(&mut api, Method::PATCH, &format!("{VOLUME}/status"), json!(vol)).await;
     run.await.unwrap().unwrap();
 
+    let snap = &status["status"]["snapshots"][0];
+    assert_eq!((snap["id"].as_str(), snap["generation"].as_i64()), (Some("nightly-1"), Some(7)));
+    assert_eq!(snap["digest"].as_str().unwrap().len(), 64, "{snap}");
     assert!(
         status["__query"].as_str().unwrap().contains("fieldManager=cairn-operator"),
         "{status}"

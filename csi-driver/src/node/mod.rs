@@ -655,9 +655,9 @@ impl Node for NodeService {
         // filesystem to. NodeExpandVolume itself works (it grows the
         // filesystem to the device) for when growth lands.
         let capabilities = [Type::StageUnstageVolume, Type::GetVolumeStats, Type::VolumeCondition]
-        .into_iter()
-        .map(rpc)
-        .collect();
+            .into_iter()
+            .map(rpc)
+            .collect();
         Ok(Response::new(csi::NodeGetCapabilitiesResponse { capabilities }))
     }
 
