@@ -101,9 +101,8 @@ async fn main() -> anyhow::Result<()> {
             let config = ControllerConfig {
                 namespace,
                 ready_timeout: Duration::from_secs(ready_timeout_seconds),
-                agent_tls: tls.load()?,
             };
-            let controller = ControllerService::new(config).await?;
+            let controller = ControllerService::connect(config, tls.load()?).await?;
             server
                 .add_service(IdentityService::new(Role::Controller).into_server())
                 .add_service(controller.into_server())
