@@ -256,9 +256,17 @@ spec:
 EOF
 
 step "wait for the copy (RemoteLink status)"
+# lastCopyRequest says the request was taken up (a snapshot is taken at the
+# source, then copied); the copy is done when the link names the snapshot
+# it copied last.
 k -n "$NS" wait remotelink/e2e-to-site-b --for=jsonpath='{.status.lastCopyRequest}'=e2e-1 --timeout="${TIMEOUT}s"
-copied=$(k -n "$NS" get remotelink e2e-to-site-b -o jsonpath='{.status.lastCopiedSnapshot.id}')
-[[ -n "$copied" ]] || fail "the copy request is done but no snapshot is recorded as copied"
+copied=""
+for _ in $(seq "$TIMEOUT"); do
+  copied=$(k -n "$NS" get remotelink e2e-to-site-b -o jsonpath='{.status.lastCopiedSnapshot.id}')
+  [[ "$copied" == copy-e2e-1 ]] && break
+  sleep 1
+done
+[[ "$copied" == copy-e2e-1 ]] || fail "the requested copy did not finish within ${TIMEOUT}s (last copied: ${copied:-none})"
 k -n "$NS" get remotelink e2e-to-site-b
 echo "copied snapshot $copied to site-b"
 
