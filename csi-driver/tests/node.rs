@@ -73,7 +73,19 @@ struct CsiProcess {
 
 impl CsiProcess {
     fn start(socket: &Path, role_args: &[&OsStr]) -> CsiProcess {
+        // The controller builds its Kubernetes client at start (it talks to
+        // the API server only when a Controller RPC runs): a kubeconfig
+        // naming an API server that is not there is enough for Identity.
+        std::fs::create_dir_all(socket.parent().unwrap()).unwrap();
+        let kubeconfig = socket.with_file_name("kubeconfig");
+        std::fs::write(
+            &kubeconfig,
+            "apiVersion: v1\nkind: Config\nclusters: [{name: none, cluster: {server: 'https://127.0.0.1:9'}}]\n\
+             users: [{name: none, user: {}}]\ncontexts: [{name: none, context: {cluster: none, user: none}}]\ncurrent-context: none\n",
+        )
+        .unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_cairn-csi"))
+            .env("KUBECONFIG", &kubeconfig)
             .args(role_args)
             .arg("--endpoint")
             .arg(format!("unix://{}", socket.display()))
