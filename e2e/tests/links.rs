@@ -228,6 +228,35 @@ async fn fan_out_to_two_sites_keeps_each_links_snapshots_until_it_has_them() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_dropped_receiving_link_no_longer_keeps_the_snapshot_it_sealed() {
+    let mut a = Site::start("a", 1, 1, PRIMARY, &[]).await;
+    let mut b = Site::start("b", 1, 1, REMOTE, &[]).await;
+    b.receive("a-b").await;
+    a.put_link("a-b", b.agents[0].endpoint(), |_| {}).await;
+    a.write(0, pattern(1, MIB as usize)).await;
+    a.snapshot("s1", 1).await;
+    a.sync("a-b", false).await.unwrap();
+    let del =
+        pb::DeleteHeadSnapshotRequest { volume_id: b.volume.clone(), snapshot_id: "s1".into() };
+    let err = b.heads.delete_head_snapshot(del.clone()).await.unwrap_err();
+    assert!(err.message().contains("UnregisterLink"), "{}", err.message());
+
+    let mut copy = cairn_e2e::copy_client(&b.agents[0]).await.unwrap();
+    let drop = |secret: &[u8]| pb::UnregisterLinkRequest {
+        link_id: "a-b".into(),
+        pairing_secret: secret.to_vec().into(),
+    };
+    let err = copy.unregister_link(drop(b"not-the-pairing-secret")).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+    copy.unregister_link(drop(SECRET)).await.unwrap();
+    copy.unregister_link(drop(SECRET)).await.expect("dropped already: done");
+    b.heads.delete_head_snapshot(del).await.expect("no registered link keeps s1 now");
+    assert!(b.snapshots().await.is_empty());
+    let err = a.sync("a-b", false).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "the link is not registered there: {err:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_cascade_forwards_each_snapshot_once_it_is_complete() {
     let mut a = Site::start("a", 1, 1, PRIMARY, &[]).await;
     let mut b = Site::start("b", 1, 1, REMOTE, &[]).await;

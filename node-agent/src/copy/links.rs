@@ -347,7 +347,7 @@ impl Links {
                 && rec.last_snapshot.as_deref() == Some(snapshot.as_str())
             {
                 why.push(format!(
-                    "snapshot {snapshot} is the newest one link {id} copied here: the link's next copy is the layer on top of it; keep it until a newer one arrives"
+                    "snapshot {snapshot} is the newest one link {id} copied here: the link's next copy is the layer on top of it; keep it until a newer one arrives, or drop the link here (UnregisterLink)"
                 ));
             }
         }

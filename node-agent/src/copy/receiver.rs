@@ -584,6 +584,21 @@ impl SnapshotCopy for CopyService {
         Ok(Response::new(pb::RegisterLinkResponse {}))
     }
 
+    async fn unregister_link(
+        &self,
+        req: Request<pb::UnregisterLinkRequest>,
+    ) -> Result<Response<pb::UnregisterLinkResponse>, Status> {
+        let r = req.into_inner();
+        if self.link(&r.link_id)?.is_none() {
+            return Ok(Response::new(pb::UnregisterLinkResponse {}));
+        }
+        self.admit(&r.link_id, &r.pairing_secret)?;
+        self.save_checkpoint(&r.link_id, None)?;
+        self.store.put_meta(LINKS, &r.link_id, None).map_err(internal)?;
+        tracing::info!(link = %r.link_id, "receiving link dropped");
+        Ok(Response::new(pb::UnregisterLinkResponse {}))
+    }
+
     type CopyStream = ReceiverStream<Result<pb::CopyReply, Status>>;
 
     async fn copy(
