@@ -73,6 +73,10 @@ pub trait AgentApi: Send + Sync + std::fmt::Debug + 'static {
     async fn stat(&self, endpoint: &str) -> AgentResult<(u64, u64)>;
     /// Registers a link at the receiving agent (idempotent).
     async fn register_link(&self, endpoint: &str, req: pb::RegisterLinkRequest) -> AgentResult<()>;
+    /// Drops a link registered at the receiving agent (an unknown one is
+    /// dropped already): the newest snapshot it sealed there is no longer
+    /// kept from deletion.
+    async fn unregister_link(&self, endpoint: &str, link: &str, secret: &[u8]) -> AgentResult<()>;
     /// Creates or changes a link at the sending agent.
     async fn put_link(&self, endpoint: &str, link: pb::Link) -> AgentResult<pb::LinkStatus>;
     /// Copies every snapshot the link's target lacks (long: run it apart).
@@ -82,6 +86,12 @@ pub trait AgentApi: Send + Sync + std::fmt::Debug + 'static {
         link: &str,
         resync: bool,
     ) -> AgentResult<pb::SyncLinkResponse>;
+    /// Copies one snapshot of a volume at this (source head) agent to a
+    /// link registered at the receiver: a full copy when
+    /// `base_snapshot_id` is empty. Returns once the snapshot is sealed at
+    /// the receiver with the same digest; a call cut short resumes from the
+    /// receiver's checkpoint at the next one (long: up to [`COPY_TIMEOUT`]).
+    async fn copy_snapshot(&self, endpoint: &str, req: pb::CopySnapshotRequest) -> AgentResult<()>;
     /// Planned switchover over a link (long: run it apart).
     async fn switchover(
         &self,
@@ -92,11 +102,19 @@ pub trait AgentApi: Send + Sync + std::fmt::Debug + 'static {
     ) -> AgentResult<()>;
 }
 
-/// The agents over gRPC; one lazily connected channel per endpoint.
+/// How long one call may take, except copies.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long one `copy_snapshot` call may take. A longer copy is cut and
+/// resumes from the receiver's checkpoint at the next call.
+pub const COPY_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// The agents over gRPC; per endpoint, two lazily connected channels: one
+/// whose calls time out after [`CALL_TIMEOUT`], one for copies (a channel's
+/// timeout caps every request's, so copies need their own).
 #[derive(Debug, Default)]
 pub struct GrpcAgents {
     tls: Option<ClientTlsConfig>,
-    channels: Mutex<BTreeMap<String, Channel>>,
+    channels: Mutex<BTreeMap<(String, bool), Channel>>,
 }
 
 impl GrpcAgents {
@@ -107,19 +125,28 @@ impl GrpcAgents {
     }
 
     fn channel(&self, endpoint: &str) -> AgentResult<Channel> {
+        self.channel_for(endpoint, false)
+    }
+
+    /// The channel to `endpoint`; `long`: without the channel-wide
+    /// timeout (each request sets its own).
+    fn channel_for(&self, endpoint: &str, long: bool) -> AgentResult<Channel> {
         let bad = |m: String| AgentError {
             endpoint: endpoint.to_string(),
             code: tonic::Code::InvalidArgument,
             message: m,
         };
         let mut channels = self.channels.lock().unwrap();
-        if let Some(c) = channels.get(endpoint) {
+        let key = (endpoint.to_string(), long);
+        if let Some(c) = channels.get(&key) {
             return Ok(c.clone());
         }
         let mut e = Endpoint::from_shared(endpoint.to_string())
             .map_err(|e| bad(format!("not an endpoint: {e}")))?
-            .connect_timeout(Duration::from_secs(5))
-            .timeout(Duration::from_secs(60));
+            .connect_timeout(Duration::from_secs(5));
+        if !long {
+            e = e.timeout(CALL_TIMEOUT);
+        }
         if endpoint.starts_with("https://") {
             let tls = self.tls.clone().ok_or_else(|| {
                 bad("an https:// agent needs the operator's --agent-tls-* flags".into())
@@ -127,7 +154,7 @@ impl GrpcAgents {
             e = e.tls_config(tls).map_err(|e| bad(e.to_string()))?;
         }
         let c = e.connect_lazy();
-        channels.insert(endpoint.to_string(), c.clone());
+        channels.insert(key, c.clone());
         Ok(c)
     }
 
@@ -232,6 +259,15 @@ impl AgentApi for GrpcAgents {
         c.register_link(req).await.map(drop).map_err(|s| AgentError::from_status(endpoint, s))
     }
 
+    async fn unregister_link(&self, endpoint: &str, link: &str, secret: &[u8]) -> AgentResult<()> {
+        let mut c = pb::snapshot_copy_client::SnapshotCopyClient::new(self.channel(endpoint)?);
+        let req = pb::UnregisterLinkRequest {
+            link_id: link.into(),
+            pairing_secret: secret.to_vec().into(),
+        };
+        c.unregister_link(req).await.map(drop).map_err(|s| AgentError::from_status(endpoint, s))
+    }
+
     async fn put_link(&self, endpoint: &str, link: pb::Link) -> AgentResult<pb::LinkStatus> {
         let r = self.heads(endpoint)?.put_link(link).await;
         r.map(|r| r.into_inner()).map_err(|s| AgentError::from_status(endpoint, s))
@@ -247,6 +283,13 @@ impl AgentApi for GrpcAgents {
         let mut c = self.heads(endpoint)?;
         let r = c.sync_link(tonic::Request::new(req)).await;
         r.map(|r| r.into_inner()).map_err(|s| AgentError::from_status(endpoint, s))
+    }
+
+    async fn copy_snapshot(&self, endpoint: &str, req: pb::CopySnapshotRequest) -> AgentResult<()> {
+        let mut c = VolumeHeadsClient::new(self.channel_for(endpoint, true)?);
+        let mut req = tonic::Request::new(req);
+        req.set_timeout(COPY_TIMEOUT);
+        c.copy_snapshot(req).await.map(drop).map_err(|s| AgentError::from_status(endpoint, s))
     }
 
     async fn switchover(
@@ -307,6 +350,10 @@ pub enum Call {
         link: String,
         target_volume: String,
     },
+    UnregisterLink {
+        endpoint: String,
+        link: String,
+    },
     PutLink {
         endpoint: String,
         link: pb::Link,
@@ -318,6 +365,14 @@ pub enum Call {
     Switchover {
         link: String,
         snapshot: String,
+    },
+    CopySnapshot {
+        endpoint: String,
+        volume: String,
+        snapshot: String,
+        base: String,
+        link: String,
+        target_endpoint: String,
     },
 }
 
@@ -337,6 +392,8 @@ struct FakeState {
     snapshots: BTreeMap<String, Vec<pb::SnapshotInfo>>,
     /// Per volume: the link id and its cursor (last copied snapshot).
     links: BTreeMap<String, Vec<(String, String)>>,
+    /// Links registered at receivers: link id -> target volume.
+    receiving: BTreeMap<String, String>,
 }
 
 impl FakeState {
@@ -533,10 +590,21 @@ impl AgentApi for FakeAgents {
     async fn register_link(&self, endpoint: &str, req: pb::RegisterLinkRequest) -> AgentResult<()> {
         let call = Call::RegisterLink {
             endpoint: endpoint.into(),
-            link: req.link_id,
-            target_volume: req.target_volume_id,
+            link: req.link_id.clone(),
+            target_volume: req.target_volume_id.clone(),
         };
-        self.enter(endpoint, call)
+        self.enter(endpoint, call)?;
+        self.inner.lock().unwrap().receiving.insert(req.link_id, req.target_volume_id);
+        Ok(())
+    }
+
+    async fn unregister_link(&self, endpoint: &str, link: &str, _secret: &[u8]) -> AgentResult<()> {
+        self.enter(
+            endpoint,
+            Call::UnregisterLink { endpoint: endpoint.into(), link: link.into() },
+        )?;
+        self.inner.lock().unwrap().receiving.remove(link);
+        Ok(())
     }
 
     async fn put_link(&self, endpoint: &str, link: pb::Link) -> AgentResult<pb::LinkStatus> {
@@ -557,6 +625,38 @@ impl AgentApi for FakeAgents {
     ) -> AgentResult<pb::SyncLinkResponse> {
         self.enter(endpoint, Call::SyncLink { link: link.into(), resync })?;
         Ok(pb::SyncLinkResponse::default())
+    }
+
+    /// Seals the snapshot (same id, generation, digest) at the link's
+    /// target volume, as a copy would; refused as an agent would when the
+    /// link is not registered or the source has no such snapshot.
+    async fn copy_snapshot(&self, endpoint: &str, req: pb::CopySnapshotRequest) -> AgentResult<()> {
+        let call = Call::CopySnapshot {
+            endpoint: endpoint.into(),
+            volume: req.volume_id.clone(),
+            snapshot: req.snapshot_id.clone(),
+            base: req.base_snapshot_id.clone(),
+            link: req.link_id.clone(),
+            target_endpoint: req.target_endpoint.clone(),
+        };
+        self.enter(endpoint, call)?;
+        let mut st = self.inner.lock().unwrap();
+        let refuse =
+            |code, message: String| AgentError { endpoint: endpoint.into(), code, message };
+        let Some(target) = st.receiving.get(&req.link_id).cloned() else {
+            let m = format!("link {} is not registered at the receiver", req.link_id);
+            return Err(refuse(tonic::Code::PermissionDenied, m));
+        };
+        let mut source = st.snapshots.get(&req.volume_id).into_iter().flatten();
+        let Some(snap) = source.find(|s| s.snapshot_id == req.snapshot_id).cloned() else {
+            let m = format!("volume {} has no snapshot {}", req.volume_id, req.snapshot_id);
+            return Err(refuse(tonic::Code::NotFound, m));
+        };
+        let there = st.snapshots.entry(target).or_default();
+        if !there.iter().any(|s| s.snapshot_id == snap.snapshot_id) {
+            there.push(snap);
+        }
+        Ok(())
     }
 
     async fn switchover(
