@@ -4,7 +4,8 @@
 //! It keeps no state of its own: the `Volume` objects in `--namespace`
 //! (the CSI volume_id is the object's name) are the record, written with
 //! field manager `cairn-csi`; the operator does the rest (placement, the
-//! head, replicas). Agents are reached only for snapshots.
+//! head, replicas). Agents are reached only for snapshots and for the copy
+//! that restores or clones into a new volume (`content_source`).
 //!
 //! Contract with the node service (see `crate::publish_context`):
 //! ControllerPublishVolume sets `spec.attachedNode`, waits until the
@@ -18,6 +19,7 @@
 //! exhaustive match.
 
 mod capacity;
+pub mod content_source;
 mod page;
 pub mod parameters;
 mod publish;
@@ -66,6 +68,10 @@ pub mod annotation {
     pub const SNAPSHOTS: &str = "csi.cairn.dev/snapshots";
     /// `true` when the volume was published read-only.
     pub const READONLY: &str = "csi.cairn.dev/readonly";
+    /// Where a restored or cloned volume's content comes from:
+    /// `snapshot:<CSI snapshot id>` or `volume:<volume>` (see
+    /// `content_source::Source::annotation`).
+    pub const CONTENT_SOURCE: &str = "csi.cairn.dev/content-source";
 }
 /// Volume context keys of CreateVolume's answer.
 pub const CONTEXT_CLUSTER: &str = "cluster";
@@ -99,10 +105,6 @@ pub enum Error {
     #[error("{field}: {why}")]
     Invalid { field: &'static str, why: String },
     #[error(
-        "volume_content_source: {0} is not supported yet: create an empty volume (Cairn copies snapshots between volumes only over a RemoteLink for now)"
-    )]
-    SourceNotSupported(&'static str),
-    #[error(
         "storage cluster {cluster} does not exist: fix the StorageClass parameter cluster (kubectl get storageclusters)"
     )]
     ClusterNotFound { cluster: String },
@@ -114,6 +116,8 @@ pub enum Error {
     OutOfRange(String),
     #[error("volume {volume} does not exist in namespace {namespace}")]
     VolumeNotFound { volume: String, namespace: String },
+    #[error("snapshot {snapshot} does not exist")]
+    SnapshotNotFound { snapshot: String },
     #[error(
         "node {node} has no agent of storage cluster {cluster} that answers: run the pod on a node of the cluster (the StorageClass topology does this), or bring that node's agent back"
     )]
@@ -145,6 +149,9 @@ pub enum Error {
         "volume {volume} is in a switchover ({hold}, RemoteLink/request): its role changes; retry when it is done"
     )]
     RoleHeld { volume: String, hold: String },
+    /// Another operation holds a volume this one needs (a clone's source).
+    #[error("{0}")]
+    Busy(String),
     #[error("volume {volume} is being deleted: retry when it is gone")]
     Deleting { volume: String },
     #[error("volume {volume} is not placed yet (no head): retry when it is Ready")]
@@ -174,13 +181,14 @@ pub enum Error {
 impl From<Error> for Status {
     fn from(e: Error) -> Self {
         let code = match &e {
-            Error::Missing(_)
-            | Error::Invalid { .. }
-            | Error::SourceNotSupported(_)
-            | Error::ClusterNotFound { .. } => Code::InvalidArgument,
+            Error::Missing(_) | Error::Invalid { .. } | Error::ClusterNotFound { .. } => {
+                Code::InvalidArgument
+            }
             Error::NotInTopology { .. } => Code::ResourceExhausted,
             Error::OutOfRange(_) => Code::OutOfRange,
-            Error::VolumeNotFound { .. } | Error::NodeNotFound { .. } => Code::NotFound,
+            Error::VolumeNotFound { .. }
+            | Error::SnapshotNotFound { .. }
+            | Error::NodeNotFound { .. } => Code::NotFound,
             Error::Incompatible { .. } | Error::SnapshotNameTaken { .. } => Code::AlreadyExists,
             Error::NotAttachable { .. }
             | Error::PublishedElsewhere { .. }
@@ -191,7 +199,7 @@ impl From<Error> for Status {
             | Error::NotPlaced { .. }
             | Error::HeadUnknown { .. }
             | Error::HeadMoving { .. } => Code::Unavailable,
-            Error::Deleting { .. } | Error::BadToken(_) => Code::Aborted,
+            Error::Deleting { .. } | Error::Busy(_) | Error::BadToken(_) => Code::Aborted,
             Error::Timeout { .. } => Code::DeadlineExceeded,
             Error::GrowthNotSupported => Code::Unimplemented,
             // A write raced another (409): the CO retries. The schema or a
@@ -338,10 +346,10 @@ fn rpc(t: Type) -> csi::ControllerServiceCapability {
     }
 }
 
-/// What the controller offers. Not EXPAND_VOLUME (growth is not built),
-/// not CLONE_VOLUME (nor restore: see `Error::SourceNotSupported`).
-pub const CAPABILITIES: [Type; 10] = [
+/// What the controller offers. Not EXPAND_VOLUME (growth is not built).
+pub const CAPABILITIES: [Type; 11] = [
     Type::CreateDeleteVolume,
+    Type::CloneVolume,
     Type::PublishUnpublishVolume,
     Type::CreateDeleteSnapshot,
     Type::ListSnapshots,
@@ -514,7 +522,7 @@ mod tests {
     fn every_error_has_its_csi_code() {
         let cases: Vec<(Error, Code)> = vec![
             (Error::Missing("name"), Code::InvalidArgument),
-            (Error::SourceNotSupported("restoring from a snapshot"), Code::InvalidArgument),
+            (Error::SnapshotNotFound { snapshot: "pvc-0/s".into() }, Code::NotFound),
             (Error::ClusterNotFound { cluster: "x".into() }, Code::InvalidArgument),
             (Error::NotInTopology { cluster: "x".into() }, Code::ResourceExhausted),
             (Error::OutOfRange("x".into()), Code::OutOfRange),
@@ -526,6 +534,7 @@ mod tests {
             ),
             (Error::RoleHeld { volume: "v".into(), hold: "l/r".into() }, Code::Unavailable),
             (Error::BadToken("x".into()), Code::Aborted),
+            (Error::Busy("x".into()), Code::Aborted),
             (Error::GrowthNotSupported, Code::Unimplemented),
             (
                 Error::Agent(AgentError {

@@ -335,16 +335,6 @@ async fn a_repeat_that_does_not_match_the_volume_is_already_exists() {
 #[tokio::test(start_paused = true)]
 async fn bad_names_capabilities_parameters_sizes_and_sources_are_refused_before_any_write() {
     let (svc, mut api, _agents) = setup();
-    let snapshot_source = csi::VolumeContentSource {
-        r#type: Some(csi::volume_content_source::Type::Snapshot(
-            csi::volume_content_source::SnapshotSource { snapshot_id: "pvc-0/snap".into() },
-        )),
-    };
-    let clone_source = csi::VolumeContentSource {
-        r#type: Some(csi::volume_content_source::Type::Volume(
-            csi::volume_content_source::VolumeSource { volume_id: "pvc-0".into() },
-        )),
-    };
     type Edit = Box<dyn Fn(&mut csi::CreateVolumeRequest)>;
     let cases: Vec<(&str, Edit, Code, &str)> = vec![
         ("no name", Box::new(|r| r.name.clear()), Code::InvalidArgument, "name is required"),
@@ -394,16 +384,16 @@ async fn bad_names_capabilities_parameters_sizes_and_sources_are_refused_before_
             "above limit_bytes 6000",
         ),
         (
-            "a snapshot to restore",
-            Box::new(move |r| r.volume_content_source = Some(snapshot_source.clone())),
+            "a content source of no type",
+            Box::new(|r| r.volume_content_source = Some(csi::VolumeContentSource { r#type: None })),
             Code::InvalidArgument,
-            "restoring a volume from a snapshot is not supported yet",
+            "volume_content_source.type is required",
         ),
         (
-            "a volume to clone",
-            Box::new(move |r| r.volume_content_source = Some(clone_source.clone())),
-            Code::InvalidArgument,
-            "cloning a volume is not supported yet",
+            "a snapshot id that is not Cairn's",
+            Box::new(|r| r.volume_content_source = Some(snapshot_source("not-ours"))),
+            Code::NotFound,
+            "snapshot not-ours does not exist",
         ),
     ];
     for (what, edit, code, says) in cases {
@@ -413,6 +403,269 @@ async fn bad_names_capabilities_parameters_sizes_and_sources_are_refused_before_
         assert_eq!(e.code(), code, "{what}: {e:?}");
         assert!(e.message().contains(says), "{what}: {}", e.message());
     }
+}
+
+// ---- CreateVolume from a snapshot or a volume ----
+
+const VOL2: &str = "/apis/cairn.dev/v1alpha1/namespaces/cairn-system/volumes/pvc-2";
+const AGENT_VOL2: &str = "cairn-system-pvc-2";
+
+fn snapshot_source(id: &str) -> csi::VolumeContentSource {
+    csi::VolumeContentSource {
+        r#type: Some(csi::volume_content_source::Type::Snapshot(
+            csi::volume_content_source::SnapshotSource { snapshot_id: id.into() },
+        )),
+    }
+}
+
+fn volume_source(volume: &str) -> csi::VolumeContentSource {
+    csi::VolumeContentSource {
+        r#type: Some(csi::volume_content_source::Type::Volume(
+            csi::volume_content_source::VolumeSource { volume_id: volume.into() },
+        )),
+    }
+}
+
+fn endpoint(agent: &str) -> String {
+    format!("http://{agent}.site-a:7070")
+}
+
+/// pvc-2 restored from `source` (the annotation's value), head on a2:
+/// Remote and Ready, or promoted (spec and status Primary, generation 2).
+fn restored(source: &str, promoted: bool) -> Volume {
+    let mut v = placed("pvc-2", VolumePhase::Ready, "a2", 1);
+    v.annotations_mut().insert(annotation::CONTENT_SOURCE.into(), source.into());
+    let role = if promoted { VolumeRole::Primary } else { VolumeRole::Remote };
+    v.spec.role = role;
+    let st = v.status.as_mut().unwrap();
+    st.role = Some(role);
+    if promoted {
+        v.meta_mut().generation = Some(2);
+        v.status.as_mut().unwrap().observed_generation = Some(2);
+    }
+    v
+}
+
+/// The agent calls of a restore into pvc-2.
+fn copy_calls(agents: &FakeAgents) -> Vec<Call> {
+    agents
+        .calls()
+        .into_iter()
+        .filter(|c| {
+            matches!(
+                c,
+                Call::RegisterLink { .. } | Call::CopySnapshot { .. } | Call::UnregisterLink { .. }
+            )
+        })
+        .collect()
+}
+
+/// Serves a restore's or clone's steps after the source is resolved: the
+/// wait for the Remote volume, its head, the role patch and the wait for
+/// the promotion; returns the patch.
+async fn serve_fill_and_promote(api: &mut ApiServer, source: &str) -> Value {
+    serve(api, Method::GET, VOL2, json!(restored(source, false))).await;
+    serve(api, Method::GET, CLUSTER, json!(cluster())).await;
+    let mut patched = restored(source, false);
+    patched.spec.role = VolumeRole::Primary;
+    patched.meta_mut().generation = Some(2);
+    let patch = serve(api, Method::PATCH, VOL2, json!(patched)).await;
+    // The operator has not promoted it yet; then it has.
+    serve(api, Method::GET, VOL2, json!(patched)).await;
+    serve(api, Method::GET, VOL2, json!(restored(source, true))).await;
+    patch
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_restore_creates_a_remote_volume_copies_the_snapshot_into_it_and_promotes_it() {
+    let (svc, mut api, agents) = setup();
+    agents.add_snapshot(AGENT_VOL, "snap-1", 7, 1_767_225_600);
+    let mut req = create_request("pvc-2");
+    req.volume_content_source = Some(snapshot_source("pvc-1/snap-1"));
+    let call = spawn_create(&svc, req);
+    serve(&mut api, Method::GET, CLUSTER, json!(cluster())).await;
+    not_found(&mut api, VOL2).await;
+    // The source and its snapshot exist; its size is the new one's.
+    serve(&mut api, Method::GET, VOL, json!(ready())).await;
+    serve(&mut api, Method::GET, CLUSTER, json!(cluster())).await;
+    let apply =
+        serve(&mut api, Method::PATCH, VOL2, json!(restored("snapshot:pvc-1/snap-1", false))).await;
+    assert_eq!(apply["__type"], "application/apply-patch+yaml");
+    assert!(apply["__query"].as_str().unwrap().contains("fieldManager=cairn-csi"));
+    assert_eq!(
+        apply["spec"],
+        json!({"cluster": "site-a", "sizeBytes": 1 << 30, "role": "Remote"}),
+        "{apply}"
+    );
+    assert_eq!(
+        apply["metadata"]["annotations"][annotation::CONTENT_SOURCE],
+        "snapshot:pvc-1/snap-1"
+    );
+    // The copy reads from the source's head.
+    serve(&mut api, Method::GET, VOL, json!(ready())).await;
+    serve(&mut api, Method::GET, CLUSTER, json!(cluster())).await;
+    let patch = serve_fill_and_promote(&mut api, "snapshot:pvc-1/snap-1").await;
+    assert_eq!(patch["__type"], "application/merge-patch+json");
+    assert_eq!(patch["spec"], json!({"role": "Primary"}), "{patch}");
+    let v = alone(&mut api, call).await.unwrap().volume.unwrap();
+    assert_eq!((v.volume_id.as_str(), v.capacity_bytes), ("pvc-2", 1 << 30));
+    assert_eq!(v.content_source, Some(snapshot_source("pvc-1/snap-1")));
+    let link = "csi-restore-pvc-2".to_string();
+    assert_eq!(
+        copy_calls(&agents),
+        [
+            Call::RegisterLink {
+                endpoint: endpoint("a2"),
+                link: link.clone(),
+                target_volume: AGENT_VOL2.into()
+            },
+            Call::CopySnapshot {
+                endpoint: endpoint("a1"),
+                volume: AGENT_VOL.into(),
+                snapshot: "snap-1".into(),
+                base: String::new(),
+                link: link.clone(),
+                target_endpoint: endpoint("a2"),
+            },
+            Call::UnregisterLink { endpoint: endpoint("a2"), link },
+        ]
+    );
+    assert_eq!(agents.snapshot_ids(AGENT_VOL2), ["snap-1"], "sealed at the new volume");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_restore_of_a_missing_snapshot_is_not_found_and_one_larger_than_its_source_out_of_range()
+{
+    let (svc, mut api, agents) = setup();
+    agents.add_snapshot(AGENT_VOL, "snap-1", 7, 1_767_225_600);
+    let restore = |id: &str, range: Option<csi::CapacityRange>| {
+        let mut req = create_request("pvc-2");
+        req.volume_content_source = Some(snapshot_source(id));
+        req.capacity_range = range;
+        spawn_create(&svc, req)
+    };
+    let call = restore("pvc-1/snap-9", None);
+    serve(&mut api, Method::GET, CLUSTER, json!(cluster())).await;
+    not_found(&mut api, VOL2).await;
+    serve(&mut api, Method::GET, VOL, json!(ready())).await;
+    serve(&mut api, Method::GET, CLUSTER, json!(cluster())).await;
+    let e = alone(&mut api, call).await.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    assert!(e.message().contains("pvc-1/snap-9"), "{}", e.message());
+
+    let call = restore("pvc-1/snap-1", None);
+    serve(&mut api, Method::GET, CLUSTER, json!(cluster())).await;
+    not_found(&mut api, VOL2).await;
+    not_found(&mut api, VOL).await;
+    assert_eq!(alone(&mut api, call).await.unwrap_err().code(), Code::NotFound);
+
+    for (range, says) in [
+        (
+            csi::CapacityRange { required_bytes: 2 << 30, limit_bytes: 0 },
+            "growth is not supported yet",
+        ),
+        (csi::CapacityRange { required_bytes: 0, limit_bytes: 1 << 20 }, "below the source's"),
+    ] {
+        let call = restore("pvc-1/snap-1", Some(range));
+        serve(&mut api, Method::GET, CLUSTER, json!(cluster())).await;
+        not_found(&mut api, VOL2).await;
+        serve(&mut api, Method::GET, VOL, json!(ready())).await;
+        serve(&mut api, Method::GET, CLUSTER, json!(cluster())).await;
+        let e = alone(&mut api, call).await.unwrap_err();
+        assert_eq!(e.code(), Code::OutOfRange, "{e:?}");
+        assert!(e.message().contains(says), "{}", e.message());
+    }
+    assert!(copy_calls(&agents).is_empty(), "nothing registered or copied");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_clone_copies_a_snapshot_taken_for_it_then_deletes_that_snapshot_at_the_source() {
+    let (svc, mut api, agents) = setup();
+    agents.add_snapshot(AGENT_VOL, "daily", 100, 1_767_225_600);
+    let mut req = create_request("pvc-2");
+    req.volume_content_source = Some(volume_source("pvc-1"));
+    let call = spawn_create(&svc, req);
+    serve(&mut api, Method::GET, CLUSTER, json!(cluster())).await;
+    not_found(&mut api, VOL2).await;
+    serve(&mut api, Method::GET, VOL, json!(ready())).await;
+    let apply = serve(&mut api, Method::PATCH, VOL2, json!(restored("volume:pvc-1", false))).await;
+    assert_eq!(apply["spec"]["role"], "Remote");
+    assert_eq!(apply["metadata"]["annotations"][annotation::CONTENT_SOURCE], "volume:pvc-1");
+    serve(&mut api, Method::GET, VOL, json!(ready())).await;
+    serve(&mut api, Method::GET, CLUSTER, json!(cluster())).await;
+    serve_fill_and_promote(&mut api, "volume:pvc-1").await;
+    let v = alone(&mut api, call).await.unwrap().volume.unwrap();
+    assert_eq!(v.content_source, Some(volume_source("pvc-1")));
+    let id = cairn_csi::controller::content_source::clone_snapshot_id("pvc-2");
+    let at_source: Vec<Call> = agents
+        .calls()
+        .into_iter()
+        .filter(|c| {
+            matches!(
+                c,
+                Call::Snapshot { .. } | Call::CopySnapshot { .. } | Call::DeleteSnapshot { .. }
+            )
+        })
+        .collect();
+    assert_eq!(
+        at_source,
+        [
+            Call::Snapshot { volume: AGENT_VOL.into(), id: id.clone(), generation: 101 },
+            Call::CopySnapshot {
+                endpoint: endpoint("a1"),
+                volume: AGENT_VOL.into(),
+                snapshot: id.clone(),
+                base: String::new(),
+                link: "csi-restore-pvc-2".into(),
+                target_endpoint: endpoint("a2"),
+            },
+            Call::DeleteSnapshot { volume: AGENT_VOL.into(), id: id.clone() },
+        ]
+    );
+    assert_eq!(agents.snapshot_ids(AGENT_VOL), ["daily"], "the clone's snapshot is gone");
+    assert_eq!(agents.snapshot_ids(AGENT_VOL2), [id]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_repeated_restore_resumes_the_copy_answers_once_promoted_and_refuses_another_source() {
+    let (svc, mut api, agents) = setup();
+    agents.add_snapshot(AGENT_VOL, "snap-1", 7, 1_767_225_600);
+    let restore = |id: &str| {
+        let mut req = create_request("pvc-2");
+        req.volume_content_source = Some(snapshot_source(id));
+        spawn_create(&svc, req)
+    };
+    // The last attempt created the volume and timed out in the copy.
+    let call = restore("pvc-1/snap-1");
+    serve(&mut api, Method::GET, CLUSTER, json!(cluster())).await;
+    serve(&mut api, Method::GET, VOL2, json!(restored("snapshot:pvc-1/snap-1", false))).await;
+    serve(&mut api, Method::GET, VOL, json!(ready())).await;
+    serve(&mut api, Method::GET, CLUSTER, json!(cluster())).await;
+    serve_fill_and_promote(&mut api, "snapshot:pvc-1/snap-1").await;
+    let v = alone(&mut api, call).await.unwrap().volume.unwrap();
+    assert_eq!(v.content_source, Some(snapshot_source("pvc-1/snap-1")));
+    assert_eq!(copy_calls(&agents).len(), 3, "registered again, copied, dropped");
+
+    // Promoted: answered as it is, nothing copied again.
+    let call = restore("pvc-1/snap-1");
+    serve(&mut api, Method::GET, CLUSTER, json!(cluster())).await;
+    serve(&mut api, Method::GET, VOL2, json!(restored("snapshot:pvc-1/snap-1", true))).await;
+    serve(&mut api, Method::GET, VOL2, json!(restored("snapshot:pvc-1/snap-1", true))).await;
+    let again = alone(&mut api, call).await.unwrap().volume.unwrap();
+    assert_eq!(again, v);
+    assert_eq!(copy_calls(&agents).len(), 3);
+
+    // Another source, or none, under the same name.
+    let call = restore("pvc-1/snap-2");
+    serve(&mut api, Method::GET, CLUSTER, json!(cluster())).await;
+    serve(&mut api, Method::GET, VOL2, json!(restored("snapshot:pvc-1/snap-1", true))).await;
+    let e = alone(&mut api, call).await.unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists, "{e:?}");
+    assert!(e.message().contains("snapshot:pvc-1/snap-1"), "{}", e.message());
+    let call = spawn_create(&svc, create_request("pvc-2"));
+    serve(&mut api, Method::GET, CLUSTER, json!(cluster())).await;
+    serve(&mut api, Method::GET, VOL2, json!(restored("snapshot:pvc-1/snap-1", true))).await;
+    assert_eq!(alone(&mut api, call).await.unwrap_err().code(), Code::AlreadyExists);
 }
 
 #[tokio::test(start_paused = true)]
@@ -1039,7 +1292,7 @@ async fn capacity_is_the_clusters_free_space_over_the_replicas() {
 }
 
 #[tokio::test]
-async fn capabilities_offer_snapshots_and_publishing_but_not_growth_or_cloning() {
+async fn capabilities_offer_snapshots_publishing_and_cloning_but_not_growth() {
     use csi::controller_service_capability::{Type, rpc::Type as Rpc};
     let (svc, _api, _agents) = setup();
     let caps = svc
@@ -1069,7 +1322,8 @@ async fn capabilities_offer_snapshots_and_publishing_but_not_growth_or_cloning()
     ] {
         assert!(rpcs.contains(&want), "{want:?}");
     }
-    assert!(!rpcs.contains(&Rpc::ExpandVolume) && !rpcs.contains(&Rpc::CloneVolume));
+    assert!(rpcs.contains(&Rpc::CloneVolume), "restore and clone are built");
+    assert!(!rpcs.contains(&Rpc::ExpandVolume));
     let e =
         svc.controller_expand_volume(tonic::Request::new(Default::default())).await.unwrap_err();
     assert_eq!(e.code(), Code::Unimplemented);

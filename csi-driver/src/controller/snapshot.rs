@@ -75,7 +75,7 @@ fn annotation_value(ids: &[String]) -> serde_json::Value {
 impl ControllerService {
     /// The head agent's endpoint and the volume's id there (None: not
     /// placed yet).
-    async fn head(
+    pub(super) async fn head(
         &self,
         vol: &Volume,
         cluster: Option<&StorageCluster>,
@@ -105,7 +105,11 @@ impl ControllerService {
         }
     }
 
-    async fn agent_snapshots(&self, ep: &str, id: &str) -> Result<Vec<pb::SnapshotInfo>> {
+    pub(super) async fn agent_snapshots(
+        &self,
+        ep: &str,
+        id: &str,
+    ) -> Result<Vec<pb::SnapshotInfo>> {
         match self.agents.snapshots(ep, id).await {
             Ok(s) => Ok(s),
             Err(e) if e.is_not_found() => Ok(vec![]),

@@ -21,7 +21,9 @@ use serde_json::json;
 
 use super::{
     CONTEXT_CLUSTER, CONTEXT_FS_TYPE, ControllerService, Error, MANAGED_BY, MANAGER, Result,
-    annotation, annotation_list, observed, page,
+    annotation, annotation_list,
+    content_source::{self, Source},
+    observed, page,
     parameters::{self, Kind, Requested},
 };
 use crate::capability;
@@ -93,7 +95,7 @@ pub fn mismatch(
     {
         return Some(format!("it has replicas {:?}, the request asks for {n}", spec.replicas));
     }
-    if spec.role != VolumeRole::Primary {
+    if spec.role != VolumeRole::Primary && Source::of(vol).is_none() {
         return Some("it is a Remote volume (a copy target)".into());
     }
     let kinds = recorded_kinds(vol);
@@ -113,6 +115,20 @@ pub fn mismatch(
     None
 }
 
+/// Pure: why an existing Volume's content source differs from the
+/// request's (None: the same, or neither has one).
+pub fn source_mismatch(vol: &Volume, asked: Option<&Source>) -> Option<String> {
+    let made = Source::of(vol);
+    let say = |s: Option<&Source>| s.map_or_else(|| "none".to_string(), Source::annotation);
+    (made.as_ref() != asked).then(|| {
+        format!(
+            "it was created with content source {}, the request asks for {}",
+            say(made.as_ref()),
+            say(asked)
+        )
+    })
+}
+
 /// The CSI view of a Volume.
 pub fn csi_volume(vol: &Volume) -> csi::Volume {
     let size = vol.status.as_ref().and_then(|s| s.size_bytes).unwrap_or(vol.spec.size_bytes);
@@ -125,7 +141,7 @@ pub fn csi_volume(vol: &Volume) -> csi::Volume {
         capacity_bytes: size,
         volume_id: vol.name_any(),
         volume_context,
-        content_source: None,
+        content_source: Source::of(vol).map(|s| s.csi()),
         accessible_topology: vec![csi::Topology {
             segments: HashMap::from([(crate::TOPOLOGY_CLUSTER_KEY.to_string(), cluster)]),
         }],
@@ -154,20 +170,16 @@ pub fn condition_of(vol: &Volume) -> csi::VolumeCondition {
 impl ControllerService {
     /// CreateVolume (the caller holds the volume's slot): the Volume by
     /// server-side apply, or the matching one already there, once it
-    /// serves.
+    /// serves. With a content source, the Volume is created Remote, filled
+    /// by a copy and promoted (`content_source`); a repeat resumes that.
     pub(super) async fn create(&self, req: csi::CreateVolumeRequest) -> Result<csi::Volume> {
         let params = parameters::parse(&req.parameters)?;
         let wanted = parameters::requested(&req.volume_capabilities, params.fs_type)?;
-        if let Some(source) = &req.volume_content_source {
-            use csi::volume_content_source::Type;
-            return Err(Error::SourceNotSupported(match source.r#type {
-                Some(Type::Snapshot(_)) => "restoring a volume from a snapshot",
-                Some(Type::Volume(_)) => "cloning a volume",
-                None => "a content source",
-            }));
-        }
+        let source = req.volume_content_source.as_ref().map(Source::parse).transpose()?;
         let range = req.capacity_range.as_ref();
-        let size = parameters::size(range)?;
+        if source.is_none() {
+            parameters::size(range)?;
+        }
         let topology = req.accessibility_requirements.as_ref();
         let cluster = parameters::cluster(&params, topology)?;
         if self.clusters().get_opt(&cluster).await?.is_none() {
@@ -177,36 +189,58 @@ impl ControllerService {
             return Err(Error::NotInTopology { cluster });
         }
         let name = parameters::object_name(&req.name);
-        match self.volumes().get_opt(&name).await? {
+        let filled = match self.volumes().get_opt(&name).await? {
             Some(v) if v.meta().deletion_timestamp.is_some() => {
                 return Err(Error::Deleting { volume: name });
             }
             Some(v) => {
-                if let Some(why) = mismatch(&v, &cluster, range, params.replicas, &wanted) {
+                let why = mismatch(&v, &cluster, range, params.replicas, &wanted)
+                    .or_else(|| source_mismatch(&v, source.as_ref()));
+                if let Some(why) = why {
                     return Err(Error::Incompatible { volume: name, why });
                 }
+                v.spec.role == VolumeRole::Primary
             }
             None => {
-                let body = self.new_volume(&name, &req.name, &cluster, size, &params, &wanted);
+                let size = match &source {
+                    None => parameters::size(range)?,
+                    Some(s) => {
+                        let from = self.source_volume(s).await?;
+                        content_source::restored_size(content_source::size_of(&from), range)?
+                    }
+                };
+                let body =
+                    self.new_volume(&req.name, &cluster, size, &params, &wanted, source.as_ref());
                 let pp = PatchParams::apply(MANAGER);
                 self.volumes().patch(&name, &pp, &Patch::Apply(&body)).await?;
-                tracing::info!(volume = %name, %cluster, size, "volume created");
+                tracing::info!(volume = %name, %cluster, size, source = ?source, "volume created");
+                false
             }
+        };
+        if let (Some(s), false) = (&source, filled) {
+            self.fill(&name, s).await?;
         }
-        let vol = self.wait(&name, "becoming Ready", serving).await?;
+        let vol = self
+            .wait(&name, "becoming Ready", |v| {
+                serving(v)
+                    && (source.is_none()
+                        || v.status.as_ref().and_then(|s| s.role) == Some(VolumeRole::Primary))
+            })
+            .await?;
         Ok(csi_volume(&vol))
     }
 
     /// The apply body of a new Volume.
     fn new_volume(
         &self,
-        name: &str,
         csi_name: &str,
         cluster: &str,
         size: i64,
         params: &parameters::Parameters,
         wanted: &Requested,
+        source: Option<&Source>,
     ) -> serde_json::Value {
+        let name = parameters::object_name(csi_name);
         let mut notes = BTreeMap::new();
         if csi_name != name {
             notes.insert(annotation::CSI_NAME, csi_name.to_string());
@@ -226,7 +260,12 @@ impl ControllerService {
         if let Some(fs) = wanted.fs_type {
             notes.insert(annotation::FS_TYPE, fs.as_str().to_string());
         }
-        let mut spec = json!({ "cluster": cluster, "sizeBytes": size, "role": "Primary" });
+        if let Some(s) = source {
+            notes.insert(annotation::CONTENT_SOURCE, s.annotation());
+        }
+        // A restore or clone is a copy target until its copy is sealed.
+        let role = if source.is_some() { "Remote" } else { "Primary" };
+        let mut spec = json!({ "cluster": cluster, "sizeBytes": size, "role": role });
         if let Some(n) = params.replicas {
             spec["replicas"] = json!(n);
         }
@@ -399,6 +438,24 @@ mod tests {
         for (i, c) in cases.iter().enumerate() {
             assert!(c.is_some(), "case {i}");
         }
+    }
+
+    #[test]
+    fn a_repeat_of_a_restore_matches_only_its_source_and_may_find_it_still_remote() {
+        let source = Source::Snapshot { volume: "pvc-0".into(), id: "snap-1".into() };
+        let mut v = vol("mount", Some("ext4"));
+        v.spec.role = VolumeRole::Remote;
+        assert!(mismatch(&v, "site-a", None, None, &mount()).is_some(), "Remote, made by hand");
+        v.annotations_mut().insert(annotation::CONTENT_SOURCE.into(), source.annotation());
+        assert_eq!(mismatch(&v, "site-a", None, None, &mount()), None, "a restore under way");
+        assert_eq!(source_mismatch(&v, Some(&source)), None);
+        let other = Source::Volume { volume: "pvc-0".into() };
+        let why = source_mismatch(&v, Some(&other)).unwrap();
+        assert!(why.contains("snapshot:pvc-0/snap-1") && why.contains("volume:pvc-0"), "{why}");
+        assert!(source_mismatch(&v, None).is_some());
+        assert!(source_mismatch(&vol("mount", None), Some(&source)).is_some());
+        assert_eq!(source_mismatch(&vol("mount", None), None), None);
+        assert_eq!(csi_volume(&v).content_source, Some(source.csi()));
     }
 
     #[test]
