@@ -77,8 +77,19 @@ async fn delete_namespace(client: &Client, name: &str) {
 }
 
 async fn pvc(client: &Client, ns: &str, name: &str) -> PersistentVolumeClaim {
+    pvc_from(client, ns, name, None).await
+}
+
+/// A 1 GiB claim, filled from `data_source` (a VolumeSnapshot or a PVC)
+/// when given.
+async fn pvc_from(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    data_source: Option<serde_json::Value>,
+) -> PersistentVolumeClaim {
     let class = env_or("CAIRN_TEST_STORAGE_CLASS", "cairn");
-    let claim: PersistentVolumeClaim = serde_json::from_value(json!({
+    let mut claim = json!({
         "apiVersion": "v1", "kind": "PersistentVolumeClaim",
         "metadata": {"name": name, "namespace": ns},
         "spec": {
@@ -86,8 +97,11 @@ async fn pvc(client: &Client, ns: &str, name: &str) -> PersistentVolumeClaim {
             "storageClassName": class,
             "resources": {"requests": {"storage": "1Gi"}}
         }
-    }))
-    .unwrap();
+    });
+    if let Some(source) = data_source {
+        claim["spec"]["dataSource"] = source;
+    }
+    let claim: PersistentVolumeClaim = serde_json::from_value(claim).unwrap();
     let api: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), ns);
     api.create(&PostParams::default(), &claim).await.unwrap()
 }
@@ -196,11 +210,12 @@ async fn what_one_pod_wrote_to_a_pvc_the_next_pod_reads_back() {
 
 #[tokio::test]
 #[ignore = "needs a cluster: set CAIRN_TEST_KUBECONFIG (see the file's header) and pass --ignored"]
-async fn a_volume_snapshot_becomes_ready_to_use_and_goes_with_its_deletion() {
+async fn a_volume_snapshot_is_ready_restores_and_clones_into_new_pvcs_and_goes_with_its_deletion() {
     let client = client().await;
     let ns = namespace(&client, "cairn-csi-snap").await;
     pvc(&client, &ns, "data").await;
-    run_pod(&client, &ns, "writer", "data", WRITE).await;
+    let written = run_pod(&client, &ns, "writer", "data", WRITE).await;
+    let written = written.trim().to_string();
     let pv = bound_pv(&client, &ns, "data").await;
     let handle = pv.spec.as_ref().and_then(|s| s.csi.as_ref()).unwrap().volume_handle.clone();
 
@@ -233,9 +248,29 @@ async fn a_volume_snapshot_becomes_ready_to_use_and_goes_with_its_deletion() {
     let recorded = vol.annotations().get(cairn_csi::controller::annotation::SNAPSHOTS).cloned();
     assert!(recorded.is_some_and(|r| !r.is_empty()), "{:?}", vol.annotations());
 
-    // Restoring the snapshot into a new PVC, and cloning the PVC, are not
-    // supported yet (CreateVolume refuses a volume_content_source with
-    // INVALID_ARGUMENT), so they are not exercised here.
+    // A PVC restored from the snapshot, and a clone of the PVC, each read
+    // back by a pod: the bytes written before the snapshot and their digest.
+    let sources = [
+        (
+            "restored",
+            json!({"apiGroup": "snapshot.storage.k8s.io", "kind": "VolumeSnapshot", "name": "data-1"}),
+        ),
+        ("cloned", json!({"kind": "PersistentVolumeClaim", "name": "data"})),
+    ];
+    for (claim, source) in sources {
+        pvc_from(&client, &ns, claim, Some(source)).await;
+        let read = run_pod(&client, &ns, &format!("read-{claim}"), claim, READ).await;
+        let lines: Vec<&str> = read.lines().map(str::trim).collect();
+        assert_eq!(lines, [written.as_str(), written.as_str()], "{claim}: the source's data");
+        let copy_pv = bound_pv(&client, &ns, claim).await;
+        let copy =
+            copy_pv.spec.as_ref().and_then(|s| s.csi.as_ref()).unwrap().volume_handle.clone();
+        let v = volumes.get(&copy).await.unwrap();
+        assert_eq!(v.spec.role, cairn_api::crd::VolumeRole::Primary, "{claim}: promoted");
+        let noted = v.annotations().get(cairn_csi::controller::annotation::CONTENT_SOURCE).cloned();
+        assert!(noted.is_some(), "{claim}: its source recorded: {:?}", v.annotations());
+        delete_claim(&client, &ns, claim, &copy_pv).await;
+    }
 
     snaps.delete("data-1", &DeleteParams::default()).await.unwrap();
     until("VolumeSnapshot data-1 is gone", SLOW, || async {
