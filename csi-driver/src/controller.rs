@@ -92,7 +92,9 @@ pub struct ControllerConfig {
 /// Why the controller could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("no Kubernetes client configuration (in-cluster or kubeconfig): {0}")]
+    #[error(
+        "no Kubernetes client configuration (in-cluster or kubeconfig): {0}; run the controller in a pod with its service account (the Helm chart does), or point KUBECONFIG at a kubeconfig"
+    )]
     Kube(#[from] kube::Error),
 }
 

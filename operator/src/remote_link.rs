@@ -74,8 +74,18 @@ pub enum Error {
     Kube(#[from] kube::Error),
 }
 
-/// The sender (endpoint, volume id), the receiver's endpoint, the secret.
-type Endpoints = ((String, String), String, Vec<u8>);
+/// A link's two ends as observed: the source Volume and its head agent
+/// (endpoint, volume id), the target Volume (`None` at a peer site: it is
+/// that site's operator's), the receiver's endpoint, the pairing secret.
+#[derive(Debug)]
+struct Ends {
+    source: Volume,
+    src_ep: String,
+    src_vol: String,
+    target: Option<Volume>,
+    tgt_ep: String,
+    secret: Vec<u8>,
+}
 
 /// The agents' link id for a RemoteLink.
 pub fn link_id(namespace: &str, name: &str) -> String {
@@ -251,7 +261,7 @@ async fn local_secret(ctx: &Context, rl: &RemoteLink) -> Result<Vec<u8>, Error> 
 /// secret; registers the link at a receiver in this Kubernetes cluster.
 /// `Ok(Err(_))`: the link cannot be set up yet, and why; `Err(_)`: the API
 /// server or an agent failed (a retry may help).
-async fn observe(ctx: &Context, rl: &RemoteLink) -> Result<Result<Endpoints, Waiting>, Error> {
+async fn observe(ctx: &Context, rl: &RemoteLink) -> Result<Result<Ends, Waiting>, Error> {
     let ns = rl.namespace().unwrap_or_default();
     let name = rl.name_any();
     let volumes: Api<Volume> = Api::namespaced(ctx.client.clone(), &ns);
@@ -261,9 +271,11 @@ async fn observe(ctx: &Context, rl: &RemoteLink) -> Result<Result<Endpoints, Wai
         Some(v) => clusters.get_opt(&v.spec.cluster).await?,
         None => None,
     };
-    let Some((src_ep, src_vol)) =
-        head_endpoint(source.as_ref().and_then(|v| v.status.as_ref()), source_cluster.as_ref())
-    else {
+    let placed = source.as_ref().and_then(|v| {
+        let (ep, id) = head_endpoint(v.status.as_ref(), source_cluster.as_ref())?;
+        Some((v.clone(), ep, id))
+    });
+    let Some((source, src_ep, src_vol)) = placed else {
         return Ok(Err(Waiting::SourceNotPlaced(rl.spec.source_volume.clone())));
     };
     let Some(target_cluster) = clusters.get_opt(&rl.spec.target_cluster).await? else {
@@ -280,7 +292,14 @@ async fn observe(ctx: &Context, rl: &RemoteLink) -> Result<Result<Endpoints, Wai
             .and_then(|d| d.get(gateway_secret::PAIRING_SECRET).map(|b| b.0.clone()))
             .filter(|b| b.len() >= 16);
         return Ok(match secret {
-            Some(secret) => Ok(((src_ep, src_vol), gw.endpoint.clone(), secret)),
+            Some(secret) => Ok(Ends {
+                source,
+                src_ep,
+                src_vol,
+                target: None,
+                tgt_ep: gw.endpoint.clone(),
+                secret,
+            }),
             None => Err(Waiting::NoPairingSecret(format!(
                 "{}/{}",
                 gw.secret_ref.namespace, gw.secret_ref.name
@@ -300,7 +319,7 @@ async fn observe(ctx: &Context, rl: &RemoteLink) -> Result<Result<Endpoints, Wai
         target_volume_id: tgt_vol,
     };
     ctx.agents.register_link(&tgt_ep, req).await?;
-    Ok(Ok(((src_ep, src_vol), tgt_ep, secret)))
+    Ok(Ok(Ends { source, src_ep, src_vol, target, tgt_ep, secret }))
 }
 
 /// Reconciles one RemoteLink.
@@ -312,7 +331,7 @@ pub async fn reconcile(rl: Arc<RemoteLink>, ctx: Arc<Context>) -> Result<Action,
     let mut st = rl.status.clone().unwrap_or_default();
 
     let plan = observe(&ctx, &rl).await?;
-    let ((src_ep, src_vol), tgt_ep, secret) = match plan {
+    let mut ends = match plan {
         Ok(p) => p,
         Err(w) => {
             let c = Condition::new(
@@ -332,13 +351,12 @@ pub async fn reconcile(rl: Arc<RemoteLink>, ctx: Arc<Context>) -> Result<Action,
         }
     };
     // Apply: the link at the sender, then any new request, in the background.
-    let source =
-        Api::<Volume>::namespaced(ctx.client.clone(), &ns).get(&rl.spec.source_volume).await?;
     let schedules = Api::<SnapshotSchedule>::namespaced(ctx.client.clone(), &ns)
         .list(&Default::default())
         .await?;
-    let forward = copies_follow(&schedules.items, source.labels());
-    let link = agent_link(&rl, &src_vol, tgt_ep, secret, forward);
+    let forward = copies_follow(&schedules.items, ends.source.labels());
+    let (src_ep, src_vol) = (ends.src_ep.clone(), ends.src_vol.clone());
+    let link = agent_link(&rl, &src_vol, ends.tgt_ep.clone(), ends.secret.clone(), forward);
     let id = link.link_id.clone();
     ctx.agents.put_link(&src_ep, link).await?;
     let agents = ctx.agents.clone();
@@ -391,22 +409,27 @@ pub async fn reconcile(rl: Arc<RemoteLink>, ctx: Arc<Context>) -> Result<Action,
         .filter(|sw| Some(&sw.request) != st.last_switchover_request.as_ref())
     {
         st.last_switchover_request = Some(sw.request.clone());
-        match switchover_refusal(&ctx, &rl).await? {
+        match switchover_refusal(&rl, &ends) {
             Some(why) => {
                 event(&ctx, &*rl, "Copy", EventType::Warning, "SwitchoverRefused", why).await;
             }
             None => {
-                let hold = json!({"metadata": {"annotations": {ROLE_HOLD: format!("{name}/{}", sw.request)}}});
+                let value = format!("{name}/{}", sw.request);
+                let hold = json!({"metadata": {"annotations": {ROLE_HOLD: &value}}});
                 let volumes: Api<Volume> = Api::namespaced(ctx.client.clone(), &ns);
                 for v in [&rl.spec.source_volume, &rl.spec.target_volume] {
                     volumes.patch(v, &manager(), &Patch::Merge(&hold)).await?;
+                }
+                // As the patches left them: held.
+                for v in std::iter::once(&mut ends.source).chain(ends.target.as_mut()) {
+                    v.annotations_mut().insert(ROLE_HOLD.into(), value.clone());
                 }
                 event(&ctx, &*rl, "Copy", EventType::Normal, "SwitchoverStarted", format!("demoting {} (sealing a final snapshot), copying what {} lacks, promoting it; then the Volumes' roles are set to match", rl.spec.source_volume, rl.spec.target_volume)).await;
             }
         }
     }
     if let Some(token) = st.last_switchover_request.clone() {
-        resume_switchover(&ctx, &rl, &token, &src_ep, &id).await?;
+        resume_switchover(&ctx, &rl, &token, &ends, &id);
     }
     // Status.
     let links = ctx.agents.links(&src_ep, &src_vol).await?;
@@ -427,28 +450,22 @@ pub async fn reconcile(rl: Arc<RemoteLink>, ctx: Arc<Context>) -> Result<Action,
     Ok(Action::requeue(POLL))
 }
 
-/// Why a switchover request cannot run, if it cannot: the target is at a
-/// peer site (its Volume is its own operator's), or the source is attached
-/// to a node (its pods would keep writing a demoted volume).
-async fn switchover_refusal(ctx: &Context, rl: &RemoteLink) -> Result<Option<String>, Error> {
-    let ns = rl.namespace().unwrap_or_default();
-    let clusters: Api<StorageCluster> = Api::all(ctx.client.clone());
-    let target = clusters.get_opt(&rl.spec.target_cluster).await?;
-    if target.is_some_and(|c| c.spec.gateway.is_some()) {
-        return Ok(Some(format!(
+/// Pure: why a switchover request cannot run, if it cannot: the target is
+/// at a peer site (its Volume is its own operator's), or the source is
+/// attached to a node (its pods would keep writing a demoted volume).
+fn switchover_refusal(rl: &RemoteLink, ends: &Ends) -> Option<String> {
+    if ends.target.is_none() {
+        return Some(format!(
             "the target cluster {} is a peer site: switch over by hand: set spec.role: Remote on Volume {} here, wait until this link reports the final snapshot copied, then set spec.role: Primary on Volume {} at the peer site",
             rl.spec.target_cluster, rl.spec.source_volume, rl.spec.target_volume
-        )));
+        ));
     }
-    let volumes: Api<Volume> = Api::namespaced(ctx.client.clone(), &ns);
-    let source = volumes.get(&rl.spec.source_volume).await?;
-    if let Some(node) = &source.spec.attached_node {
-        return Ok(Some(format!(
+    ends.source.spec.attached_node.as_ref().map(|node| {
+        format!(
             "Volume {} is attached to node {node}: stop the pods that use it (the CSI driver then unpublishes it), then set a new spec.switchover.request",
             rl.spec.source_volume
-        )));
-    }
-    Ok(None)
+        )
+    })
 }
 
 /// The snapshot a request takes (a copy request's, or the final one of a
@@ -482,29 +499,21 @@ static RUNNING: std::sync::Mutex<std::collections::BTreeSet<String>> =
 /// Volumes carry its role hold: the agents' `Switchover` (retried every
 /// 10 s until it succeeds: it resumes the final copy), then each Volume's
 /// role is set to match its head and its hold lifted, the source first.
-async fn resume_switchover(
-    ctx: &Context,
-    rl: &RemoteLink,
-    token: &str,
-    src_ep: &str,
-    link_id: &str,
-) -> Result<(), Error> {
+fn resume_switchover(ctx: &Context, rl: &RemoteLink, token: &str, ends: &Ends, link_id: &str) {
     let ns = rl.namespace().unwrap_or_default();
     let hold = format!("{}/{token}", rl.name_any());
-    let volumes: Api<Volume> = Api::namespaced(ctx.client.clone(), &ns);
     let held = |v: &Volume| v.annotations().get(ROLE_HOLD) == Some(&hold);
-    let source = volumes.get(&rl.spec.source_volume).await?;
-    let target = volumes.get_opt(&rl.spec.target_volume).await?;
-    let source_held = held(&source);
-    if !source_held && !target.as_ref().is_some_and(held) {
-        return Ok(());
+    let (source, target) = (&ends.source, ends.target.as_ref());
+    let source_held = held(source);
+    if !source_held && !target.is_some_and(held) {
+        return;
     }
     if !RUNNING.lock().unwrap().insert(link_id.to_string()) {
-        return Ok(());
+        return;
     }
     let role = |v: Option<&Volume>| v.and_then(|v| v.status.as_ref()).and_then(|s| s.role);
-    let done = role(Some(&source)) == Some(cairn_api::crd::VolumeRole::Remote)
-        && role(target.as_ref()) == Some(cairn_api::crd::VolumeRole::Primary);
+    let done = role(Some(source)) == Some(cairn_api::crd::VolumeRole::Remote)
+        && role(target) == Some(cairn_api::crd::VolumeRole::Primary);
     let snap = rl
         .spec
         .switchover
@@ -512,7 +521,7 @@ async fn resume_switchover(
         .and_then(|sw| sw.final_snapshot.clone())
         .unwrap_or_else(|| request_snapshot_name("switchover", token));
     let (agents, recorder_ctx, rl) = (ctx.agents.clone(), ctx.clone(), rl.clone());
-    let (src_ep, link_id) = (src_ep.to_string(), link_id.to_string());
+    let (src_ep, link_id) = (ends.src_ep.clone(), link_id.to_string());
     let generation = Timestamp::now().as_second() as u64;
     tokio::spawn(async move {
         let ctx = recorder_ctx;
@@ -550,7 +559,6 @@ async fn resume_switchover(
         event(&ctx, &rl, "Copy", EventType::Normal, "SwitchedOver", format!("Volume {} is the primary now and {} a remote copy; copy back with a RemoteLink from {} to {}", rl.spec.target_volume, rl.spec.source_volume, rl.spec.target_volume, rl.spec.source_volume)).await;
         RUNNING.lock().unwrap().remove(&link_id);
     });
-    Ok(())
 }
 
 /// `error_policy`: back off and try again.

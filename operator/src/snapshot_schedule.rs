@@ -104,34 +104,33 @@ pub fn copies_follow(
     schedules: &[SnapshotSchedule],
     labels: &std::collections::BTreeMap<String, String>,
 ) -> bool {
-    let mut selecting = schedules.iter().filter(|s| selects(&s.spec.volume_selector, labels));
-    let mut any = false;
-    let copy = selecting.any(|s| {
-        any = true;
-        s.spec.copy
-    });
-    copy || !any
+    let mut selecting =
+        schedules.iter().filter(|s| selects(&s.spec.volume_selector, labels)).peekable();
+    selecting.peek().is_none() || selecting.any(|s| s.spec.copy)
+}
+
+/// The stamp of a run in its snapshot id: `yyyymmdd-hhmm` (UTC).
+const STAMP_LEN: usize = "yyyymmdd-hhmm".len();
+
+/// The schedule's part of its snapshot ids: its name cut to leave room for
+/// `-` and the stamp in the 63 characters of an id.
+fn run_prefix(schedule: &str) -> String {
+    let name: String = schedule.chars().take(63 - STAMP_LEN - 1).collect();
+    name.trim_end_matches('-').to_string()
 }
 
 /// The snapshot id of a run: `<schedule>-<yyyymmdd>-<hhmm>` (UTC), the
 /// schedule name cut to fit the 63 characters of an id.
 pub fn snapshot_id(schedule: &str, run: Timestamp) -> String {
-    let stamp = run.strftime("%Y%m%d-%H%M").to_string();
-    let room = 63 - stamp.len() - 1;
-    let name: String = schedule.chars().take(room).collect();
-    format!("{}-{stamp}", name.trim_end_matches('-'))
+    format!("{}-{}", run_prefix(schedule), run.strftime("%Y%m%d-%H%M"))
 }
 
-/// Pure: whether snapshot `id` is one `snapshot_id(schedule, run)` names
-/// (the schedule's name, cut to fit, then `-yyyymmdd-hhmm`).
+/// Pure: whether snapshot `id` is one `snapshot_id(schedule, run)` names.
 pub fn is_run_of(schedule: &str, id: &str) -> bool {
-    let stamp_len = "-yyyymmdd-hhmm".len();
-    let Some(split) = id.len().checked_sub(stamp_len) else { return false };
+    let Some(split) = id.len().checked_sub(STAMP_LEN + 1) else { return false };
     let (name, stamp) = id.split_at(split);
-    let room = 63 - (stamp_len - 1) - 1;
-    let want: String = schedule.chars().take(room).collect();
     let b = stamp.as_bytes();
-    name == want.trim_end_matches('-')
+    name == run_prefix(schedule)
         && b[0] == b'-'
         && b[9] == b'-'
         && b[1..9].iter().chain(&b[10..]).all(u8::is_ascii_digit)

@@ -60,10 +60,20 @@ fn site_b() -> serde_json::Value {
 const NS: &str = "/apis/cairn.dev/v1alpha1/namespaces/shop";
 const CLUSTERS: &str = "/apis/cairn.dev/v1alpha1/storageclusters";
 
-/// Serves the reads of a link's two ends: the placed source db at site-a
-/// (head a2) and its placed remote twin db-copy at site-b (head b1).
+/// The placed source db at site-a (head a2), labelled app=shop.
+fn source() -> Volume {
+    let mut v = volume("db", "site-a", VolumeRole::Primary, "a2");
+    v.meta_mut().labels = Some([("app".to_string(), "shop".to_string())].into());
+    v
+}
+
+/// Serves the reads of a link's two ends: the source db at site-a (head
+/// a2) and its placed remote twin db-copy at site-b (head b1).
 async fn serve_both_ends(api: &mut common::ApiServer) {
-    let source = volume("db", "site-a", VolumeRole::Primary, "a2");
+    serve_ends(api, source()).await;
+}
+
+async fn serve_ends(api: &mut common::ApiServer, source: Volume) {
     serve(api, Method::GET, &format!("{NS}/volumes/db"), json!(source)).await;
     serve(api, Method::GET, &format!("{CLUSTERS}/site-a"), json!(cluster())).await;
     serve(api, Method::GET, &format!("{CLUSTERS}/site-b"), site_b()).await;
@@ -71,12 +81,9 @@ async fn serve_both_ends(api: &mut common::ApiServer) {
     serve(api, Method::GET, &format!("{NS}/volumes/db-copy"), json!(target)).await;
 }
 
-/// Serves what decides whether copies follow snapshots: the source Volume
-/// (its labels) and the namespace's SnapshotSchedules.
+/// Serves what decides, with the source's labels, whether copies follow
+/// snapshots: the namespace's SnapshotSchedules.
 async fn serve_copy_rules(api: &mut common::ApiServer, schedules: Vec<serde_json::Value>) {
-    let mut source = volume("db", "site-a", VolumeRole::Primary, "a2");
-    source.meta_mut().labels = Some([("app".to_string(), "shop".to_string())].into());
-    serve(api, Method::GET, &format!("{NS}/volumes/db"), json!(source)).await;
     let list = json!({"apiVersion": "cairn.dev/v1alpha1", "kind": "SnapshotScheduleList", "metadata": {}, "items": schedules});
     serve(api, Method::GET, &format!("{NS}/snapshotschedules"), list).await;
 }
@@ -238,11 +245,9 @@ async fn a_switchover_holds_both_roles_runs_at_the_agents_then_flips_the_specs()
                           "data": {"pairing-secret": "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3"}});
     serve(&mut api, Method::GET, "/api/v1/namespaces/shop/secrets/db-to-b-pairing", existing).await;
     serve_copy_rules(&mut api, vec![]).await;
-    // Refusal checks: the target cluster is here, the source is not attached.
-    serve(&mut api, Method::GET, &format!("{CLUSTERS}/site-b"), site_b()).await;
-    let source = volume("db", "site-a", VolumeRole::Primary, "a2");
-    serve(&mut api, Method::GET, &format!("{NS}/volumes/db"), json!(source)).await;
-    // Both Volumes get the hold, then the event.
+    // The target cluster is here and the source is not attached (as
+    // observed): both Volumes get the hold, then the event.
+    let source = source();
     let hold = "db-to-b/2026-11-25T10:00:00Z";
     for v in ["db", "db-copy"] {
         let p = serve(&mut api, Method::PATCH, &format!("{NS}/volumes/{v}"), json!(source)).await;
@@ -252,14 +257,12 @@ async fn a_switchover_holds_both_roles_runs_at_the_agents_then_flips_the_specs()
         serve(&mut api, Method::POST, "/apis/events.k8s.io/v1/namespaces/shop/events", json!({}))
             .await;
     assert_eq!(ev["reason"], "SwitchoverStarted");
-    // The run: it reads both Volumes, finds the hold, starts in the
-    // background; the roles are flipped after the agents' switchover.
+    // The run starts in the background; the roles are flipped after the
+    // agents' switchover.
     let mut held_src = source.clone();
     held_src.annotations_mut().insert("cairn.dev/role-hold".into(), hold.into());
     let mut held_tgt = volume("db-copy", "site-b", VolumeRole::Remote, "b1");
     held_tgt.annotations_mut().insert("cairn.dev/role-hold".into(), hold.into());
-    serve(&mut api, Method::GET, &format!("{NS}/volumes/db"), json!(held_src)).await;
-    serve(&mut api, Method::GET, &format!("{NS}/volumes/db-copy"), json!(held_tgt)).await;
     let seen = serve_unordered(
         &mut api,
         vec![
@@ -307,15 +310,13 @@ async fn a_switchover_of_an_attached_source_is_refused_and_changes_no_role() {
     rl.spec.switchover =
         Some(cairn_api::crd::SwitchoverRequest { request: "now-1".into(), final_snapshot: None });
     let run = tokio::spawn(reconcile(Arc::new(rl.clone()), ctx));
-    serve_both_ends(&mut api).await;
+    let mut source = source();
+    source.spec.attached_node = Some("worker-1".into());
+    serve_ends(&mut api, source).await;
     let existing = json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "db-to-b-pairing"},
                           "data": {"pairing-secret": "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3"}});
     serve(&mut api, Method::GET, "/api/v1/namespaces/shop/secrets/db-to-b-pairing", existing).await;
     serve_copy_rules(&mut api, vec![]).await;
-    serve(&mut api, Method::GET, &format!("{CLUSTERS}/site-b"), site_b()).await;
-    let mut source = volume("db", "site-a", VolumeRole::Primary, "a2");
-    source.spec.attached_node = Some("worker-1".into());
-    serve(&mut api, Method::GET, &format!("{NS}/volumes/db"), json!(source)).await;
     let ev =
         serve(&mut api, Method::POST, "/apis/events.k8s.io/v1/namespaces/shop/events", json!({}))
             .await;
@@ -325,9 +326,6 @@ async fn a_switchover_of_an_attached_source_is_refused_and_changes_no_role() {
     );
     assert!(ev["note"].as_str().unwrap().contains("attached to node worker-1"), "{ev}");
     // No hold: the resume step finds none and starts nothing.
-    serve(&mut api, Method::GET, &format!("{NS}/volumes/db"), json!(source)).await;
-    let target = volume("db-copy", "site-b", VolumeRole::Remote, "b1");
-    serve(&mut api, Method::GET, &format!("{NS}/volumes/db-copy"), json!(target)).await;
     let status =
         serve(&mut api, Method::PATCH, &format!("{NS}/remotelinks/db-to-b/status"), json!(rl))
             .await;

@@ -7,10 +7,14 @@
 
 use std::{
     ffi::OsStr,
-    os::unix::ffi::OsStrExt,
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
+
+// The sysfs reads are the agent's own (its FUSE frontend attaches loop
+// devices the same way).
+use cairn_agent::frontend::loop_device::read_sys;
+pub use cairn_agent::frontend::loop_device::{backing_file, devices_backed_by as backed_by};
 
 use super::{Error, mount, run};
 
@@ -18,30 +22,6 @@ use super::{Error, mount, run};
 const SECTOR_SIZE: &str = "4096";
 /// How long a detach waits for the kernel to let go of the device.
 const DETACH_WAIT: Duration = Duration::from_secs(10);
-
-fn read_sys(device: &Path, attr: &str) -> Option<String> {
-    let name = device.file_name()?;
-    let text = std::fs::read_to_string(Path::new("/sys/block").join(name).join(attr)).ok()?;
-    Some(text.trim_end_matches('\n').to_string())
-}
-
-/// The file behind a loop device, `None` when it is detached.
-pub fn backing_file(device: &Path) -> Option<PathBuf> {
-    read_sys(device, "loop/backing_file").map(PathBuf::from)
-}
-
-/// The loop devices backed by `file`, in name order.
-pub fn backed_by(file: &Path) -> Vec<PathBuf> {
-    let Ok(entries) = std::fs::read_dir("/sys/block") else { return Vec::new() };
-    let mut devices: Vec<PathBuf> = entries
-        .filter_map(|e| e.ok())
-        .filter(|e| e.file_name().as_bytes().starts_with(b"loop"))
-        .map(|e| Path::new("/dev").join(e.file_name()))
-        .filter(|d| backing_file(d).is_some_and(|f| f == file))
-        .collect();
-    devices.sort();
-    devices
-}
 
 /// Whether the device refuses writes (attached with --read-only).
 pub fn read_only(device: &Path) -> bool {

@@ -117,15 +117,6 @@ impl From<Error> for Status {
     }
 }
 
-fn command_line(program: &str, args: &[&OsStr]) -> String {
-    let mut line = program.to_string();
-    for a in args {
-        line.push(' ');
-        line.push_str(&a.to_string_lossy());
-    }
-    line
-}
-
 /// Runs a command; its exit code and trimmed stdout when the code is 0 or
 /// one of `ok_codes`, else an error with its stderr.
 async fn run_status(
@@ -133,7 +124,7 @@ async fn run_status(
     args: &[&OsStr],
     ok_codes: &[i32],
 ) -> Result<(i32, String), Error> {
-    let command = command_line(program, args);
+    let command = cairn_agent::frontend::loop_device::command_line(program, args);
     let out = tokio::process::Command::new(program)
         .args(args)
         .stdin(std::process::Stdio::null())

@@ -10,6 +10,8 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use cairn_agent::frontend::loop_device::unescape;
+
 use super::{Error, run, run_status};
 use crate::capability::FsType;
 
@@ -96,27 +98,6 @@ pub fn node_binds(device: &Path) -> Vec<PathBuf> {
         .filter(|m| m.root == root && (m.fstype == "devtmpfs" || m.fstype == "tmpfs"))
         .map(|m| m.mountpoint)
         .collect()
-}
-
-/// Undoes mountinfo's octal escapes (`\040` for a space).
-fn unescape(field: &str) -> PathBuf {
-    let b = field.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        let octal = b.get(i + 1..i + 4).filter(|d| d.iter().all(|c| (b'0'..=b'7').contains(c)));
-        match (b[i], octal) {
-            (b'\\', Some(d)) => {
-                out.push((d[0] - b'0') << 6 | (d[1] - b'0') << 3 | (d[2] - b'0'));
-                i += 4;
-            }
-            (c, _) => {
-                out.push(c);
-                i += 1;
-            }
-        }
-    }
-    PathBuf::from(OsStr::from_bytes(&out))
 }
 
 /// `mount [-t fstype] [-o options] source target`.

@@ -224,7 +224,7 @@ pub fn detaching(device: &Path) -> bool {
 }
 
 /// The file behind a loop device, `None` when it is not attached.
-pub(crate) fn backing_file(device: &Path) -> Option<PathBuf> {
+pub fn backing_file(device: &Path) -> Option<PathBuf> {
     read_sys(device, "loop/backing_file").map(PathBuf::from)
 }
 
@@ -274,14 +274,16 @@ fn backing_id(device: &Path) -> Option<FileId> {
     (rc == 0).then_some((info.lo_device, info.lo_inode))
 }
 
-fn read_sys(device: &Path, attr: &str) -> Option<String> {
+/// A block device's sysfs attribute (`/sys/block/<name>/<attr>`), without
+/// its trailing newline; `None` when the device or attribute is not there.
+pub fn read_sys(device: &Path, attr: &str) -> Option<String> {
     let name = device.file_name()?;
     let text = fs::read_to_string(Path::new("/sys/block").join(name).join(attr)).ok()?;
     Some(text.trim_end_matches('\n').to_string())
 }
 
 /// Undoes the octal escapes (`\040` for a space) of `/proc/self/mountinfo`.
-pub(crate) fn unescape(field: &str) -> PathBuf {
+pub fn unescape(field: &str) -> PathBuf {
     let bytes = field.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
@@ -301,7 +303,8 @@ pub(crate) fn unescape(field: &str) -> PathBuf {
     PathBuf::from(OsStr::from_bytes(&out))
 }
 
-fn command_line(program: &str, args: &[&OsStr]) -> String {
+/// A command as one line for messages: the program and its arguments.
+pub fn command_line(program: &str, args: &[&OsStr]) -> String {
     let mut line = program.to_string();
     for arg in args {
         line.push(' ');
