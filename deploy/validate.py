@@ -47,6 +47,7 @@ import render  # noqa: E402  (deploy/render.py)
 ROOT = render.ROOT
 KUBERNETES_VERSION = "1.34"
 TWO_SITES = ROOT / "e2e" / "kind" / "values-two-sites.yaml"
+ONE_NODE = ROOT / "charts" / "cairn" / "values-one-node.yaml"
 
 # Every optional part of the chart on, so that each template is rendered
 # and validated at least once.
@@ -83,7 +84,11 @@ EVERYTHING: dict[str, Any] = {
     "serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}},
     "agent": {"extraArgs": ["--copy-rate-cap", "104857600"], "tolerations": [{"operator": "Exists"}]},
     "operator": {"replicas": 3},
-    "csi": {"volumeNamespace": "volumes", "controller": {"replicas": 2}},
+    "csi": {
+        "volumeNamespace": "volumes",
+        "controller": {"replicas": 2},
+        "sidecars": {"resizer": {"enabled": True, "image": "registry.k8s.io/sig-storage/csi-resizer:v2.2.1"}},
+    },
 }
 
 # Groups whose schemas are not in the tree.
@@ -478,8 +483,9 @@ def main() -> int:
     def validate(obj: dict[str, Any]) -> list[str] | None:
         return validate_object(obj, k8s, crs, meta, report)
 
-    two_sites = yaml.safe_load(TWO_SITES.read_text())
-    lint_sets = [("default values", None), (str(TWO_SITES.relative_to(ROOT)), two_sites)]
+    lint_sets = [("default values", None)] + [
+        (str(values.relative_to(ROOT)), yaml.safe_load(values.read_text())) for values in (ONE_NODE, TWO_SITES)
+    ]
     check_lint(report, lint_sets)
     check_renders(report, [*lint_sets, ("every optional part on", copy.deepcopy(EVERYTHING))], validate)
     check_files(report, validate)

@@ -1,6 +1,7 @@
 //! cairn-csi: serves Cairn's CSI driver on a unix socket.
 //!
-//! `cairn-csi controller` serves Identity and Controller (one Deployment);
+//! `cairn-csi controller` serves Identity and Controller (one Deployment),
+//! and NodeGetCapabilities for the sidecars that ask it there;
 //! `cairn-csi node` serves Identity and Node (a DaemonSet, beside the node's
 //! agent). Both stop cleanly on SIGTERM or Ctrl-C.
 
@@ -11,7 +12,7 @@ use cairn_csi::{
     agent::{Agents, TlsArgs},
     controller::{ControllerConfig, ControllerService},
     identity::{IdentityService, Role},
-    node::{NodeConfig, NodeService},
+    node::{NodeConfig, NodeService, capabilities::CapabilitiesOnly},
 };
 use clap::{Parser, Subcommand};
 use tokio_stream::wrappers::UnixListenerStream;
@@ -103,9 +104,12 @@ async fn main() -> anyhow::Result<()> {
                 ready_timeout: Duration::from_secs(ready_timeout_seconds),
             };
             let controller = ControllerService::connect(config, tls.load()?).await?;
+            // The Node service here answers only NodeGetCapabilities, which
+            // csi-resizer asks the controller's socket at start.
             server
                 .add_service(IdentityService::new(Role::Controller).into_server())
                 .add_service(controller.into_server())
+                .add_service(CapabilitiesOnly.into_server())
         }
         Cmd::Node { node_id, storage_cluster, agent_endpoint, state_dir, tls } => {
             let agents = Agents::new(tls.load()?);

@@ -11,6 +11,7 @@
 //! holds its volume for its duration: a concurrent call on the same volume
 //! gets ABORTED (`crate::operation`).
 
+pub mod capabilities;
 mod device;
 mod health;
 mod mount;
@@ -545,6 +546,20 @@ fn rpc(t: Type) -> csi::NodeServiceCapability {
     }
 }
 
+/// What the node plugins offer. EXPAND_VOLUME is not among them: volumes
+/// cannot grow yet (see docs/design.md), so the CO never has a larger
+/// volume to grow the filesystem to. NodeExpandVolume itself works (it
+/// grows the filesystem to the device) for when growth lands.
+pub const CAPABILITIES: [Type; 3] =
+    [Type::StageUnstageVolume, Type::GetVolumeStats, Type::VolumeCondition];
+
+/// [`CAPABILITIES`] as NodeGetCapabilities answers them: the node plugins
+/// and the controller (for csi-resizer, which asks the controller's
+/// socket) answer the same.
+pub fn capabilities() -> csi::NodeGetCapabilitiesResponse {
+    csi::NodeGetCapabilitiesResponse { capabilities: CAPABILITIES.into_iter().map(rpc).collect() }
+}
+
 #[tonic::async_trait]
 impl Node for NodeService {
     #[tracing::instrument(skip_all, fields(volume = %req.get_ref().volume_id))]
@@ -641,15 +656,7 @@ impl Node for NodeService {
         &self,
         _req: Request<csi::NodeGetCapabilitiesRequest>,
     ) -> Result<Response<csi::NodeGetCapabilitiesResponse>, Status> {
-        // EXPAND_VOLUME is not advertised: volumes cannot grow yet (see
-        // docs/design.md), so the CO never has a larger volume to grow the
-        // filesystem to. NodeExpandVolume itself works (it grows the
-        // filesystem to the device) for when growth lands.
-        let capabilities = [Type::StageUnstageVolume, Type::GetVolumeStats, Type::VolumeCondition]
-            .into_iter()
-            .map(rpc)
-            .collect();
-        Ok(Response::new(csi::NodeGetCapabilitiesResponse { capabilities }))
+        Ok(Response::new(capabilities()))
     }
 
     async fn node_get_info(
