@@ -59,7 +59,7 @@ fn skip_reason() -> Option<String> {
 macro_rules! needs_root {
     () => {
         if let Some(why) = skip_reason() {
-            eprintln!("skipped: needs root, /dev/fuse, loop devices and mkfs tools ({why})");
+            cairn_e2e::skip(&format!("needs root, /dev/fuse, loop devices and mkfs tools ({why})"));
             return;
         }
     };

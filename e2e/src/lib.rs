@@ -19,7 +19,10 @@ use tonic::transport::Channel;
 
 pub mod netns;
 pub mod proxy;
+pub mod skip;
 pub mod tls;
+
+pub use skip::skip;
 
 /// A gRPC client of one agent's replica store.
 pub type AgentClient = ReplicaStoreClient<Channel>;

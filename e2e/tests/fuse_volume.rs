@@ -123,7 +123,7 @@ fn checksum(path: &Path) -> blake3::Hash {
 #[tokio::test(flavor = "multi_thread")]
 async fn ext4_on_a_striped_volume_keeps_its_files_when_an_agent_is_killed() {
     if let Some(why) = skip_reason() {
-        eprintln!("skipped: needs root, /dev/fuse and loop devices ({why})");
+        cairn_e2e::skip(&format!("needs root, /dev/fuse and loop devices ({why})"));
         return;
     }
     let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
@@ -315,7 +315,7 @@ async fn ext4_on_a_striped_volume_keeps_its_files_when_an_agent_is_killed() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_killed_head_agent_leaves_no_dead_mount_in_the_way() {
     if let Some(why) = skip_reason() {
-        eprintln!("skipped: needs root, /dev/fuse and loop devices ({why})");
+        cairn_e2e::skip(&format!("needs root, /dev/fuse and loop devices ({why})"));
         return;
     }
     let data = tempfile::tempdir().unwrap();
@@ -368,7 +368,7 @@ async fn a_killed_head_agent_leaves_no_dead_mount_in_the_way() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_same_epoch_open_with_fuse_exposes_a_head_opened_without_it() {
     if let Some(why) = skip_reason() {
-        eprintln!("skipped: needs root, /dev/fuse and loop devices ({why})");
+        cairn_e2e::skip(&format!("needs root, /dev/fuse and loop devices ({why})"));
         return;
     }
     let data = tempfile::tempdir().unwrap();

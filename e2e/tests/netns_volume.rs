@@ -54,7 +54,7 @@ async fn wait_for(heads: &HeadsClient, agent: &str, in_sync: bool, within: Durat
 #[tokio::test(flavor = "multi_thread")]
 async fn a_host_cut_off_the_network_is_rebuilt_when_it_returns() {
     if let Some(why) = netns::unavailable() {
-        eprintln!("skipped: needs root and network namespaces ({why})");
+        cairn_e2e::skip(&format!("needs root and network namespaces ({why})"));
         return;
     }
     let lan = netns::Lan::new(3).unwrap();

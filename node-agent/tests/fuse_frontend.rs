@@ -136,7 +136,7 @@ fn missing(tools: &[&str]) -> Option<String> {
 fn skipped(tools: &[&str]) -> bool {
     match missing(tools) {
         Some(why) => {
-            println!("skipped: needs root and /dev/fuse ({why})");
+            cairn_e2e::skip(&format!("needs root and /dev/fuse ({why})"));
             true
         }
         None => false,
