@@ -11,7 +11,7 @@
 //! ControllerPublishVolume sets `spec.attachedNode`, waits until the
 //! operator has opened the head on that node's agent (fuse=false) one epoch
 //! up, and returns `publish_context` of the OpenHead request the operator
-//! used (`cairn_operator::volume::desired`).
+//! used (`cairn_client::head::desired`).
 //!
 //! Invariants: every RPC is idempotent and takes the volume's slot in
 //! [`Operations`] (a concurrent call on the same volume is `ABORTED`); every
@@ -32,7 +32,7 @@ use cairn_api::{
     crd::{StorageCluster, Volume, find_condition, volume::condition},
     csi::v1::{self as csi, controller_server::Controller},
 };
-use cairn_operator::agent::{AgentApi, AgentError, GrpcAgents};
+use cairn_client::{AgentApi, AgentError, GrpcAgents};
 use kube::{
     Api, Client, Resource,
     api::{Patch, PatchParams},

@@ -14,10 +14,11 @@ use cairn_api::{
     },
     csi::v1::{self as csi, controller_server::Controller},
 };
+use cairn_client::{Call, FakeAgents};
 use cairn_csi::controller::{ControllerConfig, ControllerService, annotation};
-use cairn_operator::agent::{Call, FakeAgents};
 use csi::volume_capability::{AccessMode, AccessType, MountVolume, access_mode::Mode};
 use http::{Method, Request, Response, StatusCode};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::{Client, Resource, ResourceExt, client::Body};
 use serde_json::{Value, json};
 use tokio::task::JoinHandle;
@@ -168,7 +169,7 @@ fn created(name: &str) -> Volume {
 /// The volume placed on a1, a2 with its head on `head`'s agent at `epoch`.
 fn placed(name: &str, phase: VolumePhase, head: &str, epoch: i64) -> Volume {
     let mut v = created(name);
-    let d = cairn_operator::volume::desired(&v, &cluster()).unwrap();
+    let d = cairn_client::head::desired(&v, &cluster()).unwrap();
     v.status = Some(VolumeStatus {
         phase,
         volume_id: Some(format!("{NS}-{name}")),
@@ -721,7 +722,7 @@ async fn a_volume_that_does_not_become_ready_is_deadline_exceeded_with_what_it_s
             "TooFewAgents",
             "storage cluster site-a has 1 healthy agents but the volume wants 2 replicas",
             Some(1),
-            cairn_operator::report::now(),
+            Time(k8s_openapi::jiff::Timestamp::now()),
         )],
         observed_generation: Some(1),
         ..Default::default()
@@ -848,7 +849,7 @@ async fn publish_sets_the_node_waits_for_the_head_there_and_returns_its_open_req
     let ctx = alone(&mut api, call).await.unwrap().publish_context;
     let open = cairn_csi::open_head_from_context(&ctx).unwrap();
     assert_eq!(ctx["cairn.dev/epoch"], "2", "one epoch up: the fence");
-    assert_eq!(open, cairn_operator::volume::desired(&moved, &cluster()).unwrap().open);
+    assert_eq!(open, cairn_client::head::desired(&moved, &cluster()).unwrap().open);
     assert_eq!((open.volume_id.as_str(), open.epoch, open.fuse), (AGENT_VOL, 2, false));
     let names: Vec<&str> = open.agents.iter().map(|a| a.name.as_str()).collect();
     assert_eq!(names, ["a1", "a2"]);
@@ -893,7 +894,7 @@ async fn publish_is_refused_on_another_node_an_unknown_node_or_volume_a_remote_o
     assert_eq!(alone(&mut api, call).await.unwrap_err().code(), Code::FailedPrecondition);
 
     let mut held = ready();
-    held.annotations_mut().insert(cairn_operator::volume::ROLE_HOLD.into(), "db-to-b/now".into());
+    held.annotations_mut().insert(cairn_api::crd::volume::ROLE_HOLD.into(), "db-to-b/now".into());
     let call = spawn_publish(&svc, "pvc-1", "node-a1");
     serve(&mut api, Method::GET, VOL, json!(held)).await;
     let e = alone(&mut api, call).await.unwrap_err();

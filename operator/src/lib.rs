@@ -4,7 +4,6 @@
 //! unit-tested alone; the reconcilers are tested against kube's mocked API
 //! server with a fake of the agents.
 
-pub mod agent;
 pub mod leader;
 pub mod metrics;
 pub mod remote_link;
@@ -14,6 +13,10 @@ pub mod schedule;
 pub mod snapshot_schedule;
 pub mod storage_cluster;
 pub mod volume;
+
+// The agent seam (AgentApi, GrpcAgents, AgentError, the fake) is cairn-client,
+// shared with the CSI controller; the alias keeps `crate::agent::…` paths.
+pub use cairn_client as agent;
 
 use std::sync::Arc;
 

@@ -17,6 +17,23 @@ use crate::{agent::v1 as pb, placement::PlacementAgent};
 /// a longer list): retention must keep fewer.
 pub const MAX_STATUS_SNAPSHOTS: usize = 1024;
 
+/// Set on a Volume while a switchover changes its role: the Volume
+/// reconciler then neither promotes nor demotes it, and the CSI controller
+/// does not publish it. The value names the RemoteLink and its request
+/// (`<link>/<request>`).
+pub const ROLE_HOLD: &str = "cairn.dev/role-hold";
+
+/// The id of a volume at the agents: `<namespace>-<name>` when that is a
+/// valid id (a DNS label), else `v-` and 24 hex digits of its hash.
+pub fn volume_id(namespace: &str, name: &str) -> String {
+    let plain = format!("{namespace}-{name}");
+    if plain.len() <= 63 && crate::VolumeId::new(&plain).is_ok() {
+        return plain;
+    }
+    let h = blake3::hash(format!("{namespace}/{name}").as_bytes()).to_hex();
+    format!("v-{}", &h[..24])
+}
+
 /// Condition types of a `Volume`.
 pub mod condition {
     /// Placed, every chunk has an in-sync replica, and the role in the spec

@@ -11,10 +11,10 @@
 use std::collections::HashMap;
 
 use cairn_api::{
-    crd::{AgentHealth, StorageCluster, Volume},
+    crd::{AgentHealth, StorageCluster, Volume, volume::ROLE_HOLD},
     csi::v1 as csi,
 };
-use cairn_operator::volume::{Invalid, ROLE_HOLD, desired};
+use cairn_client::head::{Invalid, desired};
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 

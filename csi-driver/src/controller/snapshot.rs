@@ -24,7 +24,7 @@ use cairn_api::{
     crd::{StorageCluster, Volume, VolumeRole},
     csi::v1 as csi,
 };
-use cairn_operator::{agent::AgentError, volume::head_endpoint};
+use cairn_client::{AgentError, head::head_endpoint};
 use kube::{ResourceExt, api::ListParams};
 use serde_json::json;
 

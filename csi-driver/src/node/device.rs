@@ -11,26 +11,26 @@ use std::{
     time::{Duration, Instant},
 };
 
-// The sysfs reads are the agent's own (its FUSE frontend attaches loop
-// devices the same way).
-use cairn_agent::frontend::loop_device::read_sys;
-pub use cairn_agent::frontend::loop_device::{backing_file, devices_backed_by as backed_by};
+// The kernel's view of loop devices is the host crate's (the agent's FUSE
+// frontend attaches loop devices the same way).
+pub use cairn_host::loop_device::{backing_file, devices_backed_by as backed_by};
+use cairn_host::{
+    loop_device::{SECTOR_SIZE, mounted_at},
+    sysfs,
+};
 
-use super::{Error, mount, run};
-
-/// Logical sector size: the volume's block.
-const SECTOR_SIZE: &str = "4096";
+use super::{Error, run};
 /// How long a detach waits for the kernel to let go of the device.
 const DETACH_WAIT: Duration = Duration::from_secs(10);
 
 /// Whether the device refuses writes (attached with --read-only).
 pub fn read_only(device: &Path) -> bool {
-    read_sys(device, "ro").is_some_and(|v| v.trim() == "1")
+    sysfs::read(device, "ro").is_some_and(|v| v.trim() == "1")
 }
 
 /// The device's size in bytes, as the kernel has it now.
 pub fn size(device: &Path) -> Option<u64> {
-    read_sys(device, "size")?.trim().parse::<u64>().ok().map(|sectors| sectors * 512)
+    sysfs::read(device, "size")?.trim().parse::<u64>().ok().map(|sectors| sectors * 512)
 }
 
 /// The writable loop device serving `file`: an attached one if there is
@@ -53,13 +53,10 @@ async fn attach_mode(file: &Path, ro: bool) -> Result<PathBuf, Error> {
     if let Some(device) = existing() {
         return Ok(device);
     }
+    let sector = SECTOR_SIZE.to_string();
     let args = |direct: bool| {
-        let mut a: Vec<&OsStr> = vec![
-            "--find".as_ref(),
-            "--show".as_ref(),
-            "--sector-size".as_ref(),
-            SECTOR_SIZE.as_ref(),
-        ];
+        let mut a: Vec<&OsStr> =
+            vec!["--find".as_ref(), "--show".as_ref(), "--sector-size".as_ref(), sector.as_ref()];
         if ro {
             a.push("--read-only".as_ref());
         }
@@ -107,7 +104,7 @@ pub async fn detach_one(device: &Path, file: &Path) -> Result<(), Error> {
     if backing_file(device).as_deref() != Some(file) {
         return Ok(());
     }
-    if let Some(m) = mount::mounted_device(device) {
+    if let Some(m) = mounted_at(device) {
         return Err(Error::Device {
             device: device.to_path_buf(),
             why: format!("a filesystem on it is mounted at {}: unmount it first", m.display()),

@@ -125,7 +125,7 @@ async fn run_status(
     args: &[&OsStr],
     ok_codes: &[i32],
 ) -> Result<(i32, String), Error> {
-    let command = cairn_agent::frontend::loop_device::command_line(program, args);
+    let command = cairn_host::command::line(program, args);
     let out = tokio::process::Command::new(program)
         .args(args)
         .stdin(std::process::Stdio::null())

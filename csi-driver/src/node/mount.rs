@@ -1,83 +1,20 @@
-//! Mounts as the kernel reports them (`/proc/self/mountinfo`), and the
-//! tools that make filesystems: `mount`/`umount`, `blkid` to find what a
-//! device holds, `mkfs.<fs>` only on an empty device, `resize2fs` and
-//! `xfs_growfs` to grow one. Nothing here formats a device that holds a
-//! filesystem or anything else blkid recognises.
+//! Mounts as the kernel reports them (`/proc/self/mountinfo`, read by
+//! `cairn-host`), and the tools that make filesystems: `mount`/`umount`,
+//! `blkid` to find what a device holds, `mkfs.<fs>` only on an empty
+//! device, `resize2fs` and `xfs_growfs` to grow one. Nothing here formats a
+//! device that holds a filesystem or anything else blkid recognises.
 
 use std::{
     ffi::{OsStr, OsString},
-    os::unix::{ffi::OsStrExt, fs::MetadataExt},
+    os::unix::ffi::OsStrExt,
     path::{Path, PathBuf},
 };
 
-use cairn_agent::frontend::loop_device::unescape;
+// Reading mountinfo is the host crate's, shared with the agent's frontend.
+pub use cairn_host::mountinfo::{Mount, device_number, mounted_at, mounts};
 
 use super::{Error, run, run_status};
 use crate::capability::FsType;
-
-/// One line of `/proc/self/mountinfo`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Mount {
-    /// `major:minor` of the mounted device.
-    pub device: String,
-    /// The path inside that filesystem mounted here (`/` but for binds).
-    pub root: PathBuf,
-    pub mountpoint: PathBuf,
-    /// Per-mount options (`rw`/`ro`, ...).
-    pub options: String,
-    pub fstype: String,
-    pub source: PathBuf,
-}
-
-impl Mount {
-    pub fn read_only(&self) -> bool {
-        self.options.split(',').any(|o| o == "ro")
-    }
-}
-
-/// Parses mountinfo text.
-pub fn parse(text: &str) -> Vec<Mount> {
-    text.lines()
-        .filter_map(|line| {
-            // id parent major:minor root mountpoint options [optional...] - fstype source super
-            let f: Vec<&str> = line.split(' ').collect();
-            let sep = f.iter().position(|x| *x == "-")?;
-            Some(Mount {
-                device: f.get(2)?.to_string(),
-                root: unescape(f.get(3)?),
-                mountpoint: unescape(f.get(4)?),
-                options: f.get(5)?.to_string(),
-                fstype: f.get(sep + 1)?.to_string(),
-                source: unescape(f.get(sep + 2)?),
-            })
-        })
-        .collect()
-}
-
-/// The mounts of this process's mount namespace.
-pub fn mounts() -> Vec<Mount> {
-    std::fs::read_to_string("/proc/self/mountinfo").map(|t| parse(&t)).unwrap_or_default()
-}
-
-/// The topmost mount at `path`, if it is a mount point.
-pub fn mounted_at(path: &Path) -> Option<Mount> {
-    mounts().into_iter().rfind(|m| m.mountpoint == path)
-}
-
-/// `major:minor` of a device node.
-pub fn device_number(device: &Path) -> Option<String> {
-    let rdev = std::fs::metadata(device).ok()?.rdev();
-    (rdev != 0).then(|| format!("{}:{}", libc::major(rdev), libc::minor(rdev)))
-}
-
-/// Where a filesystem on `device` is mounted (its first mount), if anywhere.
-/// Bind mounts of the device node itself (raw block publishing) do not
-/// count: they are matched by the mounted device, which for those is the
-/// filesystem holding /dev.
-pub fn mounted_device(device: &Path) -> Option<PathBuf> {
-    let number = device_number(device)?;
-    mounts().into_iter().find(|m| m.device == number).map(|m| m.mountpoint)
-}
 
 /// The device node a mount is a bind of (raw block publishing), if it is
 /// one.
@@ -201,26 +138,4 @@ pub fn statvfs(path: &Path) -> std::io::Result<libc::statvfs> {
         return Err(std::io::Error::last_os_error());
     }
     Ok(st)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn mountinfo_lines_are_parsed_with_escapes_and_optional_fields() {
-        let text = "36 35 98:0 / /mnt/a\\040b rw,noatime master:1 - ext4 /dev/loop3 rw,errors=continue\n\
-                    40 36 0:5 /loop3 /var/lib/pods/x/block ro,nosuid shared:2 - devtmpfs udev rw\n\
-                    bad line\n";
-        let m = parse(text);
-        assert_eq!(m.len(), 2);
-        assert_eq!(m[0].mountpoint, PathBuf::from("/mnt/a b"));
-        assert_eq!(m[0].device, "98:0");
-        assert_eq!(m[0].fstype, "ext4");
-        assert_eq!(m[0].source, PathBuf::from("/dev/loop3"));
-        assert!(!m[0].read_only());
-        assert!(m[1].read_only());
-        assert_eq!(m[1].fstype, "devtmpfs");
-        assert_eq!(m[1].root, PathBuf::from("/loop3"));
-    }
 }

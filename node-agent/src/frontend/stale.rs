@@ -11,7 +11,10 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use super::loop_device::{backing_file, mounted_at, unescape};
+use cairn_host::{
+    loop_device::{devices_backed_under, mounted_at},
+    mountinfo,
+};
 
 /// What was found and done for one dead mount.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,30 +30,12 @@ pub struct StaleMount {
 
 /// The `fuse.cairn` mounts under `dir` in this mount namespace.
 pub fn cairn_mounts_under(dir: &Path) -> Vec<PathBuf> {
-    let Ok(info) = fs::read_to_string("/proc/self/mountinfo") else { return Vec::new() };
     let dir = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
-    info.lines()
-        .filter_map(|line| {
-            let fields: Vec<&str> = line.split(' ').collect();
-            let sep = fields.iter().position(|f| *f == "-")?;
-            let fstype = *fields.get(sep + 1)?;
-            let mountpoint = unescape(fields.get(4)?);
-            (fstype == "fuse.cairn" && mountpoint.starts_with(&dir)).then_some(mountpoint)
-        })
+    mountinfo::mounts()
+        .into_iter()
+        .filter(|m| m.fstype == "fuse.cairn" && m.mountpoint.starts_with(&dir))
+        .map(|m| m.mountpoint)
         .collect()
-}
-
-/// Loop devices whose backing file is under `dir`.
-fn loops_under(dir: &Path) -> Vec<PathBuf> {
-    let Ok(entries) = fs::read_dir("/sys/block") else { return Vec::new() };
-    let mut out: Vec<PathBuf> = entries
-        .filter_map(|e| e.ok())
-        .filter(|e| e.file_name().as_bytes().starts_with(b"loop"))
-        .map(|e| Path::new("/dev").join(e.file_name()))
-        .filter(|d| backing_file(d).is_some_and(|f| f.starts_with(dir)))
-        .collect();
-    out.sort();
-    out
 }
 
 /// True when the FUSE server of the mount at `mountpoint` is gone: the
@@ -67,8 +52,10 @@ pub fn clean_stale_mounts(dir: &Path) -> Vec<StaleMount> {
         .into_iter()
         .filter(|m| is_dead(m))
         .map(|mountpoint| {
-            let loop_devices =
-                loops_under(&mountpoint).into_iter().map(|d| (d.clone(), mounted_at(&d))).collect();
+            let loop_devices = devices_backed_under(&mountpoint)
+                .into_iter()
+                .map(|d| (d.clone(), mounted_at(&d)))
+                .collect();
             let c = std::ffi::CString::new(mountpoint.as_os_str().as_bytes())
                 .expect("mountinfo paths have no NUL");
             // SAFETY: umount2 reads a NUL-terminated path and keeps nothing.
