@@ -5,9 +5,10 @@
 //! may itself be a remote copy (cascade A -> B -> C: snapshots are forwarded
 //! once they are complete here).
 //!
-//! Links live in the agent's redb (table `source_links`, the protobuf
-//! `LinkStatus` as the value); the pairing secret is kept there in full,
-//! since this end presents it (the receiver keeps only its hash).
+//! Links live in the agent's redb (table `source_links`, a serde record:
+//! [`records`](crate::copy::records)); the pairing secret is kept there in
+//! full, since this end presents it (the receiver keeps only its hash).
+//! In memory a link is its protobuf `LinkStatus`, the form the API shows.
 //!
 //! Invariants: at most one copy runs per link; a snapshot a link still needs
 //! (its cursor, and every snapshot after it not yet copied) is not deleted
@@ -29,20 +30,20 @@ use cairn_api::{
     convert,
     snapshot::SnapshotInfo,
 };
-use jiff::civil::{Time, Weekday};
-use prost::Message;
 
 use crate::{
     copy::{
-        bandwidth::{Clock, Limiter, Policy, Rate, SystemClock, Window},
-        receiver::receiving_links,
+        bandwidth::{Clock, Limiter, Policy, Rate, SystemClock},
+        convert::{policy_from_pb, progress_pb, report_pb, source_from_pb},
+        receiver::{MIN_SECRET_BYTES, receiving_links},
+        records::{decode_source_link, encode_source_link},
         sender::{
             Compress, CopyError, CopyProgress, CopyReport, LinkTarget, promote_target,
             send_snapshot, target_snapshots,
         },
         tls::SiteTls,
     },
-    head::{HeadError, SourcePick, VolumeHead},
+    head::{HeadError, VolumeHead},
     heads::{Heads, HeadsError},
     meta::SOURCE_LINKS,
     store::Store,
@@ -119,73 +120,6 @@ pub enum LinkError {
 
 pub type LinkResult<T> = Result<T, LinkError>;
 
-/// A link's bandwidth policy from its protobuf form (unset: no limit).
-pub fn policy_from_pb(p: Option<&pb::BandwidthPolicy>) -> Result<Policy, String> {
-    let rate = |r: Option<&pb::Rate>| match r {
-        None => Rate::Unlimited,
-        Some(r) if r.unlimited => Rate::Unlimited,
-        Some(r) => Rate::BytesPerSec(r.bytes_per_sec),
-    };
-    let policy = match p.and_then(|p| p.policy.as_ref()) {
-        None => Policy::Fixed(Rate::Unlimited),
-        Some(pb::bandwidth_policy::Policy::Fixed(r)) => Policy::Fixed(rate(Some(r))),
-        Some(pb::bandwidth_policy::Policy::Adaptive(a)) => {
-            Policy::Adaptive { floor: a.floor_bytes_per_sec, ceiling: a.ceiling_bytes_per_sec }
-        }
-        Some(pb::bandwidth_policy::Policy::Windows(w)) => {
-            let zone = Policy::zone(&w.time_zone).map_err(|e| e.to_string())?;
-            let mut windows = Vec::with_capacity(w.windows.len());
-            for (i, win) in w.windows.iter().enumerate() {
-                let days = win
-                    .days
-                    .iter()
-                    .map(|d| weekday(d).ok_or_else(|| format!("window {i}: day {d:?} is not one of mon, tue, wed, thu, fri, sat, sun")))
-                    .collect::<Result<Vec<_>, _>>()?;
-                let time = |field: &str, v: &str| {
-                    v.parse::<Time>().map_err(|_| {
-                        format!("window {i}: {field} {v:?} is not a local time such as 08:00")
-                    })
-                };
-                let end = match win.end.as_str() {
-                    "" | "24:00" => None,
-                    e => Some(time("end", e)?),
-                };
-                windows.push(Window {
-                    days,
-                    start: time("start", &win.start)?,
-                    end,
-                    rate: rate(win.rate.as_ref()),
-                });
-            }
-            Policy::Windows { zone, default: rate(w.default_rate.as_ref()), windows }
-        }
-    };
-    policy.validate().map_err(|e| e.to_string())?;
-    Ok(policy)
-}
-
-fn weekday(d: &str) -> Option<Weekday> {
-    Some(match d.to_ascii_lowercase().get(..3)? {
-        "mon" => Weekday::Monday,
-        "tue" => Weekday::Tuesday,
-        "wed" => Weekday::Wednesday,
-        "thu" => Weekday::Thursday,
-        "fri" => Weekday::Friday,
-        "sat" => Weekday::Saturday,
-        "sun" => Weekday::Sunday,
-        _ => return None,
-    })
-}
-
-pub fn source_from_pb(v: i32) -> Result<SourcePick, String> {
-    match pb::SourceSelection::try_from(v) {
-        Ok(pb::SourceSelection::Primary) => Ok(SourcePick::Primary),
-        Ok(pb::SourceSelection::Replica) => Ok(SourcePick::Replica),
-        Ok(pb::SourceSelection::Auto) => Ok(SourcePick::Auto),
-        Err(_) => Err(format!("source {v} is not Primary (0), Replica (1) or Auto (2)")),
-    }
-}
-
 /// What runs for a link now (not persisted).
 #[derive(Debug, Default)]
 struct Runtime {
@@ -250,7 +184,7 @@ impl Links {
     fn record(&self, id: &str) -> LinkResult<Option<pb::LinkStatus>> {
         let raw = self.store.get_meta(SOURCE_LINKS, id)?;
         raw.map(|r| {
-            pb::LinkStatus::decode(&r[..]).map_err(|e| LinkError::Damaged {
+            decode_source_link(&r).map_err(|e| LinkError::Damaged {
                 link: id.to_string(),
                 why: format!("its record does not decode: {e}"),
             })
@@ -264,16 +198,13 @@ impl Links {
     }
 
     fn save(&self, rec: &pb::LinkStatus) -> LinkResult<()> {
-        let mut stored = rec.clone();
-        (stored.progress, stored.last_error, stored.current_rate_bytes_per_sec) =
-            (None, String::new(), 0);
         let id = &rec.link.as_ref().expect("a record has its link").link_id;
-        Ok(self.store.put_meta(SOURCE_LINKS, id, Some(&stored.encode_to_vec()))?)
+        Ok(self.store.put_meta(SOURCE_LINKS, id, Some(&encode_source_link(rec)))?)
     }
 
     fn records(&self) -> LinkResult<Vec<pb::LinkStatus>> {
         let rows = self.store.list_meta(SOURCE_LINKS)?;
-        Ok(rows.into_iter().filter_map(|(_, v)| pb::LinkStatus::decode(&v[..]).ok()).collect())
+        Ok(rows.into_iter().filter_map(|(_, v)| decode_source_link(&v).ok()).collect())
     }
 
     /// A link's record with what runs now (progress, last error, rate).
@@ -315,11 +246,11 @@ impl Links {
                 link.target_endpoint
             )));
         }
-        if link.pairing_secret.len() < crate::copy::receiver::MIN_SECRET_BYTES {
+        if link.pairing_secret.len() < MIN_SECRET_BYTES {
             return Err(bad(format!(
                 "the pairing secret has {} bytes; use at least {} random bytes (the same as registered at the receiver)",
                 link.pairing_secret.len(),
-                crate::copy::receiver::MIN_SECRET_BYTES
+                MIN_SECRET_BYTES
             )));
         }
         let policy = policy_from_pb(link.policy.as_ref()).map_err(&bad)?;
@@ -684,92 +615,5 @@ impl Links {
         }
         tracing::warn!(link = %id, %volume, snapshot = %snap, "switchover done: the target is the primary now");
         Ok((sync, got))
-    }
-}
-
-pub fn progress_pb(p: &CopyProgress) -> pb::CopyProgressResponse {
-    pb::CopyProgressResponse {
-        snapshot_id: p.snapshot.clone(),
-        bytes_durable: p.bytes_durable,
-        bytes_sent: p.bytes_sent,
-        resumed_from_block: p.resumed_from_block,
-        rate_bytes_per_sec: p.rate,
-        done: p.done,
-        bytes_total: p.bytes_total,
-        eta_seconds: p.eta_seconds().unwrap_or(0.0),
-        link_id: p.link.clone(),
-        wire_bytes: p.wire_bytes,
-    }
-}
-
-pub fn report_pb(snapshot: &SnapshotId, r: &CopyReport) -> pb::CopySnapshotResponse {
-    pb::CopySnapshotResponse {
-        snapshot_id: snapshot.to_string(),
-        digest: r.digest.0.to_vec().into(),
-        already_present: r.already_present,
-        resumed_from_block: r.resumed_from_block,
-        bytes_sent: r.bytes_sent,
-        wire_bytes: r.wire_bytes,
-        blocks_sent: r.blocks_sent,
-        elapsed_ms: r.elapsed.as_millis() as u64,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn rate(n: u64) -> Option<pb::Rate> {
-        Some(pb::Rate { unlimited: false, bytes_per_sec: n })
-    }
-
-    fn windows(days: &[&str], start: &str, end: &str, zone: &str) -> pb::BandwidthPolicy {
-        pb::BandwidthPolicy {
-            policy: Some(pb::bandwidth_policy::Policy::Windows(pb::BandwidthWindows {
-                time_zone: zone.into(),
-                default_rate: None,
-                windows: vec![pb::BandwidthWindow {
-                    days: days.iter().map(|d| d.to_string()).collect(),
-                    start: start.into(),
-                    end: end.into(),
-                    rate: rate(5),
-                }],
-            })),
-        }
-    }
-
-    #[test]
-    fn policies_convert_and_bad_ones_say_what_is_wrong() {
-        assert_eq!(policy_from_pb(None).unwrap(), Policy::Fixed(Rate::Unlimited));
-        let fixed = pb::BandwidthPolicy {
-            policy: Some(pb::bandwidth_policy::Policy::Fixed(rate(0).unwrap())),
-        };
-        assert_eq!(policy_from_pb(Some(&fixed)).unwrap(), Policy::Fixed(Rate::BytesPerSec(0)));
-        let Policy::Windows { windows: w, default, .. } =
-            policy_from_pb(Some(&windows(&["Mon", "fri"], "08:00", "18:30", "Europe/Berlin")))
-                .unwrap()
-        else {
-            panic!("a windows policy")
-        };
-        assert_eq!(default, Rate::Unlimited);
-        assert_eq!(w[0].days, [Weekday::Monday, Weekday::Friday]);
-        assert_eq!(w[0].end, Some(Time::constant(18, 30, 0, 0)));
-        let until_midnight = policy_from_pb(Some(&windows(&["sun"], "22:00", "", "UTC"))).unwrap();
-        assert!(
-            matches!(until_midnight, Policy::Windows { ref windows, .. } if windows[0].end.is_none())
-        );
-
-        let err = |p: pb::BandwidthPolicy| policy_from_pb(Some(&p)).unwrap_err();
-        assert!(err(windows(&["mon"], "18:00", "08:00", "UTC")).contains("not after its start"));
-        assert!(err(windows(&["someday"], "08:00", "", "UTC")).contains("someday"));
-        assert!(err(windows(&["mon"], "8 am", "", "UTC")).contains("start \"8 am\""));
-        assert!(err(windows(&["mon"], "08:00", "", "Mars/Olympus")).contains("unknown"));
-        let adaptive = pb::BandwidthPolicy {
-            policy: Some(pb::bandwidth_policy::Policy::Adaptive(pb::AdaptiveBandwidth {
-                floor_bytes_per_sec: 10,
-                ceiling_bytes_per_sec: 5,
-            })),
-        };
-        assert!(err(adaptive).contains("floor"));
     }
 }

@@ -20,8 +20,8 @@ use super::{
 };
 use crate::{
     error::Error,
-    replica::stream::{Listed, spawn_stream},
-    store::Store,
+    replica::stream::Listed,
+    store::{Store, spawn_stream},
     transport::{HEAD_BLOCKS_PAGE, MAX_HEAD_BLOCKS_PAGE, MAX_MESSAGE_BYTES},
 };
 

@@ -22,7 +22,8 @@ use super::{
 use crate::{
     copy::{
         bandwidth::{Policy, Rate},
-        links::{Links, policy_from_pb, progress_pb, report_pb, source_from_pb},
+        convert::{policy_from_pb, progress_pb, report_pb, source_from_pb},
+        links::Links,
         sender::{Compress, LinkTarget},
         tls::SiteTls,
     },

@@ -212,7 +212,7 @@ impl ReplicaPeer for LocalPeer {
         kind: StreamKind,
     ) -> PeerResult<BlockStream> {
         let snap = snapshot.clone();
-        let rx = crate::replica::stream::spawn_stream(
+        let rx = crate::store::spawn_stream(
             self.store.clone(),
             volume.clone(),
             chunks.to_vec(),
