@@ -38,7 +38,7 @@ pub use crate::heads::DEFAULT_HEAL_EVERY;
 /// Finds the heads open on this agent for the `SnapshotCopy` edge (a copy
 /// receiver writes into the target volume's head), answering in statuses.
 #[derive(Debug, Clone)]
-pub struct HeadLookup(Heads);
+pub struct HeadLookup(Arc<Heads>);
 
 impl HeadLookup {
     /// The open head of `volume`, and whether its role is Remote.
@@ -113,7 +113,7 @@ impl VolumeHeadsService {
 
     /// A handle that finds this service's open heads.
     pub fn lookup(&self) -> HeadLookup {
-        HeadLookup(self.heads.clone())
+        HeadLookup(Arc::new(self.heads.clone()))
     }
 
     pub fn into_server(self) -> pb::volume_heads_server::VolumeHeadsServer<Self> {
