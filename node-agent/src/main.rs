@@ -6,10 +6,10 @@ use std::{net::SocketAddr, path::PathBuf, sync::Arc};
 use anyhow::Context;
 use cairn_agent::{
     disk::FileDisk,
-    head_service::HeadService,
+    grpc::{replica_store::ReplicaStoreService, volume_heads::VolumeHeadsService},
     lock::DataDirLock,
-    service::{self, ReplicaStoreService},
     store::Store,
+    transport,
 };
 use clap::{Parser, ValueEnum};
 use tokio::net::TcpListener;
@@ -149,7 +149,7 @@ async fn main() -> anyhow::Result<()> {
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(cairn_api::FILE_DESCRIPTOR_SET)
         .build_v1()?;
-    let heads = HeadService::new(
+    let heads = VolumeHeadsService::new(
         store.clone(),
         name.clone(),
         std::time::Duration::from_millis(args.peer_timeout_ms),
@@ -170,9 +170,9 @@ async fn main() -> anyhow::Result<()> {
         tracing::info!(addr = %l.local_addr()?, "serving site-to-site copies over mutual TLS");
         tonic::transport::Server::builder()
             .tls_config(tls.server())?
-            .initial_connection_window_size(service::H2_CONNECTION_WINDOW)
-            .initial_stream_window_size(service::H2_STREAM_WINDOW)
-            .max_frame_size(service::H2_MAX_FRAME)
+            .initial_connection_window_size(transport::H2_CONNECTION_WINDOW)
+            .initial_stream_window_size(transport::H2_STREAM_WINDOW)
+            .max_frame_size(transport::H2_MAX_FRAME)
             .add_service(site_copies.into_server())
             .serve_with_incoming_shutdown(TcpIncoming::from(l).with_nodelay(Some(true)), shutdown())
             .await?;
@@ -181,9 +181,9 @@ async fn main() -> anyhow::Result<()> {
     let main_store = store.clone();
     let main = async move {
         tonic::transport::Server::builder()
-            .initial_connection_window_size(service::H2_CONNECTION_WINDOW)
-            .initial_stream_window_size(service::H2_STREAM_WINDOW)
-            .max_frame_size(service::H2_MAX_FRAME)
+            .initial_connection_window_size(transport::H2_CONNECTION_WINDOW)
+            .initial_stream_window_size(transport::H2_STREAM_WINDOW)
+            .max_frame_size(transport::H2_MAX_FRAME)
             .add_service(ReplicaStoreService::new(main_store).into_server())
             .add_service(heads.into_server())
             .add_service(copies.into_server())

@@ -18,7 +18,10 @@ use crate::{
     disk::{Disk, RedbBackend},
     error::{Error, Result, meta},
     meta::{BLOCKS, CHUNK_ACC, REPLICAS, encode_record, load_records},
-    replica::Replica,
+    replica::{
+        Replica,
+        stream::{Listed, StreamedBlock},
+    },
 };
 
 /// Bytes of metadata pages redb may cache. Block indexes live in the
@@ -346,4 +349,42 @@ impl Store {
         let used_bytes = self.replicas().iter().map(|r| r.info().used_bytes).sum();
         Ok(StoreStat { capacity_bytes, available_bytes, used_bytes })
     }
+}
+
+/// Streams blocks of `volume` one chunk at a time from the blocking pool, in
+/// batches of `batch` blocks, so memory stays bounded by one chunk's
+/// listing whatever the volume size. The first error ends the stream.
+pub fn spawn_stream(
+    store: Arc<Store>,
+    volume: cairn_api::VolumeId,
+    chunks: Vec<u64>,
+    batch: usize,
+    list: impl Fn(&Replica, &[u64]) -> Result<Vec<Listed>> + Send + 'static,
+) -> tokio::sync::mpsc::Receiver<Result<Vec<StreamedBlock>>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tokio::task::spawn_blocking(move || {
+        let send_err = |e: Error| drop(tx.blocking_send(Err(e)));
+        let replica = match store.replica(&volume) {
+            Ok(r) => r,
+            Err(e) => return send_err(e),
+        };
+        let chunks = match replica.stream_chunks(&chunks) {
+            Ok(c) => c,
+            Err(e) => return send_err(e),
+        };
+        for chunk in chunks {
+            let items = match list(&replica, &[chunk]) {
+                Ok(items) => items,
+                Err(e) => return send_err(e),
+            };
+            for part in items.chunks(batch) {
+                let msg = replica.read_listed(part);
+                let failed = msg.is_err();
+                if tx.blocking_send(msg).is_err() || failed {
+                    return;
+                }
+            }
+        }
+    });
+    rx
 }

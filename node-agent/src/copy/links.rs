@@ -5,9 +5,10 @@
 //! may itself be a remote copy (cascade A -> B -> C: snapshots are forwarded
 //! once they are complete here).
 //!
-//! Links live in the agent's redb (table `source_links`, the protobuf
-//! `LinkStatus` as the value); the pairing secret is kept there in full,
-//! since this end presents it (the receiver keeps only its hash).
+//! Links live in the agent's redb (table `source_links`, a serde record:
+//! [`records`](crate::copy::records)); the pairing secret is kept there in
+//! full, since this end presents it (the receiver keeps only its hash).
+//! In memory a link is its protobuf `LinkStatus`, the form the API shows.
 //!
 //! Invariants: at most one copy runs per link; a snapshot a link still needs
 //! (its cursor, and every snapshot after it not yet copied) is not deleted
@@ -29,102 +30,95 @@ use cairn_api::{
     convert,
     snapshot::SnapshotInfo,
 };
-use jiff::civil::{Time, Weekday};
-use prost::Message;
-use tonic::Status;
 
 use crate::{
     copy::{
-        bandwidth::{Clock, Limiter, Policy, Rate, SystemClock, Window},
-        receiver::receiving_links,
+        bandwidth::{Clock, Limiter, Policy, Rate, SystemClock},
+        convert::{policy_from_pb, progress_pb, report_pb, source_from_pb},
+        receiver::{MIN_SECRET_BYTES, receiving_links},
+        records::{decode_source_link, encode_source_link},
         sender::{
             Compress, CopyError, CopyProgress, CopyReport, LinkTarget, promote_target,
             send_snapshot, target_snapshots,
         },
         tls::SiteTls,
     },
-    head::{SourcePick, VolumeHead},
-    head_service::{HeadLookup, head_status},
+    head::{HeadError, VolumeHead},
+    heads::{Heads, HeadsError},
     meta::SOURCE_LINKS,
     store::Store,
 };
 
-/// The refusal for a copy that failed, with the code its cause calls for.
-pub fn copy_status(e: CopyError) -> Status {
-    match e {
-        CopyError::Head(h) => head_status(h),
-        CopyError::Snapshot { .. } => Status::failed_precondition(e.to_string()),
-        CopyError::Connect { .. } => Status::unavailable(e.to_string()),
-        CopyError::Receiver { ref status, .. } => Status::new(status.code(), e.to_string()),
-    }
+/// Why a link operation was refused or failed; the gRPC edge maps each to
+/// a status code (`grpc::status`).
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    #[error("link_id must be 1 to 253 characters")]
+    BadId,
+    #[error("link {link:?}: {why}")]
+    Invalid { link: String, why: String },
+    /// A setting (policy, source, compression) that does not parse.
+    #[error("{0}")]
+    Setting(String),
+    #[error("no link {link} is sent from this agent")]
+    NotFound { link: String },
+    #[error("link {link}: {why}")]
+    Damaged { link: String, why: String },
+    #[error("a copy of link {link} is running: wait for it to end, then delete the link")]
+    Busy { link: String },
+    #[error("a copy of link {link} is already running: wait for it ({watch})")]
+    Running { link: String, watch: &'static str },
+    #[error(
+        "link {link}: the head of volume {volume} is not open on this agent: open it here first (OpenHead)"
+    )]
+    HeadNotOpen { link: String, volume: VolumeId },
+    #[error(
+        "link {link}: the target has snapshots ({theirs}) but shares none with volume {volume}: a full copy needs an empty target; resync rolls it back to empty, keeping them marked divergent"
+    )]
+    NoCommonBase { link: String, volume: VolumeId, theirs: String },
+    #[error(
+        "link {link}: the target has snapshots after {common} that volume {volume} lacks ({theirs}): the volumes diverged (a failover?); resync rolls the target back to {common}, keeping them marked divergent"
+    )]
+    Diverged { link: String, volume: VolumeId, common: SnapshotId, theirs: String },
+    #[error(
+        "link {link}: nothing of volume {volume} is newer than the shared snapshot, so the target cannot be resynchronised yet: take a snapshot of {volume} first"
+    )]
+    NothingNewer { link: String, volume: VolumeId },
+    #[error("volume {volume} has no snapshot {snapshot}")]
+    NoSnapshot { volume: VolumeId, snapshot: SnapshotId },
+    /// A snapshot a link still needs (the message says which and why).
+    #[error("{0}")]
+    Needed(String),
+    #[error(
+        "switchover of link {link}: volume {volume} is demoted here (snapshot {snapshot} sealed) but the final copy failed: {source}; call Switchover again to resume it, or PromoteHead here to go back"
+    )]
+    FinalCopy {
+        link: String,
+        volume: VolumeId,
+        snapshot: SnapshotId,
+        #[source]
+        source: Box<LinkError>,
+    },
+    #[error(
+        "switchover of link {link}: the promoted target's digest {got} differs from snapshot {snapshot}'s {want}"
+    )]
+    TargetDigest {
+        link: String,
+        snapshot: SnapshotId,
+        got: cairn_api::Digest,
+        want: cairn_api::Digest,
+    },
+    #[error("{0}")]
+    Copy(#[from] CopyError),
+    #[error("{0}")]
+    Head(#[from] HeadError),
+    #[error("{0}")]
+    Heads(#[from] HeadsError),
+    #[error("{0}")]
+    Store(#[from] crate::Error),
 }
 
-/// A link's bandwidth policy from its protobuf form (unset: no limit).
-pub fn policy_from_pb(p: Option<&pb::BandwidthPolicy>) -> Result<Policy, String> {
-    let rate = |r: Option<&pb::Rate>| match r {
-        None => Rate::Unlimited,
-        Some(r) if r.unlimited => Rate::Unlimited,
-        Some(r) => Rate::BytesPerSec(r.bytes_per_sec),
-    };
-    let policy = match p.and_then(|p| p.policy.as_ref()) {
-        None => Policy::Fixed(Rate::Unlimited),
-        Some(pb::bandwidth_policy::Policy::Fixed(r)) => Policy::Fixed(rate(Some(r))),
-        Some(pb::bandwidth_policy::Policy::Adaptive(a)) => {
-            Policy::Adaptive { floor: a.floor_bytes_per_sec, ceiling: a.ceiling_bytes_per_sec }
-        }
-        Some(pb::bandwidth_policy::Policy::Windows(w)) => {
-            let zone = Policy::zone(&w.time_zone).map_err(|e| e.to_string())?;
-            let mut windows = Vec::with_capacity(w.windows.len());
-            for (i, win) in w.windows.iter().enumerate() {
-                let days = win
-                    .days
-                    .iter()
-                    .map(|d| weekday(d).ok_or_else(|| format!("window {i}: day {d:?} is not one of mon, tue, wed, thu, fri, sat, sun")))
-                    .collect::<Result<Vec<_>, _>>()?;
-                let time = |field: &str, v: &str| {
-                    v.parse::<Time>().map_err(|_| {
-                        format!("window {i}: {field} {v:?} is not a local time such as 08:00")
-                    })
-                };
-                let end = match win.end.as_str() {
-                    "" | "24:00" => None,
-                    e => Some(time("end", e)?),
-                };
-                windows.push(Window {
-                    days,
-                    start: time("start", &win.start)?,
-                    end,
-                    rate: rate(win.rate.as_ref()),
-                });
-            }
-            Policy::Windows { zone, default: rate(w.default_rate.as_ref()), windows }
-        }
-    };
-    policy.validate().map_err(|e| e.to_string())?;
-    Ok(policy)
-}
-
-fn weekday(d: &str) -> Option<Weekday> {
-    Some(match d.to_ascii_lowercase().get(..3)? {
-        "mon" => Weekday::Monday,
-        "tue" => Weekday::Tuesday,
-        "wed" => Weekday::Wednesday,
-        "thu" => Weekday::Thursday,
-        "fri" => Weekday::Friday,
-        "sat" => Weekday::Saturday,
-        "sun" => Weekday::Sunday,
-        _ => return None,
-    })
-}
-
-pub fn source_from_pb(v: i32) -> Result<SourcePick, String> {
-    match pb::SourceSelection::try_from(v) {
-        Ok(pb::SourceSelection::Primary) => Ok(SourcePick::Primary),
-        Ok(pb::SourceSelection::Replica) => Ok(SourcePick::Replica),
-        Ok(pb::SourceSelection::Auto) => Ok(SourcePick::Auto),
-        Err(_) => Err(format!("source {v} is not Primary (0), Replica (1) or Auto (2)")),
-    }
-}
+pub type LinkResult<T> = Result<T, LinkError>;
 
 /// What runs for a link now (not persisted).
 #[derive(Debug, Default)]
@@ -143,7 +137,7 @@ struct Runtime {
 #[derive(Debug)]
 pub struct Links {
     store: Arc<Store>,
-    heads: HeadLookup,
+    heads: Heads,
     tls: Option<SiteTls>,
     /// The agent-wide cap every link's limiter answers to.
     cap: Option<Arc<Limiter>>,
@@ -153,12 +147,8 @@ pub struct Links {
     last_by_volume: Mutex<BTreeMap<VolumeId, String>>,
 }
 
-fn internal(e: crate::Error) -> Status {
-    crate::service::status(e)
-}
-
 impl Links {
-    pub fn new(store: Arc<Store>, heads: HeadLookup) -> Self {
+    pub fn new(store: Arc<Store>, heads: Heads) -> Self {
         Links {
             store,
             heads,
@@ -191,27 +181,30 @@ impl Links {
         self.tls.clone()
     }
 
-    fn record(&self, id: &str) -> Result<Option<pb::LinkStatus>, Status> {
-        let raw = self.store.get_meta(SOURCE_LINKS, id).map_err(internal)?;
+    fn record(&self, id: &str) -> LinkResult<Option<pb::LinkStatus>> {
+        let raw = self.store.get_meta(SOURCE_LINKS, id)?;
         raw.map(|r| {
-            pb::LinkStatus::decode(&r[..]).map_err(|e| {
-                Status::data_loss(format!("link {id}: its record does not decode: {e}"))
+            decode_source_link(&r).map_err(|e| LinkError::Damaged {
+                link: id.to_string(),
+                why: format!("its record does not decode: {e}"),
             })
         })
         .transpose()
     }
 
-    fn save(&self, rec: &pb::LinkStatus) -> Result<(), Status> {
-        let mut stored = rec.clone();
-        (stored.progress, stored.last_error, stored.current_rate_bytes_per_sec) =
-            (None, String::new(), 0);
-        let id = &rec.link.as_ref().expect("a record has its link").link_id;
-        self.store.put_meta(SOURCE_LINKS, id, Some(&stored.encode_to_vec())).map_err(internal)
+    /// The record of a link sent from here (refused when there is none).
+    fn existing(&self, id: &str) -> LinkResult<pb::LinkStatus> {
+        self.record(id)?.ok_or_else(|| LinkError::NotFound { link: id.to_string() })
     }
 
-    fn records(&self) -> Result<Vec<pb::LinkStatus>, Status> {
-        let rows = self.store.list_meta(SOURCE_LINKS).map_err(internal)?;
-        Ok(rows.into_iter().filter_map(|(_, v)| pb::LinkStatus::decode(&v[..]).ok()).collect())
+    fn save(&self, rec: &pb::LinkStatus) -> LinkResult<()> {
+        let id = &rec.link.as_ref().expect("a record has its link").link_id;
+        Ok(self.store.put_meta(SOURCE_LINKS, id, Some(&encode_source_link(rec)))?)
+    }
+
+    fn records(&self) -> LinkResult<Vec<pb::LinkStatus>> {
+        let rows = self.store.list_meta(SOURCE_LINKS)?;
+        Ok(rows.into_iter().filter_map(|(_, v)| decode_source_link(&v).ok()).collect())
     }
 
     /// A link's record with what runs now (progress, last error, rate).
@@ -238,10 +231,10 @@ impl Links {
     }
 
     /// Creates or replaces a link; a running copy of it takes the new policy.
-    pub fn put(&self, link: pb::Link) -> Result<pb::LinkStatus, Status> {
-        let bad = |m: String| Status::invalid_argument(format!("link {:?}: {m}", link.link_id));
+    pub fn put(&self, link: pb::Link) -> LinkResult<pb::LinkStatus> {
+        let bad = |why: String| LinkError::Invalid { link: link.link_id.clone(), why };
         if link.link_id.is_empty() || link.link_id.len() > 253 {
-            return Err(Status::invalid_argument("link_id must be 1 to 253 characters"));
+            return Err(LinkError::BadId);
         }
         let volume =
             convert::volume_id("volume_id", &link.volume_id).map_err(|e| bad(e.to_string()))?;
@@ -253,11 +246,11 @@ impl Links {
                 link.target_endpoint
             )));
         }
-        if link.pairing_secret.len() < crate::copy::receiver::MIN_SECRET_BYTES {
+        if link.pairing_secret.len() < MIN_SECRET_BYTES {
             return Err(bad(format!(
                 "the pairing secret has {} bytes; use at least {} random bytes (the same as registered at the receiver)",
                 link.pairing_secret.len(),
-                crate::copy::receiver::MIN_SECRET_BYTES
+                MIN_SECRET_BYTES
             )));
         }
         let policy = policy_from_pb(link.policy.as_ref()).map_err(&bad)?;
@@ -278,22 +271,16 @@ impl Links {
         Ok(self.status(rec))
     }
 
-    pub fn delete(&self, id: &str) -> Result<(), Status> {
+    pub fn delete(&self, id: &str) -> LinkResult<()> {
         let running = self.with_runtime(id, |r| r.running.clone());
-        let _idle = running.try_lock().map_err(|_| {
-            Status::failed_precondition(format!(
-                "a copy of link {id} is running: wait for it to end, then delete the link"
-            ))
-        })?;
-        if self.record(id)?.is_none() {
-            return Err(Status::not_found(format!("no link {id} is sent from this agent")));
-        }
-        self.store.put_meta(SOURCE_LINKS, id, None).map_err(internal)?;
+        let _idle = running.try_lock().map_err(|_| LinkError::Busy { link: id.to_string() })?;
+        self.existing(id)?;
+        self.store.put_meta(SOURCE_LINKS, id, None)?;
         self.runtime.lock().unwrap().remove(id);
         Ok(())
     }
 
-    pub fn list(&self, volume: &str) -> Result<Vec<pb::LinkStatus>, Status> {
+    pub fn list(&self, volume: &str) -> LinkResult<Vec<pb::LinkStatus>> {
         Ok(self
             .records()?
             .into_iter()
@@ -321,7 +308,7 @@ impl Links {
         volume: &VolumeId,
         snapshot: &SnapshotId,
         line: &[SnapshotInfo],
-    ) -> Result<Option<String>, Status> {
+    ) -> LinkResult<Option<String>> {
         let pos = |id: &str| line.iter().position(|s| s.id.as_str() == id);
         let Some(at) = pos(snapshot.as_str()) else { return Ok(None) };
         let mut why = Vec::new();
@@ -342,7 +329,7 @@ impl Links {
                 ));
             }
         }
-        for (id, rec) in receiving_links(&self.store).map_err(internal)? {
+        for (id, rec) in receiving_links(&self.store)? {
             if rec.target_volume == volume.as_str()
                 && rec.last_snapshot.as_deref() == Some(snapshot.as_str())
             {
@@ -355,14 +342,14 @@ impl Links {
             .then(|| format!("{}; or delete the link (DeleteLink) to let it go", why.join("; "))))
     }
 
-    fn target(&self, link: &pb::Link) -> Result<LinkTarget, Status> {
+    fn target(&self, link: &pb::Link) -> LinkResult<LinkTarget> {
         Ok(LinkTarget {
             endpoint: link.target_endpoint.clone(),
             link_id: link.link_id.clone(),
             secret: link.pairing_secret.clone(),
             tls: self.tls.clone(),
-            source: source_from_pb(link.source).map_err(Status::invalid_argument)?,
-            compress: Compress::from_pb(link.compression).map_err(Status::invalid_argument)?,
+            source: source_from_pb(link.source).map_err(LinkError::Setting)?,
+            compress: Compress::from_pb(link.compression).map_err(LinkError::Setting)?,
         })
     }
 
@@ -379,10 +366,10 @@ impl Links {
         snapshot: &SnapshotId,
         base: Option<&SnapshotId>,
         resync: bool,
-    ) -> Result<CopyReport, Status> {
+    ) -> LinkResult<CopyReport> {
         let limiter = Arc::new(
             Limiter::new(self.clock.clone(), policy, self.cap.clone())
-                .map_err(|e| Status::invalid_argument(e.to_string()))?,
+                .map_err(|e| LinkError::Setting(e.to_string()))?,
         );
         let id = target.link_id.clone();
         let progress = self.with_runtime(&id, |r| {
@@ -398,11 +385,11 @@ impl Links {
                 Err(e) => e.to_string(),
             };
         });
-        let report = result.map_err(copy_status)?;
+        let report = result?;
         if let Some(mut rec) = self.record(&id)?
             && rec.link.as_ref().is_some_and(|l| l.volume_id == head.volume().as_str())
         {
-            let info = head.snapshots().await.map_err(head_status)?;
+            let info = head.snapshots().await?;
             let generation = info.iter().find(|s| &s.id == snapshot).map_or(0, |s| s.generation);
             rec.last_copied_snapshot_id = snapshot.to_string();
             rec.last_copied_generation = generation;
@@ -423,16 +410,15 @@ impl Links {
         self: &Arc<Self>,
         id: &str,
         resync: bool,
-    ) -> Result<pb::SyncLinkResponse, Status> {
+    ) -> LinkResult<pb::SyncLinkResponse> {
         let running = self.running(id);
-        let guard = running.try_lock().map_err(|_| {
-            Status::failed_precondition(format!(
-                "a copy of link {id} is already running: wait for it (ListLinks shows its progress)"
-            ))
+        let guard = running.try_lock().map_err(|_| LinkError::Running {
+            link: id.to_string(),
+            watch: "ListLinks shows its progress",
         })?;
         let result = self.sync_locked(id, resync).await;
         if let Err(e) = &result {
-            self.with_runtime(id, |r| r.last_error = e.message().to_string());
+            self.with_runtime(id, |r| r.last_error = e.to_string());
         }
         drop(guard);
         if self.with_runtime(id, |r| r.again.load(Ordering::SeqCst)) {
@@ -441,38 +427,26 @@ impl Links {
         result
     }
 
-    async fn sync_locked(&self, id: &str, resync: bool) -> Result<pb::SyncLinkResponse, Status> {
-        let rec = self
-            .record(id)?
-            .ok_or_else(|| Status::not_found(format!("no link {id} is sent from this agent")))?;
+    async fn sync_locked(&self, id: &str, resync: bool) -> LinkResult<pb::SyncLinkResponse> {
+        let rec = self.existing(id)?;
         let link = rec.link.clone().expect("a record has its link");
         let volume = convert::volume_id("volume_id", &link.volume_id)
-            .map_err(|e| Status::data_loss(format!("link {id}: {e}")))?;
-        let (head, _) = self.heads.get(&volume).await.ok_or_else(|| {
-            Status::failed_precondition(format!(
-                "link {id}: the head of volume {volume} is not open on this agent: open it here first (OpenHead)"
-            ))
+            .map_err(|e| LinkError::Damaged { link: id.to_string(), why: e.to_string() })?;
+        let (head, _) = self.heads.get(&volume).await.ok_or_else(|| LinkError::HeadNotOpen {
+            link: id.to_string(),
+            volume: volume.clone(),
         })?;
-        let policy = policy_from_pb(link.policy.as_ref()).map_err(Status::invalid_argument)?;
+        let policy = policy_from_pb(link.policy.as_ref()).map_err(LinkError::Setting)?;
         let target = self.target(&link)?;
-        let theirs: Vec<_> = target_snapshots(&target)
-            .await
-            .map_err(copy_status)?
-            .into_iter()
-            .filter(|t| !t.divergent)
-            .collect();
-        let ours: Vec<SnapshotInfo> = head
-            .snapshots()
-            .await
-            .map_err(head_status)?
-            .into_iter()
-            .filter(|s| !s.divergent)
-            .collect();
+        let theirs: Vec<_> =
+            target_snapshots(&target).await?.into_iter().filter(|t| !t.divergent).collect();
+        let ours: Vec<SnapshotInfo> =
+            head.snapshots().await?.into_iter().filter(|s| !s.divergent).collect();
         // The newest snapshot both have: same id, generation and digest.
         let mut common = None;
         for (i, s) in ours.iter().enumerate().rev() {
             if let Some(t) = theirs.iter().find(|t| t.id == s.id && t.generation == s.generation)
-                && head.digest(Some(&s.id)).await.map_err(head_status)? == t.digest
+                && head.digest(Some(&s.id)).await? == t.digest
             {
                 common = Some(i);
                 break;
@@ -488,18 +462,11 @@ impl Links {
         let names =
             |v: &[SnapshotId]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(", ");
         if !later.is_empty() && !resync {
-            return Err(Status::failed_precondition(match common {
-                None => format!(
-                    "link {id}: the target has snapshots ({}) but shares none with volume {volume}: a full copy needs an empty target; resync rolls it back to empty, keeping them marked divergent",
-                    names(&later)
-                ),
-                Some(i) => format!(
-                    "link {id}: the target has snapshots after {} that volume {volume} lacks ({}): the volumes diverged (a failover?); resync rolls the target back to {}, keeping them marked divergent",
-                    ours[i].id,
-                    names(&later),
-                    ours[i].id
-                ),
-            }));
+            let (link, theirs) = (id.to_string(), names(&later));
+            return Err(match common {
+                None => LinkError::NoCommonBase { link, volume, theirs },
+                Some(i) => LinkError::Diverged { link, volume, common: ours[i].id.clone(), theirs },
+            });
         }
         let plan: Vec<(SnapshotId, Option<SnapshotId>)> = match common {
             None => ours.last().map(|s| (s.id.clone(), None)).into_iter().collect(),
@@ -510,9 +477,7 @@ impl Links {
                 .collect(),
         };
         if plan.is_empty() && !later.is_empty() {
-            return Err(Status::failed_precondition(format!(
-                "link {id}: nothing of volume {volume} is newer than the shared snapshot, so the target cannot be resynchronised yet: take a snapshot of {volume} first"
-            )));
+            return Err(LinkError::NothingNewer { link: id.to_string(), volume });
         }
         let mut copies = Vec::with_capacity(plan.len());
         for (k, (snap, base)) in plan.iter().enumerate() {
@@ -553,8 +518,8 @@ impl Links {
                 match self.sync_locked(&id, false).await {
                     Ok(r) => tracing::info!(link = %id, copies = r.copies.len(), "forwarded"),
                     Err(e) => {
-                        tracing::warn!(link = %id, error = %e.message(), "forwarding failed; the next snapshot or SyncLink retries");
-                        self.with_runtime(&id, |r| r.last_error = e.message().to_string());
+                        tracing::warn!(link = %id, error = %e, "forwarding failed; the next snapshot or SyncLink retries");
+                        self.with_runtime(&id, |r| r.last_error = e.to_string());
                     }
                 }
             }
@@ -563,108 +528,92 @@ impl Links {
     }
 
     /// Promotes the link's target volume at its site.
-    pub async fn promote_target(&self, id: &str) -> Result<cairn_api::Digest, Status> {
-        let rec = self
-            .record(id)?
-            .ok_or_else(|| Status::not_found(format!("no link {id} is sent from this agent")))?;
+    pub async fn promote_target(&self, id: &str) -> LinkResult<cairn_api::Digest> {
+        let rec = self.existing(id)?;
         let target = self.target(rec.link.as_ref().expect("a record has its link"))?;
-        promote_target(&target).await.map_err(copy_status)
+        Ok(promote_target(&target).await?)
     }
 
     /// The volume a registered link sends.
-    pub fn volume_of(&self, id: &str) -> Result<VolumeId, Status> {
-        let rec = self
-            .record(id)?
-            .ok_or_else(|| Status::not_found(format!("no link {id} is sent from this agent")))?;
-        let link = rec.link.expect("a record has its link");
+    pub fn volume_of(&self, id: &str) -> LinkResult<VolumeId> {
+        let link = self.existing(id)?.link.expect("a record has its link");
         convert::volume_id("volume_id", &link.volume_id)
-            .map_err(|e| Status::data_loss(format!("link {id}: {e}")))
-    }
-}
-
-pub fn progress_pb(p: &CopyProgress) -> pb::CopyProgressResponse {
-    pb::CopyProgressResponse {
-        snapshot_id: p.snapshot.clone(),
-        bytes_durable: p.bytes_durable,
-        bytes_sent: p.bytes_sent,
-        resumed_from_block: p.resumed_from_block,
-        rate_bytes_per_sec: p.rate,
-        done: p.done,
-        bytes_total: p.bytes_total,
-        eta_seconds: p.eta_seconds().unwrap_or(0.0),
-        link_id: p.link.clone(),
-        wire_bytes: p.wire_bytes,
-    }
-}
-
-pub fn report_pb(snapshot: &SnapshotId, r: &CopyReport) -> pb::CopySnapshotResponse {
-    pb::CopySnapshotResponse {
-        snapshot_id: snapshot.to_string(),
-        digest: r.digest.0.to_vec().into(),
-        already_present: r.already_present,
-        resumed_from_block: r.resumed_from_block,
-        bytes_sent: r.bytes_sent,
-        wire_bytes: r.wire_bytes,
-        blocks_sent: r.blocks_sent,
-        elapsed_ms: r.elapsed.as_millis() as u64,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn rate(n: u64) -> Option<pb::Rate> {
-        Some(pb::Rate { unlimited: false, bytes_per_sec: n })
+            .map_err(|e| LinkError::Damaged { link: id.to_string(), why: e.to_string() })
     }
 
-    fn windows(days: &[&str], start: &str, end: &str, zone: &str) -> pb::BandwidthPolicy {
-        pb::BandwidthPolicy {
-            policy: Some(pb::bandwidth_policy::Policy::Windows(pb::BandwidthWindows {
-                time_zone: zone.into(),
-                default_rate: None,
-                windows: vec![pb::BandwidthWindow {
-                    days: days.iter().map(|d| d.to_string()).collect(),
-                    start: start.into(),
-                    end: end.into(),
-                    rate: rate(5),
-                }],
-            })),
+    /// Copies one snapshot to a target a request names (`CopySnapshot`),
+    /// one copy of the link at a time.
+    pub async fn copy_snapshot(
+        &self,
+        head: &VolumeHead,
+        target: &LinkTarget,
+        policy: Policy,
+        snapshot: &SnapshotId,
+        base: Option<&SnapshotId>,
+    ) -> LinkResult<CopyReport> {
+        let running = self.running(&target.link_id);
+        let _one = running.try_lock().map_err(|_| LinkError::Running {
+            link: target.link_id.clone(),
+            watch: "GetCopyProgress",
+        })?;
+        self.copy_one(head, target, policy, snapshot, base, false).await
+    }
+
+    /// Deletes a snapshot through its head, refused while a link still
+    /// needs it ([`Links::needed_by`]); divergent ones always go.
+    pub async fn delete_snapshot(&self, head: &VolumeHead, snap: &SnapshotId) -> LinkResult<()> {
+        let volume = head.volume();
+        let all = head.snapshots().await?;
+        let Some(info) = all.iter().find(|s| &s.id == snap) else {
+            return Err(LinkError::NoSnapshot { volume: volume.clone(), snapshot: snap.clone() });
+        };
+        if !info.divergent {
+            let line: Vec<_> = all.iter().filter(|s| !s.divergent).cloned().collect();
+            if let Some(why) = self.needed_by(volume, snap, &line)? {
+                return Err(LinkError::Needed(why));
+            }
         }
+        head.delete_snapshot(snap).await?;
+        tracing::info!(%volume, snapshot = %snap, "snapshot deleted");
+        Ok(())
     }
 
-    #[test]
-    fn policies_convert_and_bad_ones_say_what_is_wrong() {
-        assert_eq!(policy_from_pb(None).unwrap(), Policy::Fixed(Rate::Unlimited));
-        let fixed = pb::BandwidthPolicy {
-            policy: Some(pb::bandwidth_policy::Policy::Fixed(rate(0).unwrap())),
-        };
-        assert_eq!(policy_from_pb(Some(&fixed)).unwrap(), Policy::Fixed(Rate::BytesPerSec(0)));
-        let Policy::Windows { windows: w, default, .. } =
-            policy_from_pb(Some(&windows(&["Mon", "fri"], "08:00", "18:30", "Europe/Berlin")))
-                .unwrap()
-        else {
-            panic!("a windows policy")
-        };
-        assert_eq!(default, Rate::Unlimited);
-        assert_eq!(w[0].days, [Weekday::Monday, Weekday::Friday]);
-        assert_eq!(w[0].end, Some(Time::constant(18, 30, 0, 0)));
-        let until_midnight = policy_from_pb(Some(&windows(&["sun"], "22:00", "", "UTC"))).unwrap();
-        assert!(
-            matches!(until_midnight, Policy::Windows { ref windows, .. } if windows[0].end.is_none())
-        );
-
-        let err = |p: pb::BandwidthPolicy| policy_from_pb(Some(&p)).unwrap_err();
-        assert!(err(windows(&["mon"], "18:00", "08:00", "UTC")).contains("not after its start"));
-        assert!(err(windows(&["someday"], "08:00", "", "UTC")).contains("someday"));
-        assert!(err(windows(&["mon"], "8 am", "", "UTC")).contains("start \"8 am\""));
-        assert!(err(windows(&["mon"], "08:00", "", "Mars/Olympus")).contains("unknown"));
-        let adaptive = pb::BandwidthPolicy {
-            policy: Some(pb::bandwidth_policy::Policy::Adaptive(pb::AdaptiveBandwidth {
-                floor_bytes_per_sec: 10,
-                ceiling_bytes_per_sec: 5,
-            })),
-        };
-        assert!(err(adaptive).contains("floor"));
+    /// Planned switchover of a link: demote the volume here (sealing
+    /// `snap`), copy everything the target lacks, promote the target, and
+    /// check its digest. A retry after a failed copy finds the volume
+    /// demoted with the snapshot there and goes on.
+    pub async fn switchover(
+        self: &Arc<Self>,
+        id: &str,
+        snap: &SnapshotId,
+        generation: u64,
+    ) -> LinkResult<(pb::SyncLinkResponse, cairn_api::Digest)> {
+        let volume = self.volume_of(id)?;
+        // 1. Demote, sealing the final snapshot.
+        let (head, remote) = self.heads.with_role(&volume).await?;
+        let have = head.snapshots().await?.iter().any(|s| &s.id == snap);
+        if !(remote && have) {
+            self.heads.demote(&volume, snap, generation).await?;
+        }
+        // 2. The final copy: everything the target lacks.
+        let sync = self.sync(id, false).await.map_err(|e| LinkError::FinalCopy {
+            link: id.to_string(),
+            volume: volume.clone(),
+            snapshot: snap.clone(),
+            source: Box::new(e),
+        })?;
+        // 3. Promote the target.
+        let got = self.promote_target(id).await?;
+        let want = head.digest(Some(snap)).await?;
+        if got != want {
+            return Err(LinkError::TargetDigest {
+                link: id.to_string(),
+                snapshot: snap.clone(),
+                got,
+                want,
+            });
+        }
+        tracing::warn!(link = %id, %volume, snapshot = %snap, "switchover done: the target is the primary now");
+        Ok((sync, got))
     }
 }

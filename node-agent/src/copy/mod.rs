@@ -3,7 +3,9 @@
 //! sends (fan-out, cascade, resync) and mutual TLS between sites.
 
 pub mod bandwidth;
+pub mod convert;
 pub mod links;
 pub mod receiver;
+pub mod records;
 pub mod sender;
 pub mod tls;

@@ -31,8 +31,8 @@ use tonic::{Request, Response, Status, Streaming};
 use cairn_api::snapshot::SnapshotInfo;
 
 use crate::{
+    grpc::{status::head_status, volume_heads::HeadLookup},
     head::{Run, VolumeHead, layer_runs},
-    head_service::{HeadLookup, head_status},
     meta::{CHECKPOINTS, LINKS},
     peer::CopiedBlock,
     store::Store,
@@ -88,7 +88,7 @@ fn secret_hash(secret: &[u8]) -> String {
 }
 
 fn internal(e: crate::Error) -> Status {
-    crate::service::status(e)
+    crate::grpc::status::store_status(e)
 }
 
 /// The receiving service of this agent.
@@ -129,8 +129,8 @@ impl CopyService {
 
     pub fn into_server(self) -> pb::snapshot_copy_server::SnapshotCopyServer<Self> {
         pb::snapshot_copy_server::SnapshotCopyServer::new(self)
-            .max_decoding_message_size(crate::service::MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(crate::service::MAX_MESSAGE_BYTES)
+            .max_decoding_message_size(crate::transport::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(crate::transport::MAX_MESSAGE_BYTES)
     }
 
     fn link(&self, id: &str) -> Result<Option<LinkRecord>, Status> {

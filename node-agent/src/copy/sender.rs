@@ -185,14 +185,14 @@ pub async fn connect(target: &LinkTarget) -> Result<SnapshotCopyClient<Channel>,
     let channel = endpoint
         .tcp_nodelay(true)
         .connect_timeout(Duration::from_secs(10))
-        .initial_connection_window_size(crate::service::H2_CONNECTION_WINDOW)
-        .initial_stream_window_size(crate::service::H2_STREAM_WINDOW)
+        .initial_connection_window_size(crate::transport::H2_CONNECTION_WINDOW)
+        .initial_stream_window_size(crate::transport::H2_STREAM_WINDOW)
         .connect()
         .await
         .map_err(|e| connect(format!("{e}: {}", source_chain(&e))))?;
     Ok(SnapshotCopyClient::new(channel)
-        .max_decoding_message_size(crate::service::MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(crate::service::MAX_MESSAGE_BYTES))
+        .max_decoding_message_size(crate::transport::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(crate::transport::MAX_MESSAGE_BYTES))
 }
 
 /// A snapshot of the link's target volume, as its receiver reports it.

@@ -2,81 +2,31 @@
 //! converts requests to domain types (refusing bad ids, ranges and
 //! geometries), runs the store's blocking work off the async runtime (small
 //! reads and writes that need not wait for a lock run in place), and maps
-//! every store error to a status code with an exhaustive match.
+//! every store error to a status code (`grpc::status`).
 
 use std::sync::Arc;
 
 use cairn_api::{
-    ChunkSet, Geometry, GeometryError, RangeError,
+    ChunkSet, Geometry,
     agent::v1::{self as pb, replica_store_server::ReplicaStore},
-    convert::{self, FieldError},
+    convert,
 };
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
+use super::{
+    convert::to_batch,
+    status::{field, store_status},
+};
 use crate::{
     error::Error,
-    store::Store,
-    stream::{Listed, StreamedBlock, spawn_stream},
+    replica::stream::Listed,
+    store::{Store, spawn_stream},
+    transport::{HEAD_BLOCKS_PAGE, MAX_HEAD_BLOCKS_PAGE, MAX_MESSAGE_BYTES},
 };
 
 /// Blocks per streamed batch (1 MiB of data).
 const STREAM_BATCH: usize = 256;
-/// Head-block indexes per page by default, and at most.
-pub const HEAD_BLOCKS_PAGE: usize = 65536;
-pub const MAX_HEAD_BLOCKS_PAGE: usize = 262144;
-/// The largest gRPC message accepted or sent: a 4 MiB write plus framing.
-pub const MAX_MESSAGE_BYTES: usize = 8 << 20;
-/// HTTP/2 receive window of a whole connection, on both ends. hyper's
-/// defaults (1 MiB on a server) let only one 1 MiB write at a time be in
-/// flight to an agent; a volume head keeps many.
-pub const H2_CONNECTION_WINDOW: u32 = 64 << 20;
-/// HTTP/2 receive window of one call: a whole message of the largest write.
-pub const H2_STREAM_WINDOW: u32 = 8 << 20;
-/// Largest HTTP/2 frame either end accepts: a 1 MiB write travels in one
-/// frame instead of 64 of the 16 KiB default.
-pub const H2_MAX_FRAME: u32 = 1 << 20;
-
-/// Maps a store error to the gRPC status a client acts on. Exhaustive: a
-/// new variant must choose its code.
-pub fn status(e: Error) -> Status {
-    let msg = e.to_string();
-    let stale_epoch = matches!(e, Error::StaleEpoch { .. });
-    let mut status = match e {
-        Error::ReplicaNotFound { .. } | Error::SnapshotNotFound { .. } => Status::not_found(msg),
-        Error::ReplicaExists { .. } | Error::SnapshotExists { .. } => Status::already_exists(msg),
-        Error::StaleGeneration { .. } | Error::ChunkNotHeld { .. } | Error::StaleEpoch { .. } => {
-            Status::failed_precondition(msg)
-        }
-        Error::Range { source, .. } => match source {
-            RangeError::PastEnd { .. } => Status::out_of_range(msg),
-            RangeError::Unaligned { .. } | RangeError::Empty | RangeError::TooLong { .. } => {
-                Status::invalid_argument(msg)
-            }
-        },
-        Error::Geometry { source, .. } => match source {
-            GeometryError::ChunkPastEnd { .. } => Status::out_of_range(msg),
-            GeometryError::BadSize { .. }
-            | GeometryError::TooLarge { .. }
-            | GeometryError::BadChunkSize { .. }
-            | GeometryError::Shrink { .. } => Status::invalid_argument(msg),
-        },
-        Error::Checksum { .. } | Error::Corrupt { .. } => Status::data_loss(msg),
-        Error::Io { .. } | Error::StoreIo { .. } | Error::Meta { .. } => Status::internal(msg),
-        Error::NotServing { .. } => Status::unavailable(msg),
-    };
-    if stale_epoch {
-        status.metadata_mut().insert(
-            cairn_api::agent::REASON_METADATA,
-            tonic::metadata::MetadataValue::from_static(cairn_api::agent::REASON_STALE_EPOCH),
-        );
-    }
-    status
-}
-
-fn field(e: FieldError) -> Status {
-    Status::invalid_argument(e.to_string())
-}
 
 /// The replica store served over gRPC.
 #[derive(Debug, Clone)]
@@ -105,7 +55,7 @@ impl ReplicaStoreService {
         tokio::task::spawn_blocking(move || f(&store))
             .await
             .map_err(|e| Status::internal(format!("store task failed: {e}")))?
-            .map_err(status)
+            .map_err(store_status)
     }
 
     /// Streams blocks one chunk at a time (see [`spawn_stream`]).
@@ -119,7 +69,7 @@ impl ReplicaStoreService {
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         tokio::spawn(async move {
             while let Some(msg) = blocks.recv().await {
-                let msg = msg.map(to_batch).map_err(status);
+                let msg = msg.map(to_batch).map_err(store_status);
                 let failed = msg.is_err();
                 if tx.send(msg).await.is_err() || failed {
                     return;
@@ -127,20 +77,6 @@ impl ReplicaStoreService {
             }
         });
         Ok(Response::new(ReceiverStream::new(rx)))
-    }
-}
-
-fn to_batch(blocks: Vec<StreamedBlock>) -> pb::BlockBatch {
-    pb::BlockBatch {
-        blocks: blocks
-            .into_iter()
-            .map(|b| pb::Block {
-                index: b.block,
-                crc32c: b.crc,
-                data: b.data.map(Into::into).unwrap_or_default(),
-                zero: false,
-            })
-            .collect(),
     }
 }
 
@@ -200,9 +136,9 @@ impl ReplicaStore for ReplicaStoreService {
         let volume = convert::volume_id("volume_id", &r.volume_id).map_err(field)?;
         // A small write whose replica is free right now is done here: that
         // is cheaper than two thread switches to the blocking pool and back.
-        let replica = self.store.replica(&volume).map_err(status)?;
+        let replica = self.store.replica(&volume).map_err(store_status)?;
         if let Some(done) = replica.try_write(r.epoch, r.offset, &r.data) {
-            done.map_err(status)?;
+            done.map_err(store_status)?;
             return Ok(Response::new(pb::WriteBlocksResponse {}));
         }
         self.run(move |_| replica.write(r.epoch, r.offset, &r.data)).await?;
@@ -218,9 +154,9 @@ impl ReplicaStore for ReplicaStoreService {
         let volume = convert::volume_id("volume_id", &r.volume_id).map_err(field)?;
         let snap = convert::optional_snapshot_id("snapshot_id", &r.snapshot_id).map_err(field)?;
         // As for writes: a small read no writer holds up is done here.
-        let replica = self.store.replica(&volume).map_err(status)?;
+        let replica = self.store.replica(&volume).map_err(store_status)?;
         let data = match replica.try_read(r.offset, r.length, snap.as_ref()) {
-            Some(done) => done.map_err(status)?,
+            Some(done) => done.map_err(store_status)?,
             None => self.run(move |_| replica.read(r.offset, r.length, snap.as_ref())).await?,
         };
         Ok(Response::new(pb::ReadBlocksResponse { data: data.into() }))

@@ -9,6 +9,13 @@
 //! Writes put data into slots no commit names; `commit` makes them durable
 //! and `recovery` loads what the last commit left.
 
+pub mod commit;
+pub mod extent;
+pub mod layer;
+pub mod recovery;
+pub mod snapshot;
+pub mod stream;
+
 use std::{
     collections::{BTreeMap, BTreeSet},
     path::PathBuf,
@@ -25,11 +32,11 @@ use cairn_api::{
 use crate::{
     disk::Disk,
     error::{Error, Result, meta},
-    layer::Layer,
     meta::{
         Entry, GROUP_BLOCKS, GROUP_SHIFT, LayerRecord, REPLICAS, ReplicaRecord, encode_group,
         encode_record,
     },
+    replica::layer::Layer,
 };
 
 const BS: usize = BLOCK_SIZE as usize;

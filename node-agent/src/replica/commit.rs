@@ -13,8 +13,8 @@ use cairn_api::{BLOCK_SIZE, ChunkSet, snapshot::ReplicaInfo};
 
 use crate::{
     error::{Error, Result, meta},
-    layer::slot_runs,
     meta::{BLOCKS, GROUP_SHIFT, REPLICAS, encode_record},
+    replica::layer::slot_runs,
     replica::{Replica, State, write_group},
 };
 

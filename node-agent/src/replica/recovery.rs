@@ -14,8 +14,8 @@ use redb::ReadableDatabase;
 use crate::{
     disk::Disk,
     error::{Error, Result, meta},
-    layer::{Layer, data_path, parse_data_name, slot_runs},
     meta::{BLOCKS, CHUNK_ACC, Entry, GROUP_SHIFT, ReplicaRecord, decode_accs, decode_group},
+    replica::layer::{Layer, data_path, parse_data_name, slot_runs},
     replica::{Newest, Replica, State},
 };
 

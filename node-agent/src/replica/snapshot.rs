@@ -18,10 +18,10 @@ use redb::ReadableTable;
 
 use crate::{
     error::{Error, Result, meta},
-    layer::Layer,
     meta::{
         BLOCKS, CHUNK_ACC, Entry, GROUP_SHIFT, REPLICAS, SnapshotRecord, encode_accs, encode_record,
     },
+    replica::layer::Layer,
     replica::{Newest, Replica, State, write_group},
 };
 
@@ -117,7 +117,7 @@ impl Replica {
             let path = head.path().to_path_buf();
             let mut free = std::mem::take(&mut head.free);
             free.sort_unstable();
-            for (start, n) in crate::layer::slot_runs(&free) {
+            for (start, n) in crate::replica::layer::slot_runs(&free) {
                 f.punch_hole(start as u64 * BLOCK_SIZE, n as u64 * BLOCK_SIZE)
                     .map_err(|e| self.fail(self.io("freeing unused slots", &path)(e)))?;
             }

@@ -1,0 +1,12 @@
+//! The agent's gRPC edges: `ReplicaStore` ([`replica_store`]) and
+//! `VolumeHeads` ([`volume_heads`]); each RPC parses its request
+//! ([`convert`]), calls one domain operation and maps the result, errors
+//! through [`status`].
+//!
+//! Invariant: domain modules (replica, store, head, heads, copy) never name
+//! this module; the edge imports them, never the reverse.
+
+pub mod convert;
+pub mod replica_store;
+pub mod status;
+pub mod volume_heads;
