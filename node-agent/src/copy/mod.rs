@@ -6,4 +6,5 @@ pub mod bandwidth;
 pub mod links;
 pub mod receiver;
 pub mod sender;
+pub mod session;
 pub mod tls;
