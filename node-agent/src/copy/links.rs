@@ -37,6 +37,7 @@ use crate::{
     copy::{
         bandwidth::{Clock, Limiter, Policy, Rate, SystemClock, Window},
         receiver::receiving_links,
+        session::sender::Fault,
         sender::{
             Compress, CopyError, CopyProgress, CopyReport, LinkTarget, promote_target,
             send_snapshot, target_snapshots,
@@ -56,6 +57,13 @@ pub fn copy_status(e: CopyError) -> Status {
         CopyError::Snapshot { .. } => Status::failed_precondition(e.to_string()),
         CopyError::Connect { .. } => Status::unavailable(e.to_string()),
         CopyError::Receiver { ref status, .. } => Status::new(status.code(), e.to_string()),
+        CopyError::Session { ref fault, .. } => match fault {
+            Fault::Start(_) | Fault::Unexpected(_) | Fault::DigestLength(_) | Fault::Malformed(_) => {
+                Status::internal(e.to_string())
+            }
+            Fault::Ended => Status::aborted(e.to_string()),
+            Fault::DigestMismatch { .. } => Status::data_loss(e.to_string()),
+        },
     }
 }
 

@@ -50,6 +50,9 @@ pub enum Fault {
     Ended,
     #[error("the receiver's digest has {0} bytes")]
     DigestLength(usize),
+    /// An answer that does not parse, described.
+    #[error("{0}")]
+    Malformed(String),
     #[error("the receiver sealed digest {got}, the source's is {want}")]
     DigestMismatch { got: Digest, want: Digest },
 }
