@@ -8,6 +8,7 @@ pub mod disk;
 pub mod error;
 pub mod extent;
 pub mod frontend;
+pub mod grpc;
 pub mod head;
 pub mod head_service;
 pub mod layer;
