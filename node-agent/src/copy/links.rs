@@ -37,11 +37,11 @@ use crate::{
     copy::{
         bandwidth::{Clock, Limiter, Policy, Rate, SystemClock, Window},
         receiver::receiving_links,
-        session::sender::Fault,
         sender::{
             Compress, CopyError, CopyProgress, CopyReport, LinkTarget, promote_target,
             send_snapshot, target_snapshots,
         },
+        session::sender::Fault,
         tls::SiteTls,
     },
     head::{SourcePick, VolumeHead},
@@ -58,9 +58,10 @@ pub fn copy_status(e: CopyError) -> Status {
         CopyError::Connect { .. } => Status::unavailable(e.to_string()),
         CopyError::Receiver { ref status, .. } => Status::new(status.code(), e.to_string()),
         CopyError::Session { ref fault, .. } => match fault {
-            Fault::Start(_) | Fault::Unexpected(_) | Fault::DigestLength(_) | Fault::Malformed(_) => {
-                Status::internal(e.to_string())
-            }
+            Fault::Start(_)
+            | Fault::Unexpected(_)
+            | Fault::DigestLength(_)
+            | Fault::Malformed(_) => Status::internal(e.to_string()),
             Fault::Ended => Status::aborted(e.to_string()),
             Fault::DigestMismatch { .. } => Status::data_loss(e.to_string()),
         },

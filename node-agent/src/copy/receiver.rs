@@ -72,9 +72,7 @@ const MAX_BATCH_BYTES: usize = 256 * BLOCK_SIZE as usize;
 /// Why the receiving end refused or ended a copy or a link request.
 #[derive(Debug, thiserror::Error)]
 pub enum ReceiveError {
-    #[error(
-        "link {link:?} is not registered at this agent: register it here first (RegisterLink)"
-    )]
+    #[error("link {link:?} is not registered at this agent: register it here first (RegisterLink)")]
     UnknownLink { link: String },
     #[error("link {link}: the pairing secret does not match the one registered here")]
     Secret { link: String },
@@ -270,7 +268,8 @@ impl CopyService {
     pub(crate) async fn begin(&self, link: LinkRecord, offer: Offer) -> Result<Begun> {
         let (target, head, remote) = self.target_head(&offer.link, &link).await?;
         let snaps = head.snapshots().await?;
-        let view = session::Target { volume: &target, remote, size: head.size(), snapshots: &snaps };
+        let view =
+            session::Target { volume: &target, remote, size: head.size(), snapshots: &snaps };
         let plan = match session::admit(&offer, view)? {
             Admission::AlreadyThere(digest) => return Ok(Begun::AlreadyThere(digest)),
             Admission::Copy(plan) => plan,
@@ -296,13 +295,13 @@ impl CopyService {
         let epoch = Instant::now();
         let session = Receiver::new(&offer, &start, self.cadence, Duration::ZERO);
         tracing::info!(link = %offer.link, %target, snapshot = %offer.snapshot, from_block = session.resume().0, "copy admitted");
-        Ok(Begun::Session(Session {
+        Ok(Begun::Session(Box::new(Session {
             service: self.clone(),
             link: offer.link,
             head,
             session,
             epoch,
-        }))
+        })))
     }
 
     /// Records the snapshot a link sealed here, and forwards it over this
@@ -324,7 +323,7 @@ impl CopyService {
 pub(crate) enum Begun {
     /// The snapshot is there with the same generation and digest.
     AlreadyThere(Digest),
-    Session(Session),
+    Session(Box<Session>),
 }
 
 /// The frames of a copy after its `CopyStart`.
@@ -404,7 +403,9 @@ impl Session {
                 Some(Err(e)) => return Err(self.broken(e).await),
                 None => {
                     let why = "the copy stream ended".to_string();
-                    return Err(self.broken(ReceiveError::Broken { link: self.link.clone(), why }).await);
+                    return Err(self
+                        .broken(ReceiveError::Broken { link: self.link.clone(), why })
+                        .await);
                 }
             };
             match frame.frame {
@@ -448,8 +449,12 @@ impl Session {
         if let Some(cp) = self.session.broken() {
             let through = cp.through_block;
             match self.durable(cp, None).await {
-                Ok(()) => tracing::info!(link = %self.link, through_block = through, "checkpoint at the break"),
-                Err(e) => tracing::warn!(link = %self.link, error = %e, "no checkpoint at the break"),
+                Ok(()) => {
+                    tracing::info!(link = %self.link, through_block = through, "checkpoint at the break")
+                }
+                Err(e) => {
+                    tracing::warn!(link = %self.link, error = %e, "no checkpoint at the break")
+                }
             }
         }
         e

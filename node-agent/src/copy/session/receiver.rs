@@ -168,9 +168,8 @@ pub fn admit(offer: &Offer, target: Target<'_>) -> Result<Admission, Refusal> {
             },
         });
     }
-    let first = base_at.map_or(0, |p| {
-        snaps.iter().position(|s| s.id == line[p].id).expect("in the list") + 1
-    });
+    let first = base_at
+        .map_or(0, |p| snaps.iter().position(|s| s.id == line[p].id).expect("in the list") + 1);
     let roll_back = snaps[first..]
         .iter()
         .filter(|s| s.divergent || after.contains(&s.id))
@@ -353,7 +352,11 @@ impl Receiver {
     }
 
     fn pending(&self) -> Checkpoint {
-        Checkpoint { through_block: self.next_block, bytes_done: self.bytes, ..self.durable.clone() }
+        Checkpoint {
+            through_block: self.next_block,
+            bytes_done: self.bytes,
+            ..self.durable.clone()
+        }
     }
 }
 
@@ -442,7 +445,10 @@ mod tests {
         let snaps = [info("s1", 1, false), info("s2", 2, false)];
         let t = target(&v, &snaps);
         let primary = Target { remote: false, ..t };
-        assert!(matches!(admit(&offer("s3", 3, Some("s2")), primary), Err(Refusal::Primary { .. })));
+        assert!(matches!(
+            admit(&offer("s3", 3, Some("s2")), primary),
+            Err(Refusal::Primary { .. })
+        ));
         let small = Target { size: MIB, ..t };
         assert!(matches!(admit(&offer("s3", 3, Some("s2")), small), Err(Refusal::Size { .. })));
         let e = admit(&offer("s2", 2, Some("s1")), t).unwrap_err();
@@ -453,10 +459,7 @@ mod tests {
         assert!(e.to_string().contains("a full copy needs a target without snapshots"), "{e}");
         let e = admit(&offer("s3", 3, Some("s1")), t).unwrap_err();
         assert!(e.to_string().contains("diverged"), "{e}");
-        assert_eq!(
-            admit(&offer("s3", 3, Some("s2")), t),
-            Ok(Admission::Copy(Plan::default()))
-        );
+        assert_eq!(admit(&offer("s3", 3, Some("s2")), t), Ok(Admission::Copy(Plan::default())));
     }
 
     #[test]

@@ -29,10 +29,19 @@ pub struct Block {
 /// A reply of the receiver, parsed (pongs are the limiter's, not here).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Reply {
-    Resume { from_block: u64, bytes_done: u64 },
-    Checkpoint { through_block: u64, bytes_done: u64 },
+    Resume {
+        from_block: u64,
+        bytes_done: u64,
+    },
+    Checkpoint {
+        through_block: u64,
+        bytes_done: u64,
+    },
     /// The digest as sent (checked here), and whether it was there before.
-    Done { digest: Bytes, already_present: bool },
+    Done {
+        digest: Bytes,
+        already_present: bool,
+    },
     /// Anything else, described.
     Other(String),
     /// The reply stream ended.
@@ -375,6 +384,9 @@ mod tests {
         assert!(offered(&snaps, &id("s2"), None).is_ok());
         assert_eq!(offered(&snaps, &id("s9"), None), Err(Unsendable::NoSnapshot));
         let e = offered(&snaps, &id("s1"), Some(&id("s2"))).unwrap_err();
-        assert_eq!(e.to_string(), "an incremental copy sends the layer on top of the snapshot right before it (none), not on top of s2");
+        assert_eq!(
+            e.to_string(),
+            "an incremental copy sends the layer on top of the snapshot right before it (none), not on top of s2"
+        );
     }
 }

@@ -175,7 +175,8 @@ impl Run {
                 if !self.deliver(&mut n, cut) {
                     return Outcome::Cut;
                 }
-                let done = Reply::Done { digest: Bytes::copy_from_slice(&d.0), already_present: true };
+                let done =
+                    Reply::Done { digest: Bytes::copy_from_slice(&d.0), already_present: true };
                 return match s.opened(done).expect("a done") {
                     Open::AlreadyPresent(digest) => {
                         Outcome::Done(Finished { digest, already_present: true })
