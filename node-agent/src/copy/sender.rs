@@ -340,43 +340,8 @@ pub async fn send_snapshot(
     // pongs are timed as they arrive, beside the sending; every other reply
     // goes to the session.
     let epoch = Instant::now();
-    let pinger = tokio::spawn({
-        let tx = tx.clone();
-        async move {
-            loop {
-                tokio::time::sleep(PING_EVERY).await;
-                let nonce = epoch.elapsed().as_micros() as u64;
-                let ping = frame(pb::copy_frame::Frame::Ping(pb::CopyPing { nonce }));
-                if tx.send(ping).await.is_err() {
-                    break;
-                }
-            }
-        }
-    });
-    let _stop_pinger = AbortOnDrop(pinger.abort_handle());
-    let (events_tx, mut events) = tokio::sync::mpsc::unbounded_channel();
-    let reader = tokio::spawn({
-        let limiter = limiter.clone();
-        let link = link.clone();
-        async move {
-            loop {
-                let reply = match replies.message().await {
-                    Ok(Some(pb::CopyReply { reply: Some(pb::copy_reply::Reply::Pong(p)) })) => {
-                        let now = epoch.elapsed().as_micros() as u64;
-                        limiter.on_rtt(Duration::from_micros(now.saturating_sub(p.nonce)));
-                        continue;
-                    }
-                    Ok(reply) => Ok(parse_reply(reply)),
-                    Err(status) => Err(CopyError::Receiver { link: link.clone(), status }),
-                };
-                let last = !matches!(reply, Ok(Reply::Checkpoint { .. }));
-                if events_tx.send(reply).is_err() || last {
-                    break;
-                }
-            }
-        }
-    });
-    let _stop_reader = AbortOnDrop(reader.abort_handle());
+    let _stop_pinger = ping(tx.clone(), epoch);
+    let (mut events, _stop_reader) = read_replies(replies, limiter.clone(), link.clone(), epoch);
 
     let mut wire_bytes = 0u64;
     let mut packer = Packer::new(target.compress.wanted(limiter.rate()));
@@ -453,6 +418,52 @@ pub async fn send_snapshot(
         blocks_sent,
         elapsed: started.elapsed(),
     })
+}
+
+/// Sends a ping every [`PING_EVERY`] through the queue of the batches
+/// (its nonce: microseconds since `epoch`), until dropped.
+fn ping(tx: tokio::sync::mpsc::Sender<pb::CopyFrame>, epoch: Instant) -> AbortOnDrop {
+    let pinger = tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(PING_EVERY).await;
+            let nonce = epoch.elapsed().as_micros() as u64;
+            let ping = frame(pb::copy_frame::Frame::Ping(pb::CopyPing { nonce }));
+            if tx.send(ping).await.is_err() {
+                break;
+            }
+        }
+    });
+    AbortOnDrop(pinger.abort_handle())
+}
+
+/// Reads the receiver's replies beside the sending, until dropped: a pong
+/// is timed at once (the round trip steers the limiter); every other reply
+/// goes to the session, up to the last (anything but a checkpoint).
+fn read_replies(
+    mut replies: tonic::Streaming<pb::CopyReply>,
+    limiter: Arc<Limiter>,
+    link: String,
+    epoch: Instant,
+) -> (tokio::sync::mpsc::UnboundedReceiver<Result<Reply, CopyError>>, AbortOnDrop) {
+    let (events_tx, events) = tokio::sync::mpsc::unbounded_channel();
+    let reader = tokio::spawn(async move {
+        loop {
+            let reply = match replies.message().await {
+                Ok(Some(pb::CopyReply { reply: Some(pb::copy_reply::Reply::Pong(p)) })) => {
+                    let now = epoch.elapsed().as_micros() as u64;
+                    limiter.on_rtt(Duration::from_micros(now.saturating_sub(p.nonce)));
+                    continue;
+                }
+                Ok(reply) => Ok(parse_reply(reply)),
+                Err(status) => Err(CopyError::Receiver { link: link.clone(), status }),
+            };
+            let last = !matches!(reply, Ok(Reply::Checkpoint { .. }));
+            if events_tx.send(reply).is_err() || last {
+                break;
+            }
+        }
+    });
+    (events, AbortOnDrop(reader.abort_handle()))
 }
 
 /// A reply as the session reads it (pongs are timed before this).
