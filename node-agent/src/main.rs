@@ -158,7 +158,7 @@ async fn main() -> anyhow::Result<()> {
     .with_heal_every(std::time::Duration::from_millis(args.rebuild_interval_ms.max(10)))
     .with_site_tls(site_tls.clone())
     .with_copy_cap(args.copy_rate_cap.filter(|&r| r > 0));
-    let copies = cairn_agent::copy::receiver::CopyService::new(store.clone(), heads.lookup())
+    let copies = cairn_agent::copy::receiver::CopyService::new(store.clone(), heads.heads())
         .with_checkpoints(
             args.copy_checkpoint_mib.max(1) << 20,
             std::time::Duration::from_millis(args.copy_checkpoint_ms.max(10)),

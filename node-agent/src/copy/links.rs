@@ -35,7 +35,7 @@ use crate::{
     copy::{
         bandwidth::{Clock, Limiter, Policy, Rate, SystemClock},
         convert::{policy_from_pb, progress_pb, report_pb, source_from_pb},
-        receiver::{MIN_SECRET_BYTES, receiving_links},
+        records::{MIN_SECRET_BYTES, receiving_links},
         records::{decode_source_link, encode_source_link},
         sender::{
             Compress, CopyError, CopyProgress, CopyReport, LinkTarget, promote_target,

@@ -8,4 +8,5 @@ pub mod links;
 pub mod receiver;
 pub mod records;
 pub mod sender;
+pub mod session;
 pub mod tls;

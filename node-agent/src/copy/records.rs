@@ -1,7 +1,7 @@
 //! The records copies keep in the agent's redb, as serde JSON records: the
-//! links this agent sends (table `source_links`). (The receiving side's
-//! records, its links with their secret hashes and its checkpoints, are
-//! serde JSON already and still live in `copy::receiver`.)
+//! links this agent sends (table `source_links`) and the links it receives
+//! with their secret hashes (table `links`). (The receiver's checkpoints
+//! live with the receiver, `copy::receiver`.)
 //!
 //! Invariant: a record written by an older agent stays readable — before
 //! this module the value was the protobuf `LinkStatus`; such a value is
@@ -12,6 +12,32 @@
 use cairn_api::agent::v1::{self as pb};
 use prost::Message;
 use serde::{Deserialize, Serialize};
+
+use crate::{meta::LINKS, store::Store};
+
+/// The shortest pairing secret accepted.
+pub const MIN_SECRET_BYTES: usize = 16;
+
+/// A link this agent receives (the value of the `links` table).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct LinkRecord {
+    /// BLAKE3 of the pairing secret, hex.
+    pub(crate) secret_hash: String,
+    pub(crate) target_volume: String,
+    /// The newest snapshot sealed here by this link: the base of its next
+    /// copy, kept until a newer one arrives.
+    #[serde(default)]
+    pub(crate) last_snapshot: Option<String>,
+}
+
+/// The links this agent receives, by id.
+pub(crate) fn receiving_links(store: &Store) -> Result<Vec<(String, LinkRecord)>, crate::Error> {
+    Ok(store
+        .list_meta(LINKS)?
+        .into_iter()
+        .filter_map(|(k, v)| serde_json::from_slice(&v).ok().map(|r| (k, r)))
+        .collect())
+}
 
 /// A link this agent sends, and its cursor (the last snapshot the target
 /// has from it).

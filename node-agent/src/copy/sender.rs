@@ -33,14 +33,16 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use tonic::transport::Channel;
 
+pub use crate::copy::session::sender::BATCH_BLOCKS;
 use crate::{
-    copy::bandwidth::{Limiter, Rate},
+    copy::{
+        bandwidth::{Limiter, Rate},
+        session::sender::{self as session, Block, Fault, Open, Reply, Sender, Unsendable},
+    },
     head::{HeadError, SourcePick, VolumeHead},
     peer::StreamKind,
 };
 
-/// Blocks per batch sent (1 MiB of data at most).
-pub const BATCH_BLOCKS: usize = 256;
 /// Batches queued ahead of the network (HTTP/2 windows hold more).
 const QUEUE: usize = 4;
 /// How often a ping is sent during a copy.
@@ -157,11 +159,15 @@ pub enum CopyError {
     #[error("{0}")]
     Head(#[from] HeadError),
     #[error("snapshot {snapshot} of volume {volume}: {why}")]
-    Snapshot { volume: String, snapshot: SnapshotId, why: String },
+    Snapshot { volume: String, snapshot: SnapshotId, why: Unsendable },
     #[error("link {link}: cannot reach the receiver at {endpoint}: {why}")]
     Connect { link: String, endpoint: String, why: String },
+    /// What the receiver answered with a gRPC status (a refusal, or the
+    /// transport's error).
     #[error("link {link}: the receiver refused or ended the copy: {status}")]
     Receiver { link: String, status: tonic::Status },
+    #[error("link {link}: {fault}")]
+    Session { link: String, fault: Fault },
 }
 
 /// Connects to the link's receiving agent (mutual TLS for `https://`).
@@ -212,18 +218,20 @@ pub async fn target_snapshots(target: &LinkTarget) -> Result<Vec<TargetSnapshot>
         pairing_secret: target.secret.clone(),
     };
     let receiver = |status| CopyError::Receiver { link: target.link_id.clone(), status };
+    let fault = |why: String| CopyError::Session {
+        link: target.link_id.clone(),
+        fault: Fault::Malformed(why),
+    };
     let list = client.link_snapshots(req).await.map_err(receiver)?.into_inner();
     list.snapshots
         .into_iter()
         .map(|s| {
             Ok(TargetSnapshot {
-                id: SnapshotId::new(&s.snapshot_id).map_err(|e| {
-                    receiver(tonic::Status::internal(format!("the receiver listed {e}")))
-                })?,
+                id: SnapshotId::new(&s.snapshot_id)
+                    .map_err(|e| fault(format!("the receiver listed {e}")))?,
                 generation: s.generation,
-                digest: Digest::try_from(&s.digest[..]).map_err(|len| {
-                    receiver(tonic::Status::internal(format!("a digest of {len} bytes")))
-                })?,
+                digest: Digest::try_from(&s.digest[..])
+                    .map_err(|len| fault(format!("a digest of {len} bytes")))?,
                 divergent: s.divergent,
             })
         })
@@ -239,8 +247,10 @@ pub async fn promote_target(target: &LinkTarget) -> Result<Digest, CopyError> {
     };
     let receiver = |status| CopyError::Receiver { link: target.link_id.clone(), status };
     let r = client.promote_target(req).await.map_err(receiver)?.into_inner();
-    Digest::try_from(&r.digest[..])
-        .map_err(|len| receiver(tonic::Status::internal(format!("a digest of {len} bytes"))))
+    Digest::try_from(&r.digest[..]).map_err(|len| CopyError::Session {
+        link: target.link_id.clone(),
+        fault: Fault::DigestLength(len),
+    })
 }
 
 /// Copies `snapshot` of `head`'s volume to the link's target: its image if
@@ -249,6 +259,10 @@ pub async fn promote_target(target: &LinkTarget) -> Result<Digest, CopyError> {
 /// out of the line). With `resync`, the target may hold snapshots after
 /// `base`: they are marked divergent there and its content is rolled back
 /// to `base` before the layer is applied.
+///
+/// The protocol's decisions are the [`Sender`] session's; this feeds it
+/// what the source replicas stream and what the receiver answers, and
+/// carries the batches it answers to the wire.
 pub async fn send_snapshot(
     head: &VolumeHead,
     target: &LinkTarget,
@@ -260,39 +274,21 @@ pub async fn send_snapshot(
 ) -> Result<CopyReport, CopyError> {
     let started = Instant::now();
     let volume = head.volume().to_string();
-    let bad = |why: String| CopyError::Snapshot {
+    let link = target.link_id.clone();
+    let snaps = head.snapshots().await?;
+    let info = session::offered(&snaps, snapshot, base).map_err(|why| CopyError::Snapshot {
         volume: volume.clone(),
         snapshot: snapshot.clone(),
         why,
-    };
-    let mut snaps = head.snapshots().await?;
-    snaps.retain(|s| !s.divergent || &s.id == snapshot);
-    let pos = snaps
-        .iter()
-        .position(|s| &s.id == snapshot)
-        .ok_or_else(|| bad("no such snapshot at the source".into()))?;
-    match (base, pos.checked_sub(1).map(|p| &snaps[p].id)) {
-        (None, _) => {}
-        (Some(b), Some(prev)) if b == prev => {}
-        (Some(b), prev) => {
-            return Err(bad(format!(
-                "an incremental copy sends the layer on top of the snapshot right before it ({}), not on top of {b}",
-                prev.map_or("none".to_string(), |p| p.to_string())
-            )));
-        }
-    }
-    let info = &snaps[pos];
+    })?;
     let digest = head.digest(Some(snapshot)).await?;
     let kind = if base.is_some() { StreamKind::Layer } else { StreamKind::Image };
     let (data_blocks, _) = head.count_blocks(snapshot, kind).await?;
     let total = data_blocks * cairn_api::BLOCK_SIZE;
+    let blocks_per_chunk = head.geometry().blocks_per_chunk();
+    let mut session = Sender::new(kind, blocks_per_chunk, head.chunk_count(), digest);
+    let fault = |fault| CopyError::Session { link: link.clone(), fault };
 
-    let link = target.link_id.clone();
-    let connect_err = |why: String| CopyError::Connect {
-        link: link.clone(),
-        endpoint: target.endpoint.clone(),
-        why,
-    };
     let mut client = connect(target).await?;
     let (tx, rx) = tokio::sync::mpsc::channel::<pb::CopyFrame>(QUEUE);
     let start = pb::CopyStart {
@@ -307,28 +303,12 @@ pub async fn send_snapshot(
         resync,
     };
     tx.send(frame(pb::copy_frame::Frame::Start(start))).await.expect("the queue is open");
-    let receiver = |status| CopyError::Receiver { link: link.clone(), status };
-    // A connection closed before any answer is a transport failure: with
-    // mutual TLS, most often the receiver not trusting this certificate
-    // (TLS 1.3 reports that only after the handshake).
-    let closed = |status: tonic::Status| match status.code() {
-        tonic::Code::Cancelled | tonic::Code::Unknown | tonic::Code::Unavailable => {
-            let hint = if target.endpoint.starts_with("https://") {
-                " (with mutual TLS: does the receiver's --peer-ca hold the CA that signed this agent's --tls-cert, and does this agent's --peer-ca hold the receiver's?)"
-            } else {
-                ""
-            };
-            connect_err(format!(
-                "the connection closed before any answer: {}{hint}",
-                status.message()
-            ))
-        }
-        _ => receiver(status),
-    };
+    let closed = |status| closed_early(target, status);
     let mut replies = client.copy(ReceiverStream::new(rx)).await.map_err(closed)?.into_inner();
-    let from = match replies.message().await.map_err(closed)?.and_then(|r| r.reply) {
-        Some(pb::copy_reply::Reply::Resume(r)) => r,
-        Some(pb::copy_reply::Reply::Done(d)) => {
+    let first = replies.message().await.map_err(closed)?;
+    let (from_block, bytes_done) = match session.opened(parse_reply(first)).map_err(fault)? {
+        Open::Send { from_block, bytes_done } => (from_block, bytes_done),
+        Open::AlreadyPresent(digest) => {
             *progress.lock().unwrap() = CopyProgress {
                 link: link.clone(),
                 snapshot: snapshot.to_string(),
@@ -336,7 +316,7 @@ pub async fn send_snapshot(
                 ..Default::default()
             };
             return Ok(CopyReport {
-                digest: Digest::try_from(&d.digest[..]).unwrap_or(digest),
+                digest,
                 already_present: true,
                 resumed_from_block: 0,
                 bytes_sent: 0,
@@ -345,84 +325,33 @@ pub async fn send_snapshot(
                 elapsed: started.elapsed(),
             });
         }
-        other => {
-            return Err(receiver(tonic::Status::internal(format!(
-                "the receiver answered the start with {other:?}"
-            ))));
-        }
     };
     *progress.lock().unwrap() = CopyProgress {
         link: link.clone(),
         snapshot: snapshot.to_string(),
-        bytes_durable: from.bytes_done,
-        resumed_from_block: from.from_block,
+        bytes_durable: bytes_done,
+        resumed_from_block: from_block,
         bytes_total: total,
-        bytes_before: from.bytes_done,
+        bytes_before: bytes_done,
         ..Default::default()
     };
 
-    // Replies (checkpoints, pongs, the end) are read beside the sending;
-    // pings go every PING_EVERY through the same queue as the batches.
-    let durable = Arc::new(Mutex::new(from.bytes_done));
+    // Pings go every PING_EVERY through the same queue as the batches;
+    // pongs are timed as they arrive, beside the sending; every other reply
+    // goes to the session.
     let epoch = Instant::now();
-    let pinger = tokio::spawn({
-        let tx = tx.clone();
-        async move {
-            loop {
-                tokio::time::sleep(PING_EVERY).await;
-                let nonce = epoch.elapsed().as_micros() as u64;
-                let ping = frame(pb::copy_frame::Frame::Ping(pb::CopyPing { nonce }));
-                if tx.send(ping).await.is_err() {
-                    break;
-                }
-            }
-        }
-    });
-    let _stop_pinger = AbortOnDrop(pinger.abort_handle());
-    let reader = tokio::spawn({
-        let durable = durable.clone();
-        let limiter = limiter.clone();
-        async move {
-            loop {
-                match replies.message().await? {
-                    Some(pb::CopyReply { reply: Some(pb::copy_reply::Reply::Checkpoint(c)) }) => {
-                        *durable.lock().unwrap() = c.bytes_done;
-                    }
-                    Some(pb::CopyReply { reply: Some(pb::copy_reply::Reply::Pong(p)) }) => {
-                        let now = epoch.elapsed().as_micros() as u64;
-                        limiter.on_rtt(Duration::from_micros(now.saturating_sub(p.nonce)));
-                    }
-                    Some(pb::CopyReply { reply: Some(pb::copy_reply::Reply::Done(d)) }) => {
-                        return Ok(d);
-                    }
-                    Some(other) => {
-                        return Err(tonic::Status::internal(format!(
-                            "unexpected reply during the copy: {other:?}"
-                        )));
-                    }
-                    None => {
-                        return Err(tonic::Status::aborted("the receiver ended without CopyDone"));
-                    }
-                }
-            }
-        }
-    });
+    let _stop_pinger = ping(tx.clone(), epoch);
+    let (mut events, _stop_reader) = read_replies(replies, limiter.clone(), link.clone(), epoch);
 
-    let blocks_per_chunk = head.geometry().blocks_per_chunk();
-    let (mut bytes_sent, mut blocks_sent, mut wire_bytes) = (0u64, 0u64, 0u64);
+    let mut wire_bytes = 0u64;
     let mut packer = Packer::new(target.compress.wanted(limiter.rate()));
     let sent_at = Instant::now();
-    'chunks: for chunk in 0..head.chunk_count() {
-        if (chunk + 1) * blocks_per_chunk <= from.from_block {
-            continue;
-        }
-        // Blocks before `next` of this chunk are sent.
-        let mut next = from.from_block;
+    'chunks: for chunk in session.chunks() {
         loop {
             let (mut stream, src) =
                 head.snapshot_stream(chunk, snapshot, kind, target.source).await?;
             let _counted = head.copy_stream_started(src);
-            let (stream_started, stream_bytes) = (Instant::now(), bytes_sent);
+            let (stream_started, stream_bytes) = (Instant::now(), session.sent().0);
             let mut failed = None;
             while let Some(batch) = stream.next().await {
                 let batch = match batch {
@@ -432,25 +361,8 @@ pub async fn send_snapshot(
                         break;
                     }
                 };
-                let mut blocks = Vec::with_capacity(batch.len());
-                let mut n = 0u64;
-                let Some(last) = batch.iter().map(|b| b.block).filter(|&b| b >= next).max() else {
-                    continue;
-                };
-                for b in batch.into_iter().filter(|b| b.block >= next) {
-                    // An all-zero block reads the same as a zero block.
-                    let data = b.data.filter(|d| d.iter().any(|&x| x != 0));
-                    let (crc32c, data) = match data {
-                        Some(d) => (crc32c::crc32c(&d), d),
-                        // The image as of the snapshot starts from nothing.
-                        None if kind == StreamKind::Image => continue,
-                        None => (crate::meta::zero_block_crc(), Bytes::new()),
-                    };
-                    n += data.len() as u64;
-                    blocks.push(pb::Block { index: b.block, crc32c, data, zero: false });
-                }
-                for part in blocks.chunks(BATCH_BLOCKS) {
-                    let batch = packer.pack(part.to_vec()).await;
+                for blocks in session.take(batch) {
+                    let batch = packer.pack(blocks.into_iter().map(to_pb).collect()).await;
                     let bytes = batch_wire_bytes(&batch);
                     wire_bytes += bytes;
                     limiter.acquire(bytes.max(1)).await;
@@ -458,22 +370,20 @@ pub async fn send_snapshot(
                         break 'chunks;
                     }
                 }
-                next = last + 1;
-                bytes_sent += n;
-                blocks_sent += blocks.len() as u64;
+                // A refusal ends the copy now; a checkpoint moves progress.
+                while let Ok(reply) = events.try_recv() {
+                    session.reply(reply?).map_err(fault)?;
+                }
                 let mut p = progress.lock().unwrap();
-                p.bytes_sent = bytes_sent;
+                p.bytes_sent = session.sent().0;
                 p.wire_bytes = wire_bytes;
-                p.bytes_durable = *durable.lock().unwrap();
-                p.rate = bytes_sent as f64 / sent_at.elapsed().as_secs_f64().max(1e-3);
+                p.bytes_durable = session.bytes_durable();
+                p.rate = p.bytes_sent as f64 / sent_at.elapsed().as_secs_f64().max(1e-3);
             }
             match failed {
                 None => {
-                    head.record_source_rate(
-                        src,
-                        bytes_sent - stream_bytes,
-                        stream_started.elapsed(),
-                    );
+                    let bytes = session.sent().0 - stream_bytes;
+                    head.record_source_rate(src, bytes, stream_started.elapsed());
                     break;
                 }
                 Some((src, e)) => {
@@ -484,35 +394,119 @@ pub async fn send_snapshot(
         }
     }
     drop(_stop_pinger);
+    session.end();
     let _ = tx.send(frame(pb::copy_frame::Frame::End(pb::CopyEnd {}))).await;
     drop(tx);
-    let done = match reader.await {
-        Ok(Ok(d)) => d,
-        Ok(Err(status)) => return Err(receiver(status)),
-        Err(e) => return Err(receiver(tonic::Status::internal(format!("reply reader: {e}")))),
+    let done = loop {
+        let reply = events.recv().await.unwrap_or(Ok(Reply::Ended))?;
+        if let Some(done) = session.reply(reply).map_err(fault)? {
+            break done;
+        }
     };
-    let got = Digest::try_from(&done.digest[..]).map_err(|len| {
-        receiver(tonic::Status::internal(format!("the receiver's digest has {len} bytes")))
-    })?;
-    if got != digest {
-        return Err(receiver(tonic::Status::data_loss(format!(
-            "the receiver sealed digest {got}, the source's is {digest}"
-        ))));
-    }
+    let (bytes_sent, blocks_sent) = session.sent();
     {
         let mut p = progress.lock().unwrap();
         p.done = true;
-        p.bytes_durable = from.bytes_done + bytes_sent;
+        p.bytes_durable = session.bytes_durable();
     }
     Ok(CopyReport {
-        digest,
+        digest: done.digest,
         already_present: done.already_present,
-        resumed_from_block: from.from_block,
+        resumed_from_block: from_block,
         bytes_sent,
         wire_bytes,
         blocks_sent,
         elapsed: started.elapsed(),
     })
+}
+
+/// Sends a ping every [`PING_EVERY`] through the queue of the batches
+/// (its nonce: microseconds since `epoch`), until dropped.
+fn ping(tx: tokio::sync::mpsc::Sender<pb::CopyFrame>, epoch: Instant) -> AbortOnDrop {
+    let pinger = tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(PING_EVERY).await;
+            let nonce = epoch.elapsed().as_micros() as u64;
+            let ping = frame(pb::copy_frame::Frame::Ping(pb::CopyPing { nonce }));
+            if tx.send(ping).await.is_err() {
+                break;
+            }
+        }
+    });
+    AbortOnDrop(pinger.abort_handle())
+}
+
+/// Reads the receiver's replies beside the sending, until dropped: a pong
+/// is timed at once (the round trip steers the limiter); every other reply
+/// goes to the session, up to the last (anything but a checkpoint).
+fn read_replies(
+    mut replies: tonic::Streaming<pb::CopyReply>,
+    limiter: Arc<Limiter>,
+    link: String,
+    epoch: Instant,
+) -> (tokio::sync::mpsc::UnboundedReceiver<Result<Reply, CopyError>>, AbortOnDrop) {
+    let (events_tx, events) = tokio::sync::mpsc::unbounded_channel();
+    let reader = tokio::spawn(async move {
+        loop {
+            let reply = match replies.message().await {
+                Ok(Some(pb::CopyReply { reply: Some(pb::copy_reply::Reply::Pong(p)) })) => {
+                    let now = epoch.elapsed().as_micros() as u64;
+                    limiter.on_rtt(Duration::from_micros(now.saturating_sub(p.nonce)));
+                    continue;
+                }
+                Ok(reply) => Ok(parse_reply(reply)),
+                Err(status) => Err(CopyError::Receiver { link: link.clone(), status }),
+            };
+            let last = !matches!(reply, Ok(Reply::Checkpoint { .. }));
+            if events_tx.send(reply).is_err() || last {
+                break;
+            }
+        }
+    });
+    (events, AbortOnDrop(reader.abort_handle()))
+}
+
+/// A reply as the session reads it (pongs are timed before this).
+fn parse_reply(reply: Option<pb::CopyReply>) -> Reply {
+    match reply.map(|r| r.reply) {
+        None => Reply::Ended,
+        Some(Some(pb::copy_reply::Reply::Resume(r))) => {
+            Reply::Resume { from_block: r.from_block, bytes_done: r.bytes_done }
+        }
+        Some(Some(pb::copy_reply::Reply::Checkpoint(c))) => {
+            Reply::Checkpoint { through_block: c.through_block, bytes_done: c.bytes_done }
+        }
+        Some(Some(pb::copy_reply::Reply::Done(d))) => {
+            Reply::Done { digest: d.digest, already_present: d.already_present }
+        }
+        Some(other) => Reply::Other(format!("{other:?}")),
+    }
+}
+
+/// The refusal of a copy that ends before any answer. A connection closed
+/// then is a transport failure: with mutual TLS, most often the receiver
+/// not trusting this certificate (TLS 1.3 reports that only after the
+/// handshake).
+fn closed_early(target: &LinkTarget, status: tonic::Status) -> CopyError {
+    match status.code() {
+        tonic::Code::Cancelled | tonic::Code::Unknown | tonic::Code::Unavailable => {
+            let hint = if target.endpoint.starts_with("https://") {
+                " (with mutual TLS: does the receiver's --peer-ca hold the CA that signed this agent's --tls-cert, and does this agent's --peer-ca hold the receiver's?)"
+            } else {
+                ""
+            };
+            CopyError::Connect {
+                link: target.link_id.clone(),
+                endpoint: target.endpoint.clone(),
+                why: format!("the connection closed before any answer: {}{hint}", status.message()),
+            }
+        }
+        _ => CopyError::Receiver { link: target.link_id.clone(), status },
+    }
+}
+
+fn to_pb(b: Block) -> pb::Block {
+    pb::Block { index: b.index, crc32c: b.crc32c, data: b.data, zero: false }
 }
 
 /// Aborts a task when dropped.

@@ -1,5 +1,5 @@
-//! The agent's gRPC edges: `ReplicaStore` ([`replica_store`]) and
-//! `VolumeHeads` ([`volume_heads`]); each RPC parses its request
+//! The agent's gRPC edges: `ReplicaStore` ([`replica_store`]),
+//! `VolumeHeads` ([`volume_heads`]) and `SnapshotCopy` ([`snapshot_copy`]); each RPC parses its request
 //! ([`convert`]), calls one domain operation and maps the result, errors
 //! through [`status`].
 //!
@@ -8,5 +8,6 @@
 
 pub mod convert;
 pub mod replica_store;
+pub mod snapshot_copy;
 pub mod status;
 pub mod volume_heads;

@@ -13,7 +13,7 @@ use cairn_api::{
 use tonic::{Code, Status};
 
 use crate::{
-    copy::{links::LinkError, sender::CopyError},
+    copy::{links::LinkError, sender::CopyError, session::sender::Fault},
     error::Error,
     head::HeadError,
     heads::HeadsError,
@@ -130,6 +130,14 @@ fn copy_code(e: &CopyError) -> Code {
         CopyError::Snapshot { .. } => Code::FailedPrecondition,
         CopyError::Connect { .. } => Code::Unavailable,
         CopyError::Receiver { status, .. } => status.code(),
+        CopyError::Session { fault, .. } => match fault {
+            Fault::Start(_)
+            | Fault::Unexpected(_)
+            | Fault::DigestLength(_)
+            | Fault::Malformed(_) => Code::Internal,
+            Fault::Ended => Code::Aborted,
+            Fault::DigestMismatch { .. } => Code::DataLoss,
+        },
     }
 }
 

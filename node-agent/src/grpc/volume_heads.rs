@@ -8,7 +8,6 @@
 use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use cairn_api::{
-    VolumeId,
     agent::v1::{self as pb, volume_heads_server::VolumeHeads},
     block::MAX_IO_BYTES,
     convert,
@@ -34,23 +33,6 @@ use crate::{
 };
 
 pub use crate::heads::DEFAULT_HEAL_EVERY;
-
-/// Finds the heads open on this agent for the `SnapshotCopy` edge (a copy
-/// receiver writes into the target volume's head), answering in statuses.
-#[derive(Debug, Clone)]
-pub struct HeadLookup(Arc<Heads>);
-
-impl HeadLookup {
-    /// The open head of `volume`, and whether its role is Remote.
-    pub async fn get(&self, volume: &VolumeId) -> Option<(Arc<VolumeHead>, bool)> {
-        self.0.get(volume).await
-    }
-
-    /// Failover: makes a Remote head a Primary one ([`Heads::promote`]).
-    pub async fn promote(&self, volume: &VolumeId) -> Result<pb::PromoteHeadResponse, Status> {
-        self.0.promote(volume).await.map(promoted_pb).map_err(heads_status)
-    }
-}
 
 /// The `VolumeHeads` service of this agent.
 #[derive(Debug)]
@@ -112,8 +94,8 @@ impl VolumeHeadsService {
     }
 
     /// A handle that finds this service's open heads.
-    pub fn lookup(&self) -> HeadLookup {
-        HeadLookup(Arc::new(self.heads.clone()))
+    pub fn heads(&self) -> Heads {
+        self.heads.clone()
     }
 
     pub fn into_server(self) -> pb::volume_heads_server::VolumeHeadsServer<Self> {
