@@ -23,7 +23,7 @@ pub enum Invalid {
     #[error("storage cluster {0} does not exist: create it, or fix spec.cluster")]
     ClusterNotFound(String),
     #[error(
-        "storage cluster {cluster} has {have} healthy agents but the volume wants {want} replicas: add agents, or lower spec.replicas"
+        "storage cluster {cluster} has {have} healthy agents but the volume wants {want} replicas: add agents, or lower spec.replicas (a volume that does not set it takes its StorageCluster's spec.defaults.replicas; charts/cairn/values-one-node.yaml sets 1 for a one-node cluster)"
     )]
     TooFewAgents { cluster: String, want: usize, have: usize },
     #[error(

@@ -4,12 +4,13 @@
 //! unit-tested alone; the reconcilers are tested against kube's mocked API
 //! server with a fake of the agents.
 
+pub mod context;
+pub mod cron;
 pub mod leader;
 pub mod metrics;
 pub mod remote_link;
 pub mod report;
 pub mod retention;
-pub mod schedule;
 pub mod snapshot_schedule;
 pub mod storage_cluster;
 pub mod volume;
@@ -18,15 +19,19 @@ pub mod volume;
 // shared with the CSI controller; the alias keeps `crate::agent::…` paths.
 pub use cairn_client as agent;
 
+#[cfg(test)]
+#[path = "../tests/fixtures/mod.rs"]
+mod fixtures;
+
 use std::sync::Arc;
 
 use cairn_api::crd::{RemoteLink, SnapshotSchedule, StorageCluster, Volume};
+use context::Context;
 use futures::StreamExt;
 use kube::{
     Api,
     runtime::{Controller, watcher},
 };
-use volume::Context;
 
 /// A controller's reconcile, counted and timed in the metrics.
 macro_rules! counted {

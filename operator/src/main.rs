@@ -14,8 +14,8 @@ use std::{path::PathBuf, sync::Arc};
 use anyhow::Context as _;
 use cairn_operator::{
     agent::GrpcAgents,
+    context::Context,
     storage_cluster::{self, Announcement},
-    volume::Context,
 };
 use clap::{Parser, Subcommand};
 use kube::{Client, runtime::events::Recorder};

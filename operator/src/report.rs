@@ -14,7 +14,7 @@ use kube::{
 use serde::{Serialize, de::DeserializeOwned};
 use serde_json::json;
 
-use crate::volume::Context;
+use crate::context::Context;
 
 /// The field manager of every write the operator makes.
 pub const MANAGER: &str = "cairn-operator";

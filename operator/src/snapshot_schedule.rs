@@ -26,10 +26,11 @@ use kube::{
 };
 
 use crate::{
+    context::{Context, head_endpoint},
+    cron::{Cron, CronError},
     report::{apply_status, event, from_k8s_time, k8s_time},
     retention::{self, Retention, Snap},
-    schedule::{Cron, CronError},
-    volume::{Context, Error as VolumeError, head_endpoint},
+    volume::Error as VolumeError,
 };
 
 #[derive(Debug, thiserror::Error)]

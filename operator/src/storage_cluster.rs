@@ -30,8 +30,8 @@ use kube::{
 use serde_json::json;
 
 use crate::{
+    context::{Context, endpoint},
     report::{MANAGER, apply_status, k8s_time},
-    volume::{Context, endpoint},
 };
 
 /// The label naming an announced agent's storage cluster.

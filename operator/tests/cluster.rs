@@ -17,9 +17,9 @@ use cairn_api::crd::{RemoteLink, SnapshotSchedule, StorageCluster, Volume};
 use cairn_e2e::AgentProcess;
 use cairn_operator::{
     agent::GrpcAgents,
+    context::Context,
     metrics::Metrics,
     storage_cluster::{Announcement, announce},
-    volume::Context,
 };
 use k8s_openapi::{
     api::core::v1::Namespace,

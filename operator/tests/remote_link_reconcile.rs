@@ -6,45 +6,27 @@
 //! not placed yet waits with a Warning.
 
 mod common;
+mod fixtures;
 
 use std::sync::Arc;
 
-use cairn_api::crd::{HeadLocation, RemoteLink, Volume, VolumeRole, VolumeSpec, VolumeStatus};
+use cairn_api::crd::{RemoteLink, Volume, VolumeRole};
 use cairn_operator::{agent::Call, remote_link::reconcile};
-use common::{cluster, serve, setup};
+use common::{serve, setup};
+use fixtures::cluster;
 use http::{Method, Response};
 use kube::{Resource, ResourceExt, client::Body};
 use serde_json::json;
 
 fn volume(name: &str, cluster: &str, role: VolumeRole, head: &str) -> Volume {
-    let mut v = Volume::new(
-        name,
-        VolumeSpec {
-            cluster: cluster.into(),
-            size_bytes: 1 << 30,
-            replicas: None,
-            role,
-            attachable: None,
-            attached_node: None,
-        },
-    );
-    v.meta_mut().namespace = Some("shop".into());
-    v.status = Some(VolumeStatus {
-        volume_id: Some(format!("shop-{name}")),
-        head: Some(HeadLocation { agent: head.into(), node: None, epoch: 1 }),
-        ..Default::default()
-    });
-    v
+    fixtures::placed(fixtures::volume(name, cluster, role), head)
 }
 
 fn link(copy_request: Option<&str>) -> RemoteLink {
-    let mut rl: RemoteLink = serde_json::from_value(json!({
-        "apiVersion": "cairn.dev/v1alpha1", "kind": "RemoteLink",
-        "metadata": {"name": "db-to-b", "namespace": "shop", "uid": "1234", "generation": 1},
-        "spec": {"sourceVolume": "db", "targetCluster": "site-b", "targetVolume": "db-copy",
-                 "bandwidth": {"defaultBytesPerSecond": 50000000}}
-    }))
-    .unwrap();
+    let mut rl = fixtures::link("db-to-b", "db", "site-b", "db-copy");
+    rl.meta_mut().uid = Some("1234".into());
+    rl.spec.bandwidth =
+        Some(serde_json::from_value(json!({"defaultBytesPerSecond": 50000000})).unwrap());
     rl.spec.copy_request = copy_request.map(String::from);
     rl
 }

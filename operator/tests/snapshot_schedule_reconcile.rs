@@ -5,19 +5,19 @@
 //! Warning.
 
 mod common;
+mod fixtures;
 
 use std::sync::Arc;
 
-use cairn_api::crd::{
-    HeadLocation, SnapshotSchedule, Volume, VolumeRole, VolumeSpec, VolumeStatus,
-};
+use cairn_api::crd::{HeadLocation, SnapshotSchedule, Volume, VolumeRole};
 use cairn_operator::{
     agent::Call,
+    cron::Cron,
     report::k8s_time,
-    schedule::Cron,
     snapshot_schedule::{plan_runs, reconcile, snapshot_id},
 };
-use common::{cluster, serve, setup};
+use common::{serve, setup};
+use fixtures::cluster;
 use http::Method;
 use jiff::{SignedDuration, Timestamp};
 use kube::Resource;
@@ -42,24 +42,7 @@ fn schedule(expr: &str, created: Timestamp) -> SnapshotSchedule {
 }
 
 fn volume(name: &str, role: VolumeRole) -> Volume {
-    let mut v = Volume::new(
-        name,
-        VolumeSpec {
-            cluster: "site-a".into(),
-            size_bytes: 1 << 30,
-            replicas: None,
-            role,
-            attachable: None,
-            attached_node: None,
-        },
-    );
-    v.meta_mut().namespace = Some("shop".into());
-    v.status = Some(VolumeStatus {
-        volume_id: Some(format!("shop-{name}")),
-        head: Some(HeadLocation { agent: "a2".into(), node: None, epoch: 1 }),
-        ..Default::default()
-    });
-    v
+    fixtures::placed(fixtures::volume(name, "site-a", role), "a2")
 }
 
 const SCHEDULE: &str = "/apis/cairn.dev/v1alpha1/namespaces/shop/snapshotschedules/every-15";

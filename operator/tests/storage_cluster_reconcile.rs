@@ -5,11 +5,13 @@
 //! Lease and its answer, with Ready / Degraded conditions.
 
 mod common;
+mod fixtures;
 
 use std::sync::Arc;
 
 use cairn_operator::storage_cluster::{Announcement, announce_once, reconcile};
-use common::{cluster, serve, setup};
+use common::{serve, setup};
+use fixtures::cluster;
 use http::Method;
 use jiff::{SignedDuration, Timestamp};
 use serde_json::json;

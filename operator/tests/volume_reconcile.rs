@@ -3,36 +3,27 @@
 //! make, in order, checks each one, and then checks the agent calls.
 
 mod common;
+mod fixtures;
 
 use std::sync::Arc;
 
 use cairn_api::{
     agent::v1 as pb,
-    crd::{RemoteLink, Volume, VolumeRole, VolumeSpec},
+    crd::{RemoteLink, Volume, VolumeRole},
 };
 use cairn_operator::{
     agent::Call,
     volume::{Error, reconcile},
 };
-use common::{cluster, serve, setup};
+use common::{serve, setup};
+use fixtures::cluster;
 use http::{Method, Response};
 use kube::{Resource, ResourceExt, client::Body};
 use serde_json::json;
 
 fn volume(role: VolumeRole, finalizer: bool, deleting: bool) -> Volume {
-    let mut v = Volume::new(
-        "db",
-        VolumeSpec {
-            cluster: "site-a".into(),
-            size_bytes: 1 << 30,
-            replicas: None,
-            role,
-            attachable: None,
-            attached_node: None,
-        },
-    );
+    let mut v = fixtures::volume("db", "site-a", role);
     let m = v.meta_mut();
-    m.namespace = Some("shop".into());
     m.uid = Some("0000-1111".into());
     m.generation = Some(3);
     m.resource_version = Some("7".into());

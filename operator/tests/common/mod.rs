@@ -1,49 +1,16 @@
 //! Shared by the reconciler tests: kube's mocked API server, the fake
-//! agents, a storage cluster of two healthy agents.
+//! agents (the test objects are in `fixtures`).
 #![allow(dead_code)]
 
 use std::sync::Arc;
 
-use cairn_api::crd::{
-    AgentHealth, AgentStatus, ClusterDefaults, StorageCluster, StorageClusterSpec,
-    StorageClusterStatus,
-};
-use cairn_operator::{agent::FakeAgents, volume::Context};
+use cairn_operator::{agent::FakeAgents, context::Context};
 use http::{Method, Request, Response};
 use kube::{Client, client::Body, runtime::events::Recorder};
 use serde_json::Value;
 use tower_test::mock::Handle;
 
 pub type ApiServer = Handle<Request<Body>, Response<Body>>;
-
-pub fn cluster() -> StorageCluster {
-    let mut c = StorageCluster::new(
-        "site-a",
-        StorageClusterSpec {
-            node_selector: Some(Default::default()),
-            failure_domain_label: None,
-            gateway: None,
-            defaults: ClusterDefaults { replicas: 2, chunk_size_bytes: 64 << 20 },
-        },
-    );
-    let agent = |n: &str, load| AgentStatus {
-        name: n.into(),
-        node: Some(format!("node-{n}")),
-        address: format!("{n}.site-a:7070"),
-        domain: None,
-        capacity_bytes: 1 << 40,
-        used_bytes: 0,
-        health: AgentHealth::Healthy,
-        load,
-        last_seen: None,
-        message: None,
-    };
-    c.status = Some(StorageClusterStatus {
-        agents: vec![agent("a1", 2), agent("a2", 1)],
-        ..Default::default()
-    });
-    c
-}
 
 pub fn setup() -> (Arc<Context>, ApiServer, FakeAgents) {
     let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();

@@ -1,4 +1,4 @@
-//! Schedules: standard five-field cron expressions (minute, hour, day of
+//! Cron: standard five-field cron expressions (minute, hour, day of
 //! month, month, day of week) evaluated in an IANA time zone. Pure: the
 //! reconciler asks when the next run is and how many were missed.
 //!

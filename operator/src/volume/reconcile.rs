@@ -1,0 +1,221 @@
+//! The Volume reconcile: observe (its StorageCluster, the head at its
+//! agent) -> validate and desired (pure, `desired.rs`) -> apply (open the
+//! head, promote or demote) -> status (pure, `status.rs`, written on
+//! `/status`). Deletion runs behind the finalizer: it removes the replicas,
+//! and is refused while a RemoteLink uses the volume.
+//!
+//! Invariant: a role held by a switchover (`ROLE_HOLD`) is never changed
+//! here; the head is opened before anything else is asked of it.
+
+use std::{sync::Arc, time::Duration};
+
+use cairn_api::{
+    agent::v1 as pb,
+    crd::{
+        Condition, ConditionStatus, RemoteLink, StorageCluster, Volume, VolumePhase, set_condition,
+        volume::condition,
+    },
+};
+use kube::{
+    Api, Resource, ResourceExt,
+    api::ListParams,
+    runtime::{
+        controller::Action,
+        events::EventType,
+        finalizer::{Event as Finalized, finalizer},
+    },
+};
+
+use super::{Error, FINALIZER, Invalid, RESYNC, ROLE_HOLD, desired, status_of, status_snapshots};
+use crate::{
+    context::{Context, agent_endpoint, volume_id},
+    report::{apply_status, event, now},
+};
+
+/// Reconciles one Volume.
+#[tracing::instrument(skip_all, fields(volume = %vol.name_any(), namespace = ?vol.namespace()))]
+pub async fn reconcile(vol: Arc<Volume>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let ns = vol.namespace().unwrap_or_default();
+    let api: Api<Volume> = Api::namespaced(ctx.client.clone(), &ns);
+    finalizer(&api, FINALIZER, vol, |ev| async {
+        match ev {
+            Finalized::Apply(v) => apply(&v, &ctx).await,
+            Finalized::Cleanup(v) => cleanup(&v, &ctx).await,
+        }
+    })
+    .await
+    .map_err(|e| match e {
+        kube::runtime::finalizer::Error::ApplyFailed(e)
+        | kube::runtime::finalizer::Error::CleanupFailed(e) => e,
+        other => Error::Finalizer(other.to_string()),
+    })
+}
+
+async fn apply(vol: &Volume, ctx: &Context) -> Result<Action, Error> {
+    let ns = vol.namespace().unwrap_or_default();
+    let api: Api<Volume> = Api::namespaced(ctx.client.clone(), &ns);
+    let clusters: Api<StorageCluster> = Api::all(ctx.client.clone());
+    // Observe and validate.
+    let planned = match clusters.get_opt(&vol.spec.cluster).await? {
+        None => Err(Invalid::ClusterNotFound(vol.spec.cluster.clone())),
+        Some(cluster) => desired(vol, &cluster),
+    };
+    let d = match planned {
+        Ok(d) => d,
+        Err(inv) => {
+            let mut st = vol.status.clone().unwrap_or_default();
+            st.phase = VolumePhase::Pending;
+            let c = Condition::new(
+                condition::READY,
+                ConditionStatus::False,
+                inv.reason(),
+                inv.to_string(),
+                vol.meta().generation,
+                now(),
+            );
+            if set_condition(&mut st.conditions, c) {
+                event(ctx, vol, "Reconcile", EventType::Warning, inv.reason(), inv.to_string())
+                    .await;
+            }
+            st.observed_generation = vol.meta().generation;
+            apply_status(&api, &vol.name_any(), &st).await?;
+            // The cluster may appear or gain agents: look again later.
+            return Ok(Action::requeue(RESYNC));
+        }
+    };
+    // Apply: the head, then its role.
+    let mut head = ctx.agents.open_head(&d.endpoint, d.open.clone()).await?;
+    // The snapshots as the head's agent has them (for status, and the
+    // generation of a demotion's last snapshot); unknown if it cannot say.
+    let snaps = ctx.agents.snapshots(&d.endpoint, &d.open.volume_id).await.ok();
+    let at_head = pb::VolumeRole::try_from(head.role).unwrap_or(pb::VolumeRole::Primary);
+    let want = pb::VolumeRole::from(vol.spec.role);
+    let hold = vol.annotations().get(ROLE_HOLD).cloned();
+    if at_head != want && hold.is_none() {
+        let id = &d.open.volume_id;
+        match want {
+            pb::VolumeRole::Primary => {
+                ctx.agents.promote(&d.endpoint, id).await?;
+                event(
+                    ctx,
+                    vol,
+                    "Reconcile",
+                    EventType::Normal,
+                    "Promoted",
+                    format!("promoted at agent {}: it takes writes now", d.head.agent),
+                )
+                .await;
+            }
+            pb::VolumeRole::Remote => {
+                let listed = snaps.iter().flatten().map(|s| s.generation as i64).max();
+                let recorded = vol
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.snapshots.iter().map(|s| s.generation).max());
+                let generation = listed.max(recorded).unwrap_or(0) + 1;
+                let snap = format!("demoted-g{}", vol.meta().generation.unwrap_or(0));
+                ctx.agents.demote(&d.endpoint, id, &snap, generation as u64).await?;
+                event(
+                    ctx,
+                    vol,
+                    "Reconcile",
+                    EventType::Normal,
+                    "Demoted",
+                    format!(
+                        "demoted at agent {} after snapshot {snap}: only copies write it now",
+                        d.head.agent
+                    ),
+                )
+                .await;
+            }
+        }
+        head.role = want as i32;
+    }
+    // Status.
+    let before = vol.status.as_ref().map(|s| s.phase);
+    let mut st = status_of(vol, &d, &head, now());
+    if let Some(snaps) = &snaps {
+        st.snapshots = status_snapshots(snaps);
+    }
+    if let Some(hold) = hold.filter(|_| at_head != want) {
+        let c = Condition::new(
+            condition::READY,
+            ConditionStatus::False,
+            "RoleHeld",
+            format!(
+                "the head is {at_head:?}, the spec asks {want:?}: held by the switchover {hold} (RemoteLink/request); the roles change when it completes"
+            ),
+            vol.meta().generation,
+            now(),
+        );
+        set_condition(&mut st.conditions, c);
+    }
+    if before != Some(st.phase) && st.phase == VolumePhase::Degraded {
+        let m = st
+            .conditions
+            .iter()
+            .find(|c| c.type_ == condition::DEGRADED)
+            .map(|c| c.message.clone());
+        event(ctx, vol, "Reconcile", EventType::Warning, "Degraded", m.unwrap_or_default()).await;
+    }
+    apply_status(&api, &vol.name_any(), &st).await?;
+    Ok(Action::requeue(RESYNC))
+}
+
+async fn cleanup(vol: &Volume, ctx: &Context) -> Result<Action, Error> {
+    let ns = vol.namespace().unwrap_or_default();
+    let name = vol.name_any();
+    let links: Api<RemoteLink> = Api::namespaced(ctx.client.clone(), &ns);
+    for l in links.list(&ListParams::default()).await? {
+        let s = &l.spec;
+        let uses = s.source_volume == name
+            || (s.target_volume == name && s.target_cluster == vol.spec.cluster);
+        if uses {
+            let e = Error::InUse { volume: name.clone(), link: l.name_any() };
+            event(ctx, vol, "Reconcile", EventType::Warning, "DeletionBlocked", e.to_string())
+                .await;
+            return Err(e);
+        }
+    }
+    let Some(st) = vol.status.as_ref() else { return Ok(Action::await_change()) };
+    let id = st.volume_id.clone().unwrap_or_else(|| volume_id(&ns, &name));
+    let clusters: Api<StorageCluster> = Api::all(ctx.client.clone());
+    let cluster = clusters.get_opt(&vol.spec.cluster).await?;
+    if let Some(h) = &st.head
+        && let Some(ep) = agent_endpoint(cluster.as_ref(), &h.agent)
+    {
+        match ctx.agents.close_head(&ep, &id).await {
+            Err(e) if !e.is_not_found() => return Err(e.into()),
+            _ => {}
+        }
+    }
+    let mut gone = Vec::new();
+    for p in st.placement.iter().flat_map(|p| &p.agents) {
+        match agent_endpoint(cluster.as_ref(), &p.name) {
+            Some(ep) => ctx.agents.delete_replica(&ep, &id).await?,
+            None => gone.push(p.name.as_str()),
+        }
+    }
+    let note = if gone.is_empty() {
+        format!("replicas of {id} removed")
+    } else {
+        format!(
+            "replicas of {id} removed, except on {}: those agents are no longer in storage cluster {}; remove volumes/{id} from their data dirs by hand (or DeleteReplica) if they come back",
+            gone.join(", "),
+            vol.spec.cluster
+        )
+    };
+    event(ctx, vol, "Reconcile", EventType::Normal, "Deleted", note).await;
+    Ok(Action::await_change())
+}
+
+/// `error_policy`: an invalid object waits for a change; anything else
+/// backs off and tries again.
+pub fn error_policy(_vol: Arc<Volume>, err: &Error, _ctx: Arc<Context>) -> Action {
+    tracing::warn!(error = %err, "reconcile failed");
+    match err {
+        Error::Invalid(_) => Action::await_change(),
+        Error::InUse { .. } => Action::requeue(Duration::from_secs(60)),
+        _ => Action::requeue(Duration::from_secs(5)),
+    }
+}
