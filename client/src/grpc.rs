@@ -52,7 +52,7 @@ impl GrpcAgents {
         }
         if endpoint.starts_with("https://") {
             let tls = self.tls.clone().ok_or_else(|| {
-                bad("an https:// agent needs the operator's --agent-tls-* flags".into())
+                bad("an https:// agent needs a client certificate: start cairn-operator with --agent-tls-cert, --agent-tls-key and --agent-ca (cairn-csi controller: --agent-cert, --agent-key and --agent-ca)".into())
             })?;
             e = e.tls_config(tls).map_err(|e| bad(e.to_string()))?;
         }
