@@ -87,7 +87,7 @@ EVERYTHING: dict[str, Any] = {
     "csi": {
         "volumeNamespace": "volumes",
         "controller": {"replicas": 2},
-        "sidecars": {"resizer": {"enabled": True, "image": "registry.k8s.io/sig-storage/csi-resizer:v2.2.1"}},
+        "sidecars": {"resizer": {"enabled": True}},
     },
 }
 
