@@ -98,6 +98,24 @@ fn only_an_attachable_primary_is_attached_to_a_node() {
 }
 
 #[test]
+fn a_restored_volume_keeps_its_source_through_other_updates_and_a_clone_names_a_volume() {
+    let crds = crds();
+    let volume = &crds["Volume"];
+    let restored = example("Volume", "db-data-test");
+    let size = restored["spec"]["sizeBytes"].as_i64().unwrap();
+    let grown = with(restored.clone(), "/spec/sizeBytes", json!(size * 2));
+    assert!(volume.admit(&grown, Some(&restored)).is_ok(), "the same source may stay");
+    let demoted = with(restored.clone(), "/spec/role", json!("Remote"));
+    assert!(volume.admit(&demoted, Some(&restored)).is_ok());
+    let dropped = without(restored.clone(), "/spec/source");
+    assert!(refusal(volume, &dropped, Some(&restored)).contains("source is set only when"));
+    let clone = with(restored.clone(), "/spec/source", json!({"volume": {"name": "db-data"}}));
+    assert!(volume.admit(&clone, None).is_ok());
+    let neither = with(restored, "/spec/source", json!({}));
+    assert!(refusal(volume, &neither, None).contains("exactly one of snapshot"));
+}
+
+#[test]
 fn a_storage_cluster_needs_exactly_one_kind_of_agents() {
     let crds = crds();
     let cluster = &crds["StorageCluster"];

@@ -267,8 +267,8 @@ async fn a_volume_snapshot_is_ready_restores_and_clones_into_new_pvcs_and_goes_w
             copy_pv.spec.as_ref().and_then(|s| s.csi.as_ref()).unwrap().volume_handle.clone();
         let v = volumes.get(&copy).await.unwrap();
         assert_eq!(v.spec.role, cairn_api::crd::VolumeRole::Primary, "{claim}: promoted");
-        let noted = v.annotations().get(cairn_csi::controller::annotation::CONTENT_SOURCE).cloned();
-        assert!(noted.is_some(), "{claim}: its source recorded: {:?}", v.annotations());
+        assert!(v.spec.source.is_some(), "{claim}: its source recorded: {:?}", v.spec);
+        assert!(!v.restoring(), "{claim}: Restored=True: {:?}", v.status);
         delete_claim(&client, &ns, claim, &copy_pv).await;
     }
 

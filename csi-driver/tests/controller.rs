@@ -15,7 +15,9 @@ use cairn_api::{
     csi::v1::{self as csi, controller_server::Controller},
 };
 use cairn_client::{Call, FakeAgents};
-use cairn_csi::controller::{ControllerConfig, ControllerService, annotation};
+use cairn_csi::controller::{
+    ControllerConfig, ControllerService, annotation, content_source::Source,
+};
 use csi::volume_capability::{AccessMode, AccessType, MountVolume, access_mode::Mode};
 use http::{Method, Request, Response, StatusCode};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -150,6 +152,7 @@ fn created(name: &str) -> Volume {
             role: VolumeRole::Primary,
             attachable: None,
             attached_node: None,
+            source: None,
         },
     );
     let m = v.meta_mut();
@@ -409,7 +412,6 @@ async fn bad_names_capabilities_parameters_sizes_and_sources_are_refused_before_
 // ---- CreateVolume from a snapshot or a volume ----
 
 const VOL2: &str = "/apis/cairn.dev/v1alpha1/namespaces/cairn-system/volumes/pvc-2";
-const AGENT_VOL2: &str = "cairn-system-pvc-2";
 
 fn snapshot_source(id: &str) -> csi::VolumeContentSource {
     csi::VolumeContentSource {
@@ -427,27 +429,32 @@ fn volume_source(volume: &str) -> csi::VolumeContentSource {
     }
 }
 
-fn endpoint(agent: &str) -> String {
-    format!("http://{agent}.site-a:7070")
-}
-
-/// pvc-2 restored from `source` (the annotation's value), head on a2:
-/// Remote and Ready, or promoted (spec and status Primary, generation 2).
-fn restored(source: &str, promoted: bool) -> Volume {
+/// pvc-2 restored from `source` (by `spec.source`), head on a2: still
+/// restoring (head Remote, no `Restored`), or restored and promoted.
+fn restored(source: &Source, done: bool) -> Volume {
     let mut v = placed("pvc-2", VolumePhase::Ready, "a2", 1);
-    v.annotations_mut().insert(annotation::CONTENT_SOURCE.into(), source.into());
-    let role = if promoted { VolumeRole::Primary } else { VolumeRole::Remote };
-    v.spec.role = role;
+    v.spec.source = Some(source.spec());
     let st = v.status.as_mut().unwrap();
-    st.role = Some(role);
-    if promoted {
-        v.meta_mut().generation = Some(2);
-        v.status.as_mut().unwrap().observed_generation = Some(2);
+    st.role = Some(if done { VolumeRole::Primary } else { VolumeRole::Remote });
+    if done {
+        st.conditions.push(Condition::new(
+            "Restored",
+            ConditionStatus::True,
+            "Restored",
+            "copied",
+            Some(1),
+            Time("2026-12-07T12:00:00Z".parse().unwrap()),
+        ));
     }
     v
 }
 
-/// The agent calls of a restore into pvc-2.
+fn snap(volume: &str, id: &str) -> Source {
+    Source::Snapshot { volume: volume.into(), id: id.into() }
+}
+
+/// The agent calls that would fill a volume: the CSI controller makes
+/// none (the operator restores).
 fn copy_calls(agents: &FakeAgents) -> Vec<Call> {
     agents
         .calls()
@@ -455,32 +462,21 @@ fn copy_calls(agents: &FakeAgents) -> Vec<Call> {
         .filter(|c| {
             matches!(
                 c,
-                Call::RegisterLink { .. } | Call::CopySnapshot { .. } | Call::UnregisterLink { .. }
+                Call::RegisterLink { .. }
+                    | Call::CopySnapshot { .. }
+                    | Call::UnregisterLink { .. }
+                    | Call::Snapshot { .. }
+                    | Call::DeleteSnapshot { .. }
             )
         })
         .collect()
 }
 
-/// Serves a restore's or clone's steps after the source is resolved: the
-/// wait for the Remote volume, its head, the role patch and the wait for
-/// the promotion; returns the patch.
-async fn serve_fill_and_promote(api: &mut ApiServer, source: &str) -> Value {
-    serve(api, Method::GET, VOL2, json!(restored(source, false))).await;
-    serve(api, Method::GET, CLUSTER, json!(cluster())).await;
-    let mut patched = restored(source, false);
-    patched.spec.role = VolumeRole::Primary;
-    patched.meta_mut().generation = Some(2);
-    let patch = serve(api, Method::PATCH, VOL2, json!(patched)).await;
-    // The operator has not promoted it yet; then it has.
-    serve(api, Method::GET, VOL2, json!(patched)).await;
-    serve(api, Method::GET, VOL2, json!(restored(source, true))).await;
-    patch
-}
-
 #[tokio::test(start_paused = true)]
-async fn a_restore_creates_a_remote_volume_copies_the_snapshot_into_it_and_promotes_it() {
+async fn a_restore_creates_a_volume_with_its_source_and_answers_once_the_operator_restored_it() {
     let (svc, mut api, agents) = setup();
     agents.add_snapshot(AGENT_VOL, "snap-1", 7, 1_767_225_600);
+    let source = snap("pvc-1", "snap-1");
     let mut req = create_request("pvc-2");
     req.volume_content_source = Some(snapshot_source("pvc-1/snap-1"));
     let call = spawn_create(&svc, req);
@@ -489,49 +485,23 @@ async fn a_restore_creates_a_remote_volume_copies_the_snapshot_into_it_and_promo
     // The source and its snapshot exist; its size is the new one's.
     serve(&mut api, Method::GET, VOL, json!(ready())).await;
     serve(&mut api, Method::GET, CLUSTER, json!(cluster())).await;
-    let apply =
-        serve(&mut api, Method::PATCH, VOL2, json!(restored("snapshot:pvc-1/snap-1", false))).await;
+    let apply = serve(&mut api, Method::PATCH, VOL2, json!(restored(&source, false))).await;
     assert_eq!(apply["__type"], "application/apply-patch+yaml");
     assert!(apply["__query"].as_str().unwrap().contains("fieldManager=cairn-csi"));
     assert_eq!(
         apply["spec"],
-        json!({"cluster": "site-a", "sizeBytes": 1 << 30, "role": "Remote"}),
+        json!({"cluster": "site-a", "sizeBytes": 1 << 30, "role": "Primary",
+               "source": {"snapshot": {"volume": "pvc-1", "snapshot": "snap-1"}}}),
         "{apply}"
     );
-    assert_eq!(
-        apply["metadata"]["annotations"][annotation::CONTENT_SOURCE],
-        "snapshot:pvc-1/snap-1"
-    );
-    // The copy reads from the source's head.
-    serve(&mut api, Method::GET, VOL, json!(ready())).await;
-    serve(&mut api, Method::GET, CLUSTER, json!(cluster())).await;
-    let patch = serve_fill_and_promote(&mut api, "snapshot:pvc-1/snap-1").await;
-    assert_eq!(patch["__type"], "application/merge-patch+json");
-    assert_eq!(patch["spec"], json!({"role": "Primary"}), "{patch}");
+    assert!(apply["metadata"]["annotations"].get(annotation::CONTENT_SOURCE).is_none());
+    // Ready but still restoring (head Remote): not answered yet.
+    serve(&mut api, Method::GET, VOL2, json!(restored(&source, false))).await;
+    serve(&mut api, Method::GET, VOL2, json!(restored(&source, true))).await;
     let v = alone(&mut api, call).await.unwrap().volume.unwrap();
     assert_eq!((v.volume_id.as_str(), v.capacity_bytes), ("pvc-2", 1 << 30));
     assert_eq!(v.content_source, Some(snapshot_source("pvc-1/snap-1")));
-    let link = "csi-restore-pvc-2".to_string();
-    assert_eq!(
-        copy_calls(&agents),
-        [
-            Call::RegisterLink {
-                endpoint: endpoint("a2"),
-                link: link.clone(),
-                target_volume: AGENT_VOL2.into()
-            },
-            Call::CopySnapshot {
-                endpoint: endpoint("a1"),
-                volume: AGENT_VOL.into(),
-                snapshot: "snap-1".into(),
-                base: String::new(),
-                link: link.clone(),
-                target_endpoint: endpoint("a2"),
-            },
-            Call::UnregisterLink { endpoint: endpoint("a2"), link },
-        ]
-    );
-    assert_eq!(agents.snapshot_ids(AGENT_VOL2), ["snap-1"], "sealed at the new volume");
+    assert_eq!(copy_calls(&agents), [], "the operator copies, not the CSI controller");
 }
 
 #[tokio::test(start_paused = true)]
@@ -580,93 +550,71 @@ async fn a_restore_of_a_missing_snapshot_is_not_found_and_one_larger_than_its_so
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_clone_copies_a_snapshot_taken_for_it_then_deletes_that_snapshot_at_the_source() {
+async fn a_clone_creates_a_volume_whose_source_is_the_volume() {
     let (svc, mut api, agents) = setup();
-    agents.add_snapshot(AGENT_VOL, "daily", 100, 1_767_225_600);
+    let source = Source::Volume { volume: "pvc-1".into() };
     let mut req = create_request("pvc-2");
     req.volume_content_source = Some(volume_source("pvc-1"));
     let call = spawn_create(&svc, req);
     serve(&mut api, Method::GET, CLUSTER, json!(cluster())).await;
     not_found(&mut api, VOL2).await;
     serve(&mut api, Method::GET, VOL, json!(ready())).await;
-    let apply = serve(&mut api, Method::PATCH, VOL2, json!(restored("volume:pvc-1", false))).await;
-    assert_eq!(apply["spec"]["role"], "Remote");
-    assert_eq!(apply["metadata"]["annotations"][annotation::CONTENT_SOURCE], "volume:pvc-1");
-    serve(&mut api, Method::GET, VOL, json!(ready())).await;
-    serve(&mut api, Method::GET, CLUSTER, json!(cluster())).await;
-    serve_fill_and_promote(&mut api, "volume:pvc-1").await;
+    let apply = serve(&mut api, Method::PATCH, VOL2, json!(restored(&source, false))).await;
+    assert_eq!(apply["spec"]["role"], "Primary");
+    assert_eq!(apply["spec"]["source"], json!({"volume": {"name": "pvc-1"}}), "{apply}");
+    serve(&mut api, Method::GET, VOL2, json!(restored(&source, true))).await;
     let v = alone(&mut api, call).await.unwrap().volume.unwrap();
     assert_eq!(v.content_source, Some(volume_source("pvc-1")));
-    let id = cairn_csi::controller::content_source::clone_snapshot_id("pvc-2");
-    let at_source: Vec<Call> = agents
-        .calls()
-        .into_iter()
-        .filter(|c| {
-            matches!(
-                c,
-                Call::Snapshot { .. } | Call::CopySnapshot { .. } | Call::DeleteSnapshot { .. }
-            )
-        })
-        .collect();
-    assert_eq!(
-        at_source,
-        [
-            Call::Snapshot { volume: AGENT_VOL.into(), id: id.clone(), generation: 101 },
-            Call::CopySnapshot {
-                endpoint: endpoint("a1"),
-                volume: AGENT_VOL.into(),
-                snapshot: id.clone(),
-                base: String::new(),
-                link: "csi-restore-pvc-2".into(),
-                target_endpoint: endpoint("a2"),
-            },
-            Call::DeleteSnapshot { volume: AGENT_VOL.into(), id: id.clone() },
-        ]
-    );
-    assert_eq!(agents.snapshot_ids(AGENT_VOL), ["daily"], "the clone's snapshot is gone");
-    assert_eq!(agents.snapshot_ids(AGENT_VOL2), [id]);
+    assert_eq!(copy_calls(&agents), []);
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_repeated_restore_resumes_the_copy_answers_once_promoted_and_refuses_another_source() {
+async fn a_repeated_restore_waits_for_the_same_volume_and_refuses_another_source() {
     let (svc, mut api, agents) = setup();
     agents.add_snapshot(AGENT_VOL, "snap-1", 7, 1_767_225_600);
+    let source = snap("pvc-1", "snap-1");
     let restore = |id: &str| {
         let mut req = create_request("pvc-2");
         req.volume_content_source = Some(snapshot_source(id));
         spawn_create(&svc, req)
     };
-    // The last attempt created the volume and timed out in the copy.
+    // The last attempt created the volume and timed out waiting.
     let call = restore("pvc-1/snap-1");
     serve(&mut api, Method::GET, CLUSTER, json!(cluster())).await;
-    serve(&mut api, Method::GET, VOL2, json!(restored("snapshot:pvc-1/snap-1", false))).await;
-    serve(&mut api, Method::GET, VOL, json!(ready())).await;
-    serve(&mut api, Method::GET, CLUSTER, json!(cluster())).await;
-    serve_fill_and_promote(&mut api, "snapshot:pvc-1/snap-1").await;
+    serve(&mut api, Method::GET, VOL2, json!(restored(&source, false))).await;
+    serve(&mut api, Method::GET, VOL2, json!(restored(&source, false))).await;
+    serve(&mut api, Method::GET, VOL2, json!(restored(&source, true))).await;
     let v = alone(&mut api, call).await.unwrap().volume.unwrap();
     assert_eq!(v.content_source, Some(snapshot_source("pvc-1/snap-1")));
-    assert_eq!(copy_calls(&agents).len(), 3, "registered again, copied, dropped");
-
-    // Promoted: answered as it is, nothing copied again.
-    let call = restore("pvc-1/snap-1");
-    serve(&mut api, Method::GET, CLUSTER, json!(cluster())).await;
-    serve(&mut api, Method::GET, VOL2, json!(restored("snapshot:pvc-1/snap-1", true))).await;
-    serve(&mut api, Method::GET, VOL2, json!(restored("snapshot:pvc-1/snap-1", true))).await;
-    let again = alone(&mut api, call).await.unwrap().volume.unwrap();
-    assert_eq!(again, v);
-    assert_eq!(copy_calls(&agents).len(), 3);
 
     // Another source, or none, under the same name.
     let call = restore("pvc-1/snap-2");
     serve(&mut api, Method::GET, CLUSTER, json!(cluster())).await;
-    serve(&mut api, Method::GET, VOL2, json!(restored("snapshot:pvc-1/snap-1", true))).await;
+    serve(&mut api, Method::GET, VOL2, json!(restored(&source, true))).await;
     let e = alone(&mut api, call).await.unwrap_err();
     assert_eq!(e.code(), Code::AlreadyExists, "{e:?}");
     assert!(e.message().contains("snapshot:pvc-1/snap-1"), "{}", e.message());
     let call = spawn_create(&svc, create_request("pvc-2"));
     serve(&mut api, Method::GET, CLUSTER, json!(cluster())).await;
-    serve(&mut api, Method::GET, VOL2, json!(restored("snapshot:pvc-1/snap-1", true))).await;
+    serve(&mut api, Method::GET, VOL2, json!(restored(&source, true))).await;
     assert_eq!(alone(&mut api, call).await.unwrap_err().code(), Code::AlreadyExists);
+    assert_eq!(copy_calls(&agents), []);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_volume_restored_by_an_older_controller_is_still_known_by_its_annotation() {
+    let (svc, mut api, _agents) = setup();
+    let mut v = placed("pvc-2", VolumePhase::Ready, "a2", 1);
+    v.annotations_mut().insert(annotation::CONTENT_SOURCE.into(), "snapshot:pvc-1/snap-1".into());
+    v.status.as_mut().unwrap().role = Some(VolumeRole::Primary);
+    let mut req = create_request("pvc-2");
+    req.volume_content_source = Some(snapshot_source("pvc-1/snap-1"));
+    let call = spawn_create(&svc, req);
+    serve(&mut api, Method::GET, CLUSTER, json!(cluster())).await;
+    serve(&mut api, Method::GET, VOL2, json!(v)).await;
+    serve(&mut api, Method::GET, VOL2, json!(v)).await;
+    let got = alone(&mut api, call).await.unwrap().volume.unwrap();
+    assert_eq!(got.content_source, Some(snapshot_source("pvc-1/snap-1")));
 }
 
 #[tokio::test(start_paused = true)]

@@ -40,6 +40,7 @@ fn volume(role: VolumeRole, finalizer: bool, deleting: bool) -> Volume {
 
 const VOLUME: &str = "/apis/cairn.dev/v1alpha1/namespaces/shop/volumes/db";
 const CLUSTER: &str = "/apis/cairn.dev/v1alpha1/storageclusters/site-a";
+const VOLUMES: &str = "/apis/cairn.dev/v1alpha1/namespaces/shop/volumes";
 const LINKS: &str = "/apis/cairn.dev/v1alpha1/namespaces/shop/remotelinks";
 const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/shop/events";
 
@@ -182,6 +183,8 @@ async fn deleting_an_unused_volume_removes_its_replicas_then_the_finalizer() {
     let run = tokio::spawn(reconcile(Arc::new(vol.clone()), ctx));
     let empty = json!({"apiVersion": "cairn.dev/v1alpha1", "kind": "RemoteLinkList", "metadata": {}, "items": []});
     serve(&mut api, Method::GET, LINKS, empty).await;
+    let none = json!({"apiVersion": "cairn.dev/v1alpha1", "kind": "VolumeList", "metadata": {}, "items": [vol]});
+    serve(&mut api, Method::GET, VOLUMES, none).await;
     serve(&mut api, Method::GET, CLUSTER, json!(cluster())).await;
     let ev = serve(&mut api, Method::POST, EVENTS, json!({})).await;
     assert_eq!(ev["reason"], "Deleted");

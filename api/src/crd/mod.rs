@@ -31,8 +31,9 @@ pub use storage_cluster::{
     StorageClusterSpec, StorageClusterStatus,
 };
 pub use volume::{
-    HeadLocation, PlacedAgent, Placement, RebuildPhase, RebuildProgress, ReplicaHealth,
-    ReplicaStatus, Volume, VolumePhase, VolumeRole, VolumeSnapshot, VolumeSpec, VolumeStatus,
+    ContentSource, HeadLocation, PlacedAgent, Placement, RebuildPhase, RebuildProgress,
+    ReplicaHealth, ReplicaStatus, SnapshotRef, Volume, VolumePhase, VolumeRef, VolumeRole,
+    VolumeSnapshot, VolumeSpec, VolumeStatus,
 };
 
 /// The API group of every Cairn resource.

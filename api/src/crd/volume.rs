@@ -43,6 +43,9 @@ pub mod condition {
     pub const DEGRADED: &str = "Degraded";
     /// A replica is being rebuilt (see `status.replicas[].rebuild`).
     pub const REBUILDING: &str = "Rebuilding";
+    /// A volume with `spec.source` holds its source's content (False while
+    /// the copy has not sealed: the head stays Remote, nothing attaches).
+    pub const RESTORED: &str = "Restored";
 }
 
 /// A Cairn volume: a block device of `sizeBytes` on a storage cluster,
@@ -86,6 +89,10 @@ pub mod condition {
     {
         "rule": "!has(self.attachedNode) || (self.role == 'Primary' && (!has(self.attachable) || self.attachable))",
         "message": "attachedNode is set only on an attachable Primary volume: unpublish it (remove attachedNode) before demoting it or setting attachable: false"
+    },
+    {
+        "rule": "has(self.source) == has(oldSelf.source)",
+        "message": "source is set only when a volume is created: to restore or clone into an existing volume, create a new Volume with the source and delete this one"
     }
 ]))]
 pub struct VolumeSpec {
@@ -139,12 +146,95 @@ pub struct VolumeSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 253))]
     pub attached_node: Option<String>,
+    /// What the volume starts with: a snapshot of another volume (a
+    /// restore) or another volume as it is now (a clone). The operator
+    /// copies it in full before the volume takes any write (condition
+    /// `Restored`); unset: the volume starts empty. Fixed at creation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    // The field's rules replace the type's, so both are here.
+    #[schemars(extend("x-kubernetes-validations" = [
+        {
+            "rule": "has(self.snapshot) != has(self.volume)",
+            "message": "source names exactly one of snapshot (a restore) or volume (a clone)"
+        },
+        {
+            "rule": "self == oldSelf",
+            "message": "source cannot change: a volume is restored once, when it is created; create another Volume for another source"
+        }
+    ]))]
+    pub source: Option<ContentSource>,
+}
+
+/// Where a new volume's content comes from: exactly one of `snapshot` and
+/// `volume` (the rule is on `VolumeSpec::source`), in the volume's
+/// namespace.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ContentSource {
+    /// Restore: the snapshot `snapshot` of Volume `volume`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<SnapshotRef>,
+    /// Clone: Volume `name` as it is when the copy starts (the operator
+    /// takes a snapshot of it for the copy and deletes it afterwards).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume: Option<VolumeRef>,
+}
+
+/// A snapshot of a Volume in the same namespace.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SnapshotRef {
+    /// The Volume the snapshot is of.
+    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"))]
+    pub volume: String,
+    /// The snapshot's id (as `status.snapshots[].id` lists it).
+    #[schemars(length(min = 1, max = 63), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
+    pub snapshot: String,
+}
+
+/// A Volume in the same namespace.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct VolumeRef {
+    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"))]
+    pub name: String,
+}
+
+impl ContentSource {
+    /// The source Volume's name.
+    pub fn volume_name(&self) -> &str {
+        match (&self.snapshot, &self.volume) {
+            (Some(s), _) => &s.volume,
+            (None, Some(v)) => &v.name,
+            (None, None) => "",
+        }
+    }
 }
 
 impl VolumeSpec {
     /// Whether the volume may be attached now, by its spec.
     pub fn is_attachable(&self) -> bool {
         self.role == VolumeRole::Primary && self.attachable.unwrap_or(true)
+    }
+}
+
+impl Volume {
+    /// Whether the volume still waits for its `spec.source` to be copied
+    /// in: it has a source and no `Restored=True` condition. Until then
+    /// its head is opened Remote (only the restore's copy writes it).
+    pub fn restoring(&self) -> bool {
+        self.spec.source.is_some()
+            && !self.status.as_ref().is_some_and(|st| {
+                st.conditions.iter().any(|c| {
+                    c.type_ == condition::RESTORED && c.status == super::ConditionStatus::True
+                })
+            })
+    }
+
+    /// The role the head is opened with and kept at: `Remote` while
+    /// restoring, else `spec.role`.
+    pub fn head_role(&self) -> VolumeRole {
+        if self.restoring() { VolumeRole::Remote } else { self.spec.role }
     }
 }
 

@@ -1,26 +1,20 @@
 //! CreateVolume from a content source: a snapshot restored into a new
-//! volume, or a volume cloned. Both are the agents' snapshot copy: the new
-//! Volume is created `Remote` (only copies write it), a receiving link is
-//! registered at its head agent, the source's head agent copies the
-//! snapshot in full (`CopySnapshot`, sealed at the receiver with the same
-//! digest), and `spec.role: Primary` makes the operator promote it (the
-//! head reverted to the copied snapshot). A clone copies a snapshot taken
-//! for it (`clone-<hash>`), deleted at the source afterwards.
+//! volume, or a volume cloned. The controller checks the source exists
+//! (`NOT_FOUND` otherwise, as the spec asks) and sizes the new volume as
+//! its source, then creates the Volume with `spec.source`: the operator
+//! fills it by the agents' snapshot copy and only then gives its head the
+//! Primary role (condition `Restored`); the controller waits for that.
 //!
-//! Invariants: the new Volume records its source in
-//! `csi.cairn.dev/content-source` from its first write, so a repeat
-//! CreateVolume resumes (still Remote: the copy goes on from the
-//! receiver's checkpoint) or answers (Primary) that volume, and a repeat
-//! with another source is `ALREADY_EXISTS`; a volume is never promoted
-//! before its copy returned (sealed with the source's digest).
+//! Invariants: a Volume's source is fixed at creation (the schema refuses
+//! a change), so a repeat CreateVolume with another source is
+//! `ALREADY_EXISTS`; CreateVolume answers a restored volume only once it
+//! serves as a Primary with `Restored=True`.
 
 use cairn_api::{
-    agent::v1 as pb,
-    crd::{Volume, VolumeRole},
+    crd::{ContentSource, SnapshotRef, Volume, VolumeRef},
     csi::v1 as csi,
 };
-use kube::{Resource, ResourceExt};
-use serde_json::json;
+use kube::Resource;
 
 use super::{ControllerService, Error, Result, annotation, snapshot};
 use csi::volume_content_source::{SnapshotSource, Type, VolumeSource};
@@ -86,10 +80,39 @@ impl Source {
         }
     }
 
-    /// The source recorded on a Volume (None: created empty).
+    /// The source of a Volume (None: created empty): its `spec.source`;
+    /// for a Volume restored by a cairn-csi before `spec.source` existed,
+    /// the annotation it recorded the source in.
     pub fn of(vol: &Volume) -> Option<Source> {
+        if let Some(s) = &vol.spec.source {
+            return Source::from_spec(s);
+        }
         let notes = vol.meta().annotations.as_ref()?;
         Source::from_annotation(notes.get(annotation::CONTENT_SOURCE)?)
+    }
+
+    /// `spec.source` of a Volume restored or cloned from this source.
+    pub fn spec(&self) -> ContentSource {
+        match self {
+            Source::Snapshot { volume, id } => ContentSource {
+                snapshot: Some(SnapshotRef { volume: volume.clone(), snapshot: id.clone() }),
+                volume: None,
+            },
+            Source::Volume { volume } => {
+                ContentSource { snapshot: None, volume: Some(VolumeRef { name: volume.clone() }) }
+            }
+        }
+    }
+
+    /// The source a `spec.source` names (None: it names neither).
+    pub fn from_spec(s: &ContentSource) -> Option<Source> {
+        match (&s.snapshot, &s.volume) {
+            (Some(r), None) => {
+                Some(Source::Snapshot { volume: r.volume.clone(), id: r.snapshot.clone() })
+            }
+            (None, Some(v)) => Some(Source::Volume { volume: v.name.clone() }),
+            _ => None,
+        }
     }
 
     /// The CSI view (what CreateVolume answers as content_source).
@@ -102,20 +125,6 @@ impl Source {
         };
         csi::VolumeContentSource { r#type: Some(r#type) }
     }
-}
-
-/// The snapshot a clone into Volume `name` copies, taken at the source:
-/// `clone-` and 24 hex digits of the name's BLAKE3 (the same at every
-/// attempt, so a repeat finds it).
-pub fn clone_snapshot_id(name: &str) -> String {
-    let h = blake3::hash(name.as_bytes()).to_hex();
-    format!("clone-{}", &h[..24])
-}
-
-/// The id of the link a restore into Volume `name` registers at the new
-/// volume's head agent.
-pub fn link_id(name: &str) -> String {
-    format!("csi-restore-{name}")
 }
 
 /// Pure: the size of a volume restored from a source of `source` bytes:
@@ -147,13 +156,6 @@ pub fn size_of(vol: &Volume) -> i64 {
     vol.status.as_ref().and_then(|s| s.size_bytes).unwrap_or(vol.spec.size_bytes)
 }
 
-/// The source volume's head, its id there, and the snapshot to copy.
-struct Origin {
-    endpoint: String,
-    volume_id: String,
-    snapshot: String,
-}
-
 impl ControllerService {
     /// The source Volume of `source` (`NOT_FOUND` when missing; a
     /// snapshot source's snapshot must exist at its head too).
@@ -167,116 +169,6 @@ impl ControllerService {
             });
         }
         Ok(vol)
-    }
-
-    /// Where the copy of `source` into Volume `name` reads from; for a
-    /// clone, the snapshot taken for it (taken now unless an earlier
-    /// attempt did, under the source volume's slot).
-    async fn origin(&self, name: &str, source: &Source) -> Result<Origin> {
-        let vol = self.volume(source.volume()).await?;
-        let src = vol.name_any();
-        let (endpoint, volume_id) =
-            self.head(&vol, None).await?.ok_or_else(|| Error::NotPlaced { volume: src.clone() })?;
-        let snapshot = match source {
-            Source::Snapshot { id, .. } => {
-                if !self
-                    .agent_snapshots(&endpoint, &volume_id)
-                    .await?
-                    .iter()
-                    .any(|s| s.snapshot_id == *id)
-                {
-                    return Err(Error::SnapshotNotFound { snapshot: snapshot::encode(&src, id) });
-                }
-                id.clone()
-            }
-            Source::Volume { .. } => {
-                let id = clone_snapshot_id(name);
-                let _op = self
-                    .ops
-                    .begin(&src, "CreateVolume (clone)")
-                    .map_err(|s| Error::Busy(s.message().to_string()))?;
-                let there = self.agent_snapshots(&endpoint, &volume_id).await?;
-                if !there.iter().any(|s| s.snapshot_id == id) {
-                    if vol.spec.role != VolumeRole::Primary {
-                        return Err(Error::RemoteSnapshot { volume: src });
-                    }
-                    let generation = there.iter().map(|s| s.generation).max().unwrap_or(0) + 1;
-                    match self.agents.snapshot(&endpoint, &volume_id, &id, generation).await {
-                        Ok(()) => {}
-                        Err(e) if e.code == tonic::Code::AlreadyExists => {}
-                        Err(e) => return Err(e.into()),
-                    }
-                    tracing::info!(volume = %src, snapshot = %id, generation, "snapshot taken for a clone");
-                }
-                id
-            }
-        };
-        Ok(Origin { endpoint, volume_id, snapshot })
-    }
-
-    /// Fills Remote Volume `name` from `source` and promotes it: waits
-    /// until it is placed, registers the receiving link at its head agent
-    /// (a fresh pairing secret each attempt: re-registering replaces the
-    /// secret and keeps what the link sealed), copies the snapshot in full
-    /// from the source's head agent (returns once sealed there; resumes
-    /// from the receiver's checkpoint), drops the link there (so the
-    /// copied snapshot can be deleted like any other), then sets
-    /// `spec.role: Primary`.
-    pub(super) async fn fill(&self, name: &str, source: &Source) -> Result<()> {
-        let origin = self.origin(name, source).await?;
-        let vol =
-            self.wait(name, "becoming Ready (as a copy target)", super::volume::serving).await?;
-        let (target_ep, target_id) =
-            self.head(&vol, None).await?.ok_or_else(|| Error::NotPlaced { volume: name.into() })?;
-        let link = link_id(name);
-        let secret: [u8; 32] = rand::random();
-        let register = pb::RegisterLinkRequest {
-            link_id: link.clone(),
-            pairing_secret: secret.to_vec().into(),
-            target_volume_id: target_id,
-        };
-        self.agents.register_link(&target_ep, register).await?;
-        let copy = pb::CopySnapshotRequest {
-            volume_id: origin.volume_id.clone(),
-            snapshot_id: origin.snapshot.clone(),
-            base_snapshot_id: String::new(),
-            link_id: link.clone(),
-            pairing_secret: secret.to_vec().into(),
-            target_endpoint: target_ep.clone(),
-            ..Default::default()
-        };
-        self.agents.copy_snapshot(&origin.endpoint, copy).await?;
-        tracing::info!(volume = %name, source = %source.annotation(), snapshot = %origin.snapshot, "snapshot copied");
-        // The receiver keeps the newest snapshot a registered link sealed
-        // (the base of its next copy); this link has no next copy.
-        self.agents.unregister_link(&target_ep, &link, &secret).await?;
-        self.merge(name, json!({"spec": {"role": "Primary"}})).await?;
-        if let Source::Volume { volume } = source {
-            self.drop_clone_snapshot(volume, &origin).await;
-        }
-        Ok(())
-    }
-
-    /// Deletes the snapshot taken for a clone at the source (one already
-    /// gone is fine; a refusal is logged, the clone is done anyway).
-    async fn drop_clone_snapshot(&self, volume: &str, origin: &Origin) {
-        let Ok(_op) = self.ops.begin(volume, "CreateVolume (clone)") else {
-            tracing::warn!(%volume, snapshot = %origin.snapshot, "snapshot taken for a clone left at the source: the volume is busy");
-            return;
-        };
-        match self
-            .agents
-            .delete_snapshot(&origin.endpoint, &origin.volume_id, &origin.snapshot)
-            .await
-        {
-            Ok(()) => {
-                tracing::info!(%volume, snapshot = %origin.snapshot, "snapshot taken for a clone deleted")
-            }
-            Err(e) if e.is_not_found() => {}
-            Err(e) => {
-                tracing::warn!(%volume, snapshot = %origin.snapshot, error = %e, "snapshot taken for a clone could not be deleted at the source")
-            }
-        }
     }
 }
 
@@ -308,6 +200,7 @@ mod tests {
         for s in [&snap, &vol] {
             assert_eq!(Source::from_annotation(&s.annotation()).as_ref(), Some(s));
             assert_eq!(Source::parse(&s.csi()).unwrap(), *s);
+            assert_eq!(Source::from_spec(&s.spec()).as_ref(), Some(s));
             assert_eq!(s.volume(), "pvc-0");
         }
         assert_eq!(snap.annotation(), "snapshot:pvc-0/snapshot-1");
@@ -325,14 +218,5 @@ mod tests {
         assert!(matches!(Source::parse(&s("nonsense")), Err(Error::SnapshotNotFound { .. })));
         let none = csi::VolumeContentSource { r#type: None };
         assert!(matches!(Source::parse(&none), Err(Error::Missing(_))));
-    }
-
-    #[test]
-    fn a_clones_snapshot_and_link_are_named_after_the_new_volume() {
-        let id = clone_snapshot_id("pvc-2");
-        assert_eq!(id, clone_snapshot_id("pvc-2"));
-        assert_ne!(id, clone_snapshot_id("pvc-3"));
-        assert!(cairn_api::SnapshotId::new(&id).is_ok(), "{id}");
-        assert_eq!(link_id("pvc-2"), "csi-restore-pvc-2");
     }
 }

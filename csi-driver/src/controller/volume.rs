@@ -170,8 +170,8 @@ pub fn condition_of(vol: &Volume) -> csi::VolumeCondition {
 impl ControllerService {
     /// CreateVolume (the caller holds the volume's slot): the Volume by
     /// server-side apply, or the matching one already there, once it
-    /// serves. With a content source, the Volume is created Remote, filled
-    /// by a copy and promoted (`content_source`); a repeat resumes that.
+    /// serves. With a content source, the Volume has `spec.source` and
+    /// serves once the operator restored it (`content_source`).
     pub(super) async fn create(&self, req: csi::CreateVolumeRequest) -> Result<csi::Volume> {
         let params = parameters::parse(&req.parameters)?;
         let wanted = parameters::requested(&req.volume_capabilities, params.fs_type)?;
@@ -189,7 +189,7 @@ impl ControllerService {
             return Err(Error::NotInTopology { cluster });
         }
         let name = parameters::object_name(&req.name);
-        let filled = match self.volumes().get_opt(&name).await? {
+        match self.volumes().get_opt(&name).await? {
             Some(v) if v.meta().deletion_timestamp.is_some() => {
                 return Err(Error::Deleting { volume: name });
             }
@@ -199,7 +199,6 @@ impl ControllerService {
                 if let Some(why) = why {
                     return Err(Error::Incompatible { volume: name, why });
                 }
-                v.spec.role == VolumeRole::Primary
             }
             None => {
                 let size = match &source {
@@ -214,17 +213,16 @@ impl ControllerService {
                 let pp = PatchParams::apply(MANAGER);
                 self.volumes().patch(&name, &pp, &Patch::Apply(&body)).await?;
                 tracing::info!(volume = %name, %cluster, size, source = ?source, "volume created");
-                false
             }
-        };
-        if let (Some(s), false) = (&source, filled) {
-            self.fill(&name, s).await?;
         }
+        // A restore or clone serves once the operator copied its source in
+        // and promoted its head.
         let vol = self
             .wait(&name, "becoming Ready", |v| {
                 serving(v)
                     && (source.is_none()
-                        || v.status.as_ref().and_then(|s| s.role) == Some(VolumeRole::Primary))
+                        || (!v.restoring()
+                            && v.status.as_ref().and_then(|s| s.role) == Some(VolumeRole::Primary)))
             })
             .await?;
         Ok(csi_volume(&vol))
@@ -260,14 +258,13 @@ impl ControllerService {
         if let Some(fs) = wanted.fs_type {
             notes.insert(annotation::FS_TYPE, fs.as_str().to_string());
         }
-        if let Some(s) = source {
-            notes.insert(annotation::CONTENT_SOURCE, s.annotation());
-        }
-        // A restore or clone is a copy target until its copy is sealed.
-        let role = if source.is_some() { "Remote" } else { "Primary" };
-        let mut spec = json!({ "cluster": cluster, "sizeBytes": size, "role": role });
+        let mut spec = json!({ "cluster": cluster, "sizeBytes": size, "role": "Primary" });
         if let Some(n) = params.replicas {
             spec["replicas"] = json!(n);
+        }
+        // The operator fills it before its head takes writes.
+        if let Some(s) = source {
+            spec["source"] = json!(s.spec());
         }
         json!({
             "apiVersion": Volume::api_version(&()),
@@ -390,6 +387,7 @@ mod tests {
                 role: VolumeRole::Primary,
                 attachable: None,
                 attached_node: None,
+                source: None,
             },
         );
         let notes = v.annotations_mut();

@@ -15,6 +15,7 @@ use crate::agent::AgentError;
 #[cfg(test)]
 mod desired;
 mod reconcile;
+pub mod restore;
 mod status;
 
 // The pure plan of a volume's head is in cairn-client (the CSI controller
@@ -42,6 +43,10 @@ pub enum Error {
     Kube(#[from] kube::Error),
     #[error("volume {volume} is used by RemoteLink {link}: delete the link first, then the volume")]
     InUse { volume: String, link: String },
+    #[error(
+        "volume {volume} is the source of Volume {restoring}, whose restore has not finished: wait for its Restored condition, or delete {restoring} first"
+    )]
+    RestoreSource { volume: String, restoring: String },
     #[error("finalizer: {0}")]
     Finalizer(String),
 }

@@ -26,7 +26,9 @@ use kube::{
     },
 };
 
-use super::{Error, FINALIZER, Invalid, RESYNC, ROLE_HOLD, desired, status_of, status_snapshots};
+use super::{
+    Error, FINALIZER, Invalid, RESYNC, ROLE_HOLD, desired, restore, status_of, status_snapshots,
+};
 use crate::{
     context::{Context, agent_endpoint, volume_id},
     report::{apply_status, event, now},
@@ -88,6 +90,10 @@ async fn apply(vol: &Volume, ctx: &Context) -> Result<Action, Error> {
     // The snapshots as the head's agent has them (for status, and the
     // generation of a demotion's last snapshot); unknown if it cannot say.
     let snaps = ctx.agents.snapshots(&d.endpoint, &d.open.volume_id).await.ok();
+    // A Volume with a source is filled before its head takes its role.
+    if vol.restoring() {
+        return restore_step(vol, &d, &head, snaps.as_deref(), ctx).await;
+    }
     let at_head = pb::VolumeRole::try_from(head.role).unwrap_or(pb::VolumeRole::Primary);
     let want = pb::VolumeRole::from(vol.spec.role);
     let hold = vol.annotations().get(ROLE_HOLD).cloned();
@@ -162,6 +168,57 @@ async fn apply(vol: &Volume, ctx: &Context) -> Result<Action, Error> {
     Ok(Action::requeue(RESYNC))
 }
 
+/// The restore of a Volume with `spec.source` (`restore.rs`): the status
+/// says Restoring before the copy starts; `Restored=True` is written once
+/// it returned, and only then is a clone's snapshot deleted at its source;
+/// the next reconcile (in a second) gives the head its spec role.
+async fn restore_step(
+    vol: &Volume,
+    d: &super::Desired,
+    head: &pb::HeadStatus,
+    snaps: Option<&[pb::SnapshotInfo]>,
+    ctx: &Context,
+) -> Result<Action, Error> {
+    let ns = vol.namespace().unwrap_or_default();
+    let api: Api<Volume> = Api::namespaced(ctx.client.clone(), &ns);
+    let from = vol.spec.source.as_ref().map_or("", |s| s.volume_name()).to_string();
+    let mut st = status_of(vol, d, head, now());
+    if let Some(snaps) = snaps {
+        st.snapshots = status_snapshots(snaps);
+    }
+    let restored = |st: &mut cairn_api::crd::VolumeStatus, ok: bool, reason: &str, m: String| {
+        let c = Condition::new(condition::RESTORED, ok, reason, m, vol.meta().generation, now());
+        set_condition(&mut st.conditions, c)
+    };
+    let copying = format!("copying the content of Volume {from} into this volume");
+    if restored(&mut st, false, "Restoring", copying) {
+        apply_status(&api, &vol.name_any(), &st).await?;
+    }
+    match restore::restore(vol, d, ctx).await? {
+        Ok(origin) => {
+            let m = format!(
+                "snapshot {} of Volume {from} copied and sealed here with its digest",
+                origin.snapshot
+            );
+            restored(&mut st, true, "Restored", m.clone());
+            apply_status(&api, &vol.name_any(), &st).await?;
+            event(ctx, vol, "Reconcile", EventType::Normal, "Restored", m).await;
+            if origin.taken_for_clone {
+                restore::drop_clone_snapshot(ctx, &origin).await;
+            }
+            Ok(Action::requeue(Duration::from_secs(1)))
+        }
+        Err(wait) => {
+            let (reason, m) = (wait.reason(), wait.to_string());
+            if restored(&mut st, false, reason, m.clone()) {
+                event(ctx, vol, "Reconcile", EventType::Warning, reason, m).await;
+                apply_status(&api, &vol.name_any(), &st).await?;
+            }
+            Ok(Action::requeue(RESYNC))
+        }
+    }
+}
+
 async fn cleanup(vol: &Volume, ctx: &Context) -> Result<Action, Error> {
     let ns = vol.namespace().unwrap_or_default();
     let name = vol.name_any();
@@ -172,6 +229,17 @@ async fn cleanup(vol: &Volume, ctx: &Context) -> Result<Action, Error> {
             || (s.target_volume == name && s.target_cluster == vol.spec.cluster);
         if uses {
             let e = Error::InUse { volume: name.clone(), link: l.name_any() };
+            event(ctx, vol, "Reconcile", EventType::Warning, "DeletionBlocked", e.to_string())
+                .await;
+            return Err(e);
+        }
+    }
+    // A restore or clone still copying from this volume needs it.
+    let volumes: Api<Volume> = Api::namespaced(ctx.client.clone(), &ns);
+    for v in volumes.list(&ListParams::default()).await? {
+        let reads = v.spec.source.as_ref().is_some_and(|s| s.volume_name() == name);
+        if reads && v.restoring() && v.meta().deletion_timestamp.is_none() {
+            let e = Error::RestoreSource { volume: name.clone(), restoring: v.name_any() };
             event(ctx, vol, "Reconcile", EventType::Warning, "DeletionBlocked", e.to_string())
                 .await;
             return Err(e);
@@ -215,7 +283,9 @@ pub fn error_policy(_vol: Arc<Volume>, err: &Error, _ctx: Arc<Context>) -> Actio
     tracing::warn!(error = %err, "reconcile failed");
     match err {
         Error::Invalid(_) => Action::await_change(),
-        Error::InUse { .. } => Action::requeue(Duration::from_secs(60)),
+        Error::InUse { .. } | Error::RestoreSource { .. } => {
+            Action::requeue(Duration::from_secs(60))
+        }
         _ => Action::requeue(Duration::from_secs(5)),
     }
 }

@@ -91,8 +91,17 @@ pub fn status_of(vol: &Volume, d: &Desired, head: &pb::HeadStatus, now: Time) ->
             last_rebuild: (!r.last_rebuild.is_empty()).then(|| r.last_rebuild.clone()),
         })
         .collect();
-    let ready = out.is_empty() && st.role == Some(vol.spec.role);
-    let (reason, message) = if ready && (d.open.size_bytes as i64) < vol.spec.size_bytes {
+    let restoring = vol.restoring();
+    let ready = out.is_empty() && st.role == Some(vol.spec.role) && !restoring;
+    let (reason, message) = if restoring {
+        let from = vol.spec.source.as_ref().map_or("", |s| s.volume_name());
+        (
+            "Restoring",
+            format!(
+                "the content of Volume {from} is copied in first (condition Restored); until then the head stays Remote and nothing attaches"
+            ),
+        )
+    } else if ready && (d.open.size_bytes as i64) < vol.spec.size_bytes {
         (
             "GrowthNotSupported",
             format!(
@@ -124,6 +133,13 @@ pub fn status_of(vol: &Volume, d: &Desired, head: &pb::HeadStatus, now: Time) ->
         )
     };
     set_condition(&mut st.conditions, c(condition::READY, ready, reason, message.clone()));
+    let (reason, message) = if restoring && !out.is_empty() {
+        let names: Vec<&str> = out.iter().map(|r| r.agent.as_str()).collect();
+        let m = format!("out of sync: {}; they are rebuilt when back", names.join(", "));
+        ("ReplicasOutOfSync", m)
+    } else {
+        (reason, message)
+    };
     set_condition(&mut st.conditions, c(condition::DEGRADED, !out.is_empty(), reason, message));
     set_condition(
         &mut st.conditions,
@@ -153,6 +169,60 @@ mod tests {
     }
 
     use AgentHealth::*;
+
+    #[test]
+    fn a_volume_waiting_for_its_source_is_not_ready_whatever_its_role() {
+        let c = cluster(&[("a", Healthy, 0), ("b", Healthy, 0)]);
+        let replica = |agent: &str| pb::ReplicaHealth {
+            agent: agent.into(),
+            chunks: 16,
+            in_sync: true,
+            ..Default::default()
+        };
+        let head = pb::HeadStatus {
+            volume_id: "shop-db-copy".into(),
+            epoch: 1,
+            replicas: vec![replica("a"), replica("b")],
+            role: pb::VolumeRole::Remote as i32,
+            ..Default::default()
+        };
+        for role in [VolumeRole::Primary, VolumeRole::Remote] {
+            let mut v = fixtures::restored("db-copy", "db", Some("nightly"));
+            v.spec.role = role;
+            let d = desired(&v, &c).unwrap();
+            assert_eq!(d.open.role, pb::VolumeRole::Remote as i32, "opened Remote until restored");
+            let st = status_of(&v, &d, &head, now());
+            let ready = st.conditions.iter().find(|c| c.type_ == condition::READY).unwrap();
+            assert_eq!(
+                (ready.status, ready.reason.as_str()),
+                (ConditionStatus::False, "Restoring")
+            );
+            assert!(ready.message.contains("Volume db"), "{}", ready.message);
+            // Once Restored=True is recorded, the spec's role and Ready rule.
+            v.status = Some(st);
+            set_condition(
+                &mut v.status.as_mut().unwrap().conditions,
+                Condition::new(
+                    condition::RESTORED,
+                    ConditionStatus::True,
+                    "Restored",
+                    "",
+                    None,
+                    now(),
+                ),
+            );
+            assert!(!v.restoring());
+            let d = desired(&v, &c).unwrap();
+            assert_eq!(d.open.role, pb::VolumeRole::from(role) as i32);
+            let st = status_of(&v, &d, &head, now());
+            let ready = st.conditions.iter().find(|c| c.type_ == condition::READY).unwrap();
+            assert_eq!(
+                ready.status == ConditionStatus::True,
+                role == VolumeRole::Remote,
+                "{ready:?}"
+            );
+        }
+    }
 
     #[test]
     fn status_reports_out_of_sync_replicas_and_rebuild_progress() {

@@ -46,3 +46,16 @@ pub async fn serve(api: &mut ApiServer, method: Method, path: &str, reply: Value
     );
     body
 }
+
+/// Answers the next request, a GET of `path`, with 404 Not Found.
+pub async fn not_found(api: &mut ApiServer, path: &str) {
+    let (req, send) = api.next_request().await.expect("the reconciler made another call");
+    assert_eq!((req.method(), req.uri().path()), (&Method::GET, path), "{}", req.uri());
+    let status = serde_json::json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "not found"});
+    send.send_response(
+        Response::builder()
+            .status(404)
+            .body(Body::from(serde_json::to_vec(&status).unwrap()))
+            .unwrap(),
+    );
+}
