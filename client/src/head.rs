@@ -12,7 +12,6 @@ use cairn_api::{
     agent::v1 as pb,
     crd::{
         AgentHealth, HeadLocation, PlacedAgent, Placement, StorageCluster, Volume, VolumeStatus,
-        volume::volume_id,
     },
 };
 use kube::ResourceExt;
@@ -153,9 +152,8 @@ pub fn desired(vol: &Volume, cluster: &StorageCluster) -> Result<Desired, Invali
         }
     };
     let address = agents.iter().find(|a| a.name == head.agent).map(|a| a.address.clone());
-    let ns = vol.namespace().unwrap_or_default();
     let open = pb::OpenHeadRequest {
-        volume_id: volume_id(&ns, &vol.name_any()),
+        volume_id: vol.agent_volume_id(),
         // The size it was placed with: growth is not built (see
         // docs/design.md), and a replica refuses another geometry.
         size_bytes: placed_size(vol) as u64,

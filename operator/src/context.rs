@@ -37,11 +37,31 @@ mod tests {
     use super::*;
 
     #[test]
-    fn volume_ids_are_dns_labels() {
-        assert_eq!(volume_id("shop", "db"), "shop-db");
-        let long =
-            volume_id("a-very-long-namespace-name-for-testing", "and-an-even-longer-volume-name-x");
+    fn volume_ids_are_dns_labels_unique_by_uid_even_where_names_join_alike() {
+        let a = volume_id("shop", "db-main", "uid-1");
+        let b = volume_id("shop-db", "main", "uid-2");
+        assert!(a.starts_with("shop-db-main-") && b.starts_with("shop-db-main-"), "{a} {b}");
+        assert_ne!(a, b, "the names join alike, the ids do not");
+        assert_eq!(a, volume_id("shop", "db-main", "uid-1"), "a function of its arguments");
+        assert_ne!(a, volume_id("shop", "db-main", "uid-3"), "a re-created Volume");
+        let long = volume_id(
+            "a-very-long-namespace-name-for-testing",
+            "and-an-even-longer-volume-name-x",
+            "u",
+        );
         assert!(long.starts_with("v-") && long.len() == 26, "{long}");
-        assert!(volume_id("ns", "with.dots").starts_with("v-"));
+        assert!(volume_id("ns", "with.dots", "u").starts_with("v-"));
+        for id in [a, b, long] {
+            assert!(cairn_api::VolumeId::new(&id).is_ok(), "{id}");
+        }
+    }
+
+    #[test]
+    fn a_placed_volume_keeps_the_id_in_its_status() {
+        use cairn_api::crd::VolumeRole;
+        let v = crate::fixtures::volume("db", "site-a", VolumeRole::Primary);
+        assert_eq!(v.agent_volume_id(), volume_id("shop", "db", ""));
+        let placed = crate::fixtures::placed(v, "a1");
+        assert_eq!(placed.agent_volume_id(), "shop-db", "the id recorded before the uid tag");
     }
 }

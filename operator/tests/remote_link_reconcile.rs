@@ -103,14 +103,14 @@ async fn a_link_is_paired_registered_put_and_a_copy_request_runs_once() {
     run.await.unwrap().unwrap();
 
     let st = &status["status"];
-    assert_eq!(st["linkId"], "shop-db-to-b");
+    assert_eq!(st["linkId"], "shop.db-to-b");
     assert_eq!(st["lastCopyRequest"], "now-1", "the request is recorded as handled");
     assert!(status["__query"].as_str().unwrap().contains("fieldManager=cairn-operator"));
     tokio::time::sleep(std::time::Duration::from_millis(50)).await; // the background sync
     let calls = agents.calls();
     assert!(
         matches!(&calls[0], Call::RegisterLink { endpoint, link, target_volume }
-        if endpoint == "http://b1.site-b:7070" && link == "shop-db-to-b" && target_volume == "shop-db-copy"),
+        if endpoint == "http://b1.site-b:7070" && link == "shop.db-to-b" && target_volume == "shop-db-copy"),
         "{calls:?}"
     );
     let Call::PutLink { endpoint, link: put } = &calls[1] else { panic!("{calls:?}") };
@@ -121,7 +121,7 @@ async fn a_link_is_paired_registered_put_and_a_copy_request_runs_once() {
     let snap = calls.iter().position(|c| matches!(c, Call::Snapshot { volume, id, .. } if volume == "shop-db" && id == "copy-now-1"));
     let sync = calls
         .iter()
-        .position(|c| c == &Call::SyncLink { link: "shop-db-to-b".into(), resync: false });
+        .position(|c| c == &Call::SyncLink { link: "shop.db-to-b".into(), resync: false });
     assert!(
         matches!((snap, sync), (Some(a), Some(b)) if a < b),
         "a snapshot, then the copy: {calls:?}"
@@ -278,7 +278,7 @@ async fn a_switchover_holds_both_roles_runs_at_the_agents_then_flips_the_specs()
     let calls = agents.calls();
     assert!(
         calls.contains(&Call::Switchover {
-            link: "shop-db-to-b".into(),
+            link: "shop.db-to-b".into(),
             snapshot: "switchover-2026-11-25t10-00-00z".into()
         }),
         "{calls:?}"

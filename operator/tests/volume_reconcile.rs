@@ -40,6 +40,11 @@ fn volume(role: VolumeRole, finalizer: bool, deleting: bool) -> Volume {
 
 const VOLUME: &str = "/apis/cairn.dev/v1alpha1/namespaces/shop/volumes/db";
 const CLUSTER: &str = "/apis/cairn.dev/v1alpha1/storageclusters/site-a";
+/// The id the volume gets at the agents when first placed (its uid's tag).
+fn id() -> String {
+    cairn_api::crd::volume::volume_id("shop", "db", "0000-1111")
+}
+
 const VOLUMES: &str = "/apis/cairn.dev/v1alpha1/namespaces/shop/volumes";
 const LINKS: &str = "/apis/cairn.dev/v1alpha1/namespaces/shop/remotelinks";
 const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/shop/events";
@@ -61,7 +66,7 @@ async fn a_new_volume_gets_the_finalizer_first() {
 async fn a_volume_is_opened_at_the_least_loaded_agent_and_reported_ready_by_server_side_apply() {
     let (ctx, mut api, agents) = setup();
     let vol = volume(VolumeRole::Primary, true, false);
-    agents.add_snapshot("shop-db", "nightly-1", 7, 1_800_000_000);
+    agents.add_snapshot(&id(), "nightly-1", 7, 1_800_000_000);
     let run = tokio::spawn(reconcile(Arc::new(vol.clone()), ctx));
     serve(&mut api, Method::GET, CLUSTER, json!(cluster())).await;
     let status = serve(&mut api, Method::PATCH, &format!("{VOLUME}/status"), json!(vol)).await;
@@ -87,7 +92,7 @@ async fn a_volume_is_opened_at_the_least_loaded_agent_and_reported_ready_by_serv
         agents.calls(),
         [Call::OpenHead {
             endpoint: "http://a2.site-a:7070".into(),
-            volume: "shop-db".into(),
+            volume: id(),
             epoch: 1,
             role: pb::VolumeRole::Primary,
             agents: vec!["a1".into(), "a2".into()],
@@ -114,9 +119,7 @@ async fn a_role_change_in_the_spec_demotes_at_the_agent_with_an_event() {
     let status = serve(&mut api, Method::PATCH, &format!("{VOLUME}/status"), json!(vol)).await;
     run.await.unwrap().unwrap();
     assert_eq!(status["status"]["role"], "Remote");
-    assert!(
-        matches!(agents.calls().last(), Some(Call::Demote { volume, .. }) if volume == "shop-db")
-    );
+    assert!(matches!(agents.calls().last(), Some(Call::Demote { volume, .. }) if *volume == id()));
 }
 
 #[tokio::test]

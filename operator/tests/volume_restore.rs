@@ -43,6 +43,11 @@ fn target(snapshot: Option<&str>) -> Volume {
     v
 }
 
+/// The id db-copy gets at the agents (its uid's tag).
+fn target_id() -> String {
+    cairn_api::crd::volume::volume_id("shop", "db-copy", "2222-3333")
+}
+
 /// The source: Volume db, placed, head on a1 (agent id `shop-db`).
 fn source() -> Volume {
     fixtures::placed(fixtures::volume("db", "site-a", VolumeRole::Primary), "a1")
@@ -108,14 +113,14 @@ async fn a_restore_opens_the_head_remote_copies_the_snapshot_then_promotes_it() 
         matches!(opened, Call::OpenHead { endpoint, role: pb::VolumeRole::Remote, .. } if endpoint == A2),
         "the head opens Remote: {opened:?}"
     );
-    let link = restore::link_id("shop-db-copy");
+    let link = restore::link_id(&target_id());
     assert_eq!(
         copy_calls(&agents),
         [
             Call::RegisterLink {
                 endpoint: A2.into(),
                 link: link.clone(),
-                target_volume: "shop-db-copy".into()
+                target_volume: target_id()
             },
             Call::CopySnapshot {
                 endpoint: A1.into(),
@@ -128,7 +133,7 @@ async fn a_restore_opens_the_head_remote_copies_the_snapshot_then_promotes_it() 
             Call::UnregisterLink { endpoint: A2.into(), link },
         ]
     );
-    assert_eq!(agents.snapshot_ids("shop-db-copy"), ["nightly"], "sealed at the new volume");
+    assert_eq!(agents.snapshot_ids(&target_id()), ["nightly"], "sealed at the new volume");
 
     // The next reconcile sees Restored=True: the head takes its spec role.
     let vol = with_status(vol, &done);
@@ -143,7 +148,7 @@ async fn a_restore_opens_the_head_remote_copies_the_snapshot_then_promotes_it() 
     assert_eq!(condition(&st, "Restored")["status"], "True");
     let calls = copy_calls(&agents);
     assert_eq!(calls.len(), 4, "copied once, then promoted: {calls:?}");
-    assert_eq!(calls[3], Call::Promote { endpoint: A2.into(), volume: "shop-db-copy".into() });
+    assert_eq!(calls[3], Call::Promote { endpoint: A2.into(), volume: target_id() });
 }
 
 #[tokio::test]
@@ -157,7 +162,7 @@ async fn a_clone_copies_a_snapshot_taken_for_it_and_deletes_it_once_restored_is_
     serve(&mut api, Method::POST, EVENTS, json!({})).await;
     run.await.unwrap().unwrap();
     let id = restore::clone_snapshot_id(&vol);
-    let link = restore::link_id("shop-db-copy");
+    let link = restore::link_id(&target_id());
     assert_eq!(
         copy_calls(&agents),
         [
@@ -165,7 +170,7 @@ async fn a_clone_copies_a_snapshot_taken_for_it_and_deletes_it_once_restored_is_
             Call::RegisterLink {
                 endpoint: A2.into(),
                 link: link.clone(),
-                target_volume: "shop-db-copy".into()
+                target_volume: target_id()
             },
             Call::CopySnapshot {
                 endpoint: A1.into(),
@@ -180,7 +185,7 @@ async fn a_clone_copies_a_snapshot_taken_for_it_and_deletes_it_once_restored_is_
         ]
     );
     assert_eq!(agents.snapshot_ids("shop-db"), ["daily"], "the clone's snapshot is gone");
-    assert_eq!(agents.snapshot_ids("shop-db-copy"), [id]);
+    assert_eq!(agents.snapshot_ids(&target_id()), [id]);
 }
 
 #[tokio::test]

@@ -23,14 +23,23 @@ pub const MAX_STATUS_SNAPSHOTS: usize = 1024;
 /// (`<link>/<request>`).
 pub const ROLE_HOLD: &str = "cairn.dev/role-hold";
 
-/// The id of a volume at the agents: `<namespace>-<name>` when that is a
-/// valid id (a DNS label), else `v-` and 24 hex digits of its hash.
-pub fn volume_id(namespace: &str, name: &str) -> String {
-    let plain = format!("{namespace}-{name}");
+/// The id a new volume gets at the agents: `<namespace>-<name>-<tag>`,
+/// the tag 8 hex digits of the BLAKE3 of the object's uid, when that is a
+/// valid id (a DNS label), else `v-` and 24 hex digits of the BLAKE3 of
+/// `<namespace>/<name>/<uid>`. The uid makes it unique: `shop/db-main` and
+/// `shop-db/main` read alike but differ in their tags, and a Volume deleted
+/// and created again under its name never meets replicas of the old one
+/// that an agent down at the deletion kept. Chosen once, at the first
+/// placement, and kept in `status.volumeId` (`Volume::agent_volume_id`);
+/// Volumes placed before the tag existed keep their recorded
+/// `<namespace>-<name>`.
+pub fn volume_id(namespace: &str, name: &str, uid: &str) -> String {
+    let tag = blake3::hash(uid.as_bytes()).to_hex();
+    let plain = format!("{namespace}-{name}-{}", &tag[..8]);
     if plain.len() <= 63 && crate::VolumeId::new(&plain).is_ok() {
         return plain;
     }
-    let h = blake3::hash(format!("{namespace}/{name}").as_bytes()).to_hex();
+    let h = blake3::hash(format!("{namespace}/{name}/{uid}").as_bytes()).to_hex();
     format!("v-{}", &h[..24])
 }
 
@@ -229,6 +238,17 @@ impl Volume {
                     c.type_ == condition::RESTORED && c.status == super::ConditionStatus::True
                 })
             })
+    }
+
+    /// The volume's id at the agents: the one recorded in status, else
+    /// the one [`volume_id`] gives it now.
+    pub fn agent_volume_id(&self) -> String {
+        if let Some(id) = self.status.as_ref().and_then(|s| s.volume_id.clone()) {
+            return id;
+        }
+        let meta = &self.metadata;
+        let (ns, name) = (meta.namespace.as_deref().unwrap_or(""), meta.name.as_deref());
+        volume_id(ns, name.unwrap_or(""), meta.uid.as_deref().unwrap_or(""))
     }
 
     /// The role the head is opened with and kept at: `Remote` while

@@ -7,7 +7,6 @@
 //! request seals the one it started.
 
 use cairn_api::{agent::v1 as pb, crd::RemoteLink};
-use kube::ResourceExt;
 
 use super::{Ends, link_id};
 
@@ -26,7 +25,7 @@ pub fn agent_link(
         })),
     };
     pb::Link {
-        link_id: link_id(&rl.namespace().unwrap_or_default(), &rl.name_any()),
+        link_id: link_id(rl),
         volume_id: source_volume.to_string(),
         target_endpoint,
         pairing_secret: secret.into(),
@@ -109,7 +108,12 @@ mod tests {
     #[test]
     fn the_agents_link_carries_the_policy_and_a_pause_is_a_rate_of_zero() {
         let l = agent_link(&link(false), "shop-db", "http://b:7070".into(), vec![7; 32], true);
-        assert_eq!(l.link_id, "shop-db-to-b");
+        assert_eq!(l.link_id, "shop.db-to-b", "<namespace>.<name>: no two links join alike");
+        let mut kept = link(false);
+        kept.status = Some(Default::default());
+        kept.status.as_mut().unwrap().link_id = Some("shop-db-to-b".into());
+        let l2 = agent_link(&kept, "shop-db", "http://b:7070".into(), vec![7; 32], true);
+        assert_eq!(l2.link_id, "shop-db-to-b", "a link keeps the id in its status");
         assert!(l.policy.is_some());
         let paused = agent_link(&link(true), "shop-db", "http://b:7070".into(), vec![7; 32], false);
         let Some(pb::bandwidth_policy::Policy::Fixed(r)) = paused.policy.and_then(|p| p.policy)

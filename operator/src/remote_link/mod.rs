@@ -11,12 +11,9 @@
 use std::{sync::Arc, time::Duration};
 
 use cairn_api::crd::{RemoteLink, Volume};
-use kube::runtime::controller::Action;
+use kube::{ResourceExt, runtime::controller::Action};
 
-use crate::{
-    agent::AgentError,
-    context::{Context, volume_id},
-};
+use crate::{agent::AgentError, context::Context};
 
 mod desired;
 mod reconcile;
@@ -89,9 +86,21 @@ struct Receiver {
     new_secret: bool,
 }
 
-/// The agents' link id for a RemoteLink.
-pub fn link_id(namespace: &str, name: &str) -> String {
-    volume_id(namespace, name)
+/// The agents' link id for a RemoteLink: the one in its status, else
+/// `<namespace>.<name>`. A namespace has no dot, so no two links share an
+/// id (`shop/db-to-b` and `shop-db/to-b` do not); the longest possible one
+/// (63 + 1 + 253) is over the agents' 253 characters, and gets `l-` and 24
+/// hex digits of its BLAKE3. Links set up before this kept
+/// `<namespace>-<name>` in status, and keep it.
+pub fn link_id(rl: &RemoteLink) -> String {
+    if let Some(id) = rl.status.as_ref().and_then(|s| s.link_id.clone()) {
+        return id;
+    }
+    let plain = format!("{}.{}", rl.namespace().unwrap_or_default(), rl.name_any());
+    if plain.len() <= 253 {
+        return plain;
+    }
+    format!("l-{}", &blake3::hash(plain.as_bytes()).to_hex()[..24])
 }
 
 /// `error_policy`: back off and try again.

@@ -93,7 +93,7 @@ async fn pair(ctx: &Context, rl: &RemoteLink, ends: &Ends) -> Result<(), Error> 
         write_local_secret(ctx, rl, &ends.secret).await?;
     }
     let req = pb::RegisterLinkRequest {
-        link_id: link_id(&rl.namespace().unwrap_or_default(), &rl.name_any()),
+        link_id: link_id(rl),
         pairing_secret: ends.secret.clone().into(),
         target_volume_id: r.volume_id.clone(),
     };

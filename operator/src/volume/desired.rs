@@ -35,7 +35,8 @@ mod tests {
         assert_eq!(names, ["a", "b"]);
         assert_eq!((d.head.agent.as_str(), d.head.epoch), ("b", 1));
         assert_eq!(d.endpoint, "http://b.site-a:7070");
-        assert_eq!(d.open.volume_id, "shop-db");
+        assert_eq!(d.open.volume_id, cairn_api::crd::volume::volume_id("shop", "db", ""));
+        assert!(d.open.volume_id.starts_with("shop-db-"), "{}", d.open.volume_id);
         assert_eq!(d.open.replicas, 2);
     }
 

@@ -30,7 +30,7 @@ use super::{
     Error, FINALIZER, Invalid, RESYNC, ROLE_HOLD, desired, restore, status_of, status_snapshots,
 };
 use crate::{
-    context::{Context, agent_endpoint, volume_id},
+    context::{Context, agent_endpoint},
     report::{apply_status, event, now},
 };
 
@@ -246,7 +246,7 @@ async fn cleanup(vol: &Volume, ctx: &Context) -> Result<Action, Error> {
         }
     }
     let Some(st) = vol.status.as_ref() else { return Ok(Action::await_change()) };
-    let id = st.volume_id.clone().unwrap_or_else(|| volume_id(&ns, &name));
+    let id = vol.agent_volume_id();
     let clusters: Api<StorageCluster> = Api::all(ctx.client.clone());
     let cluster = clusters.get_opt(&vol.spec.cluster).await?;
     if let Some(h) = &st.head
