@@ -48,6 +48,29 @@ where
     Ok(())
 }
 
+/// Writes `status` of object `name` by server-side apply on `/status`,
+/// only if the object is still at `resource_version` (else the API server
+/// answers 409 Conflict and nothing is written): a write that must not
+/// race another writer's.
+pub async fn apply_status_at<K>(
+    api: &Api<K>,
+    name: &str,
+    resource_version: &str,
+    status: &impl Serialize,
+) -> Result<(), kube::Error>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug,
+{
+    let body = json!({
+        "apiVersion": K::api_version(&()),
+        "kind": K::kind(&()),
+        "metadata": { "resourceVersion": resource_version },
+        "status": status,
+    });
+    api.patch_status(name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&body)).await?;
+    Ok(())
+}
+
 /// Publishes an event on `obj` (a failure to publish is logged, not
 /// fatal: the status says the same).
 pub async fn event<K>(

@@ -7,6 +7,7 @@ mod fixtures;
 
 use std::sync::Arc;
 
+use cairn_api::crd::AgentHealth;
 use cairn_api::{
     agent::v1 as pb,
     crd::{RemoteLink, Volume, VolumeRole},
@@ -45,6 +46,14 @@ fn id() -> String {
     cairn_api::crd::volume::volume_id("shop", "db", "0000-1111")
 }
 
+/// Serves the reservation of a new head (a status write at the Volume's
+/// resourceVersion, before any agent call); returns its body.
+async fn serve_reservation(api: &mut common::ApiServer, vol: &Volume) -> serde_json::Value {
+    let body = serve(api, Method::PATCH, &format!("{VOLUME}/status"), json!(vol)).await;
+    assert_eq!(body["metadata"]["resourceVersion"], "7", "a conditional write: {body}");
+    body
+}
+
 const VOLUMES: &str = "/apis/cairn.dev/v1alpha1/namespaces/shop/volumes";
 const LINKS: &str = "/apis/cairn.dev/v1alpha1/namespaces/shop/remotelinks";
 const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/shop/events";
@@ -69,6 +78,15 @@ async fn a_volume_is_opened_at_the_least_loaded_agent_and_reported_ready_by_serv
     agents.add_snapshot(&id(), "nightly-1", 7, 1_800_000_000);
     let run = tokio::spawn(reconcile(Arc::new(vol.clone()), ctx));
     serve(&mut api, Method::GET, CLUSTER, json!(cluster())).await;
+    let reserved = serve_reservation(&mut api, &vol).await;
+    assert!(agents.calls().is_empty(), "reserved before any agent hears of the head");
+    let head = &reserved["status"]["head"];
+    assert_eq!(
+        (head["agent"].as_str(), head["epoch"].as_i64()),
+        (Some("a2"), Some(1)),
+        "{reserved}"
+    );
+    assert_eq!(reserved["status"]["volumeId"], id().as_str());
     let status = serve(&mut api, Method::PATCH, &format!("{VOLUME}/status"), json!(vol)).await;
     run.await.unwrap().unwrap();
 
@@ -107,12 +125,14 @@ async fn a_role_change_in_the_spec_demotes_at_the_agent_with_an_event() {
     let vol = volume(VolumeRole::Primary, true, false);
     let run = tokio::spawn(reconcile(Arc::new(vol.clone()), ctx.clone()));
     serve(&mut api, Method::GET, CLUSTER, json!(cluster())).await;
+    serve_reservation(&mut api, &vol).await;
     serve(&mut api, Method::PATCH, &format!("{VOLUME}/status"), json!(vol)).await;
     run.await.unwrap().unwrap();
     // ...then the spec asks for Remote.
     let vol = volume(VolumeRole::Remote, true, false);
     let run = tokio::spawn(reconcile(Arc::new(vol.clone()), ctx));
     serve(&mut api, Method::GET, CLUSTER, json!(cluster())).await;
+    serve_reservation(&mut api, &vol).await;
     let ev = serve(&mut api, Method::POST, EVENTS, json!({})).await;
     assert_eq!(ev["reason"], "Demoted", "{ev}");
     assert_eq!(ev["type"], "Normal");
@@ -128,6 +148,7 @@ async fn a_volume_held_by_a_switchover_is_neither_promoted_nor_demoted() {
     let vol = volume(VolumeRole::Primary, true, false);
     let run = tokio::spawn(reconcile(Arc::new(vol.clone()), ctx.clone()));
     serve(&mut api, Method::GET, CLUSTER, json!(cluster())).await;
+    serve_reservation(&mut api, &vol).await;
     serve(&mut api, Method::PATCH, &format!("{VOLUME}/status"), json!(vol)).await;
     run.await.unwrap().unwrap();
     // The spec says Remote, but a switchover holds the role: no demotion.
@@ -135,6 +156,7 @@ async fn a_volume_held_by_a_switchover_is_neither_promoted_nor_demoted() {
     vol.annotations_mut().insert(cairn_operator::volume::ROLE_HOLD.into(), "db-to-b/now-1".into());
     let run = tokio::spawn(reconcile(Arc::new(vol.clone()), ctx));
     serve(&mut api, Method::GET, CLUSTER, json!(cluster())).await;
+    serve_reservation(&mut api, &vol).await;
     let status = serve(&mut api, Method::PATCH, &format!("{VOLUME}/status"), json!(vol)).await;
     run.await.unwrap().unwrap();
     let ready = &status["status"]["conditions"][0];
@@ -203,12 +225,14 @@ async fn deleting_an_unused_volume_removes_its_replicas_then_the_finalizer() {
 }
 
 #[tokio::test]
-async fn an_unreachable_head_agent_is_an_error_that_backs_off_and_writes_no_status() {
+async fn an_unreachable_head_agent_is_an_error_that_backs_off_and_leaves_only_the_reservation() {
     let (ctx, mut api, agents) = setup();
     agents.set_down("http://a2.site-a:7070");
     let vol = volume(VolumeRole::Primary, true, false);
-    let run = tokio::spawn(reconcile(Arc::new(vol), ctx.clone()));
+    let run = tokio::spawn(reconcile(Arc::new(vol.clone()), ctx.clone()));
     serve(&mut api, Method::GET, CLUSTER, json!(cluster())).await;
+    let reserved = serve_reservation(&mut api, &vol).await;
+    assert!(reserved["status"].get("conditions").is_none(), "no Ready said: {reserved}");
     let err = run.await.unwrap().unwrap_err();
     assert!(matches!(&err, Error::Agent(e) if e.code == tonic::Code::Unavailable), "{err}");
     let action = cairn_operator::volume::error_policy(
@@ -220,6 +244,41 @@ async fn an_unreachable_head_agent_is_an_error_that_backs_off_and_writes_no_stat
         action,
         kube::runtime::controller::Action::requeue(std::time::Duration::from_secs(5))
     );
+}
+
+#[tokio::test]
+async fn a_head_already_reserved_is_opened_without_writing_it_again_and_a_moved_one_is_reserved_one_epoch_up()
+ {
+    let (ctx, mut api, agents) = setup();
+    let mut vol = volume(VolumeRole::Primary, true, false);
+    let d = cairn_operator::volume::desired(&vol, &cluster()).unwrap();
+    vol.status = Some(cairn_api::crd::VolumeStatus {
+        volume_id: Some(id()),
+        placement: Some(d.placement.clone()),
+        head: Some(d.head.clone()),
+        ..Default::default()
+    });
+    // A reservation an earlier reconcile wrote: opened, not reserved again.
+    let run = tokio::spawn(reconcile(Arc::new(vol.clone()), ctx.clone()));
+    serve(&mut api, Method::GET, CLUSTER, json!(cluster())).await;
+    let st = serve(&mut api, Method::PATCH, &format!("{VOLUME}/status"), json!(vol)).await;
+    assert!(st.get("metadata").is_none(), "the plain status write: {st}");
+    run.await.unwrap().unwrap();
+    // Its agent went away: the head moves to a1 one epoch up, reserved first.
+    let gone = fixtures::storage_cluster(
+        "site-a",
+        &[("a1", AgentHealth::Healthy, 2), ("a2", AgentHealth::Unreachable, 0)],
+    );
+    let run = tokio::spawn(reconcile(Arc::new(vol.clone()), ctx));
+    serve(&mut api, Method::GET, CLUSTER, json!(gone)).await;
+    let before = agents.calls().len();
+    let reserved = serve_reservation(&mut api, &vol).await;
+    assert_eq!(agents.calls().len(), before, "reserved before the new head opens");
+    let head = &reserved["status"]["head"];
+    assert_eq!((head["agent"].as_str(), head["epoch"].as_i64()), (Some("a1"), Some(2)));
+    serve(&mut api, Method::PATCH, &format!("{VOLUME}/status"), json!(vol)).await;
+    run.await.unwrap().unwrap();
+    assert!(matches!(agents.calls().last(), Some(Call::OpenHead { epoch: 2, .. })));
 }
 
 #[tokio::test]

@@ -39,6 +39,7 @@ fn target(snapshot: Option<&str>) -> Volume {
     let m = v.meta_mut();
     m.uid = Some("2222-3333".into());
     m.generation = Some(1);
+    m.resource_version = Some("5".into());
     m.finalizers = Some(vec!["cairn.dev/replicas".into()]);
     v
 }
@@ -77,6 +78,10 @@ fn copy_calls(agents: &FakeAgents) -> Vec<Call> {
 /// Restoring status, the source and its cluster. Returns the status.
 async fn serve_until_copy(api: &mut ApiServer, vol: &Volume) -> Value {
     serve(api, Method::GET, CLUSTER, json!(cluster())).await;
+    if vol.status.as_ref().is_none_or(|s| s.head.is_none()) {
+        let reserved = serve(api, Method::PATCH, &format!("{TARGET}/status"), json!(vol)).await;
+        assert_eq!(reserved["metadata"]["resourceVersion"], "5", "{reserved}");
+    }
     let restoring = serve(api, Method::PATCH, &format!("{TARGET}/status"), json!(vol)).await;
     serve(api, Method::GET, SOURCE, json!(source())).await;
     serve(api, Method::GET, CLUSTER, json!(cluster())).await;
@@ -252,6 +257,7 @@ async fn a_missing_source_snapshot_or_another_size_waits_with_a_warning_and_copi
     for (vol, reason, says) in cases {
         let run = tokio::spawn(reconcile(Arc::new(vol.clone()), ctx.clone()));
         serve(&mut api, Method::GET, CLUSTER, json!(cluster())).await;
+        serve(&mut api, Method::PATCH, &format!("{TARGET}/status"), json!(vol)).await;
         serve(&mut api, Method::PATCH, &format!("{TARGET}/status"), json!(vol)).await;
         let from = vol.spec.source.as_ref().unwrap().volume_name().to_string();
         let path = format!("{VOLUMES}/{from}");

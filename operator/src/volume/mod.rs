@@ -47,6 +47,10 @@ pub enum Error {
         "volume {volume} is the source of Volume {restoring}, whose restore has not finished: wait for its Restored condition, or delete {restoring} first"
     )]
     RestoreSource { volume: String, restoring: String },
+    #[error(
+        "the Volume came without a resourceVersion: a head is reserved only on a known version"
+    )]
+    Unversioned,
     #[error("finalizer: {0}")]
     Finalizer(String),
 }

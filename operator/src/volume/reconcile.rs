@@ -31,7 +31,7 @@ use super::{
 };
 use crate::{
     context::{Context, agent_endpoint},
-    report::{apply_status, event, now},
+    report::{apply_status, apply_status_at, event, now},
 };
 
 /// Reconciles one Volume.
@@ -85,7 +85,10 @@ async fn apply(vol: &Volume, ctx: &Context) -> Result<Action, Error> {
             return Ok(Action::requeue(RESYNC));
         }
     };
-    // Apply: the head, then its role.
+    // Apply: reserve the head's epoch, open the head, then its role.
+    if vol.status.as_ref().and_then(|s| s.head.as_ref()) != Some(&d.head) {
+        reserve_head(&api, vol, &d).await?;
+    }
     let mut head = ctx.agents.open_head(&d.endpoint, d.open.clone()).await?;
     // The snapshots as the head's agent has them (for status, and the
     // generation of a demotion's last snapshot); unknown if it cannot say.
@@ -166,6 +169,26 @@ async fn apply(vol: &Volume, ctx: &Context) -> Result<Action, Error> {
     }
     apply_status(&api, &vol.name_any(), &st).await?;
     Ok(Action::requeue(RESYNC))
+}
+
+/// Records a new head (its agent and epoch, with the placement and the
+/// volume id) in the Volume's status before any agent hears of it, on the
+/// condition that the Volume is still the one this reconcile read
+/// (`resourceVersion`): two reconciles (a second operator, or a stale
+/// cache) can never open heads at one epoch, and a failure between this
+/// and `OpenHead` leaves the reservation, which the next reconcile opens
+/// (`OpenHead` is idempotent at one epoch) or moves one epoch up.
+async fn reserve_head(api: &Api<Volume>, vol: &Volume, d: &super::Desired) -> Result<(), Error> {
+    let Some(rv) = vol.meta().resource_version.as_deref() else {
+        return Err(Error::Unversioned);
+    };
+    let mut st = vol.status.clone().unwrap_or_default();
+    st.head = Some(d.head.clone());
+    st.placement = Some(d.placement.clone());
+    st.volume_id = Some(d.open.volume_id.clone());
+    apply_status_at(api, &vol.name_any(), rv, &st).await?;
+    tracing::info!(agent = %d.head.agent, epoch = d.head.epoch, "head reserved");
+    Ok(())
 }
 
 /// The restore of a Volume with `spec.source` (`restore.rs`): the status
