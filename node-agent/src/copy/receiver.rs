@@ -13,6 +13,12 @@
 //! re-sends at most what came after the last checkpoint; a copy that
 //! starts afresh first reverts the target's head to its newest snapshot,
 //! so no block of an abandoned attempt survives into the sealed snapshot.
+//!
+//! Fencing: a session claims the target head's role ([`crate::role`]) at
+//! its start and applies every batch, checkpoint and seal under it, so a
+//! promote, demote or close of the target ends the session and no block of
+//! it lands afterwards; one session per target; a stream with no frame for
+//! the idle timeout ends (its checkpoint stays, so a new attempt resumes).
 
 use std::{
     sync::Arc,
@@ -30,14 +36,24 @@ use crate::{
     copy::records::LinkRecord,
     copy::session::{
         Checkpoint,
-        receiver::{self as session, Admission, Cadence, Finish, Offer, Receiver, Refusal, Start},
+        receiver::{
+            self as session, Admission, Cadence, FencedEnd, Finish, Offer, Receiver, Refusal, Start,
+        },
     },
     head::{HeadError, Run, VolumeHead, layer_runs},
     heads::Heads,
     meta::{CHECKPOINTS, LINKS},
     peer::CopiedBlock,
+    role::{Busy, Change, CopyClaim, Fenced, Holder, Role},
     store::Store,
 };
+
+/// A stream that carries no frame (not even a ping) for this long ends.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a copy waits for another session on the same target to end
+/// (one that broke may still be recording its checkpoint) before it is
+/// refused.
+pub const CLAIM_WAIT: Duration = Duration::from_secs(5);
 
 /// Runs of a batch written at once.
 const APPLY_CONCURRENCY: usize = 32;
@@ -62,6 +78,14 @@ pub enum ReceiveError {
     NoHead { link: String, target: VolumeId },
     #[error(transparent)]
     Refused(#[from] Refusal),
+    #[error(
+        "link {link}: target volume {target} is being written by another copy (link {other}, snapshot {snapshot}): one copy writes a target at a time; retry when it ends (a stream that stopped is ended after --copy-idle-timeout-secs)"
+    )]
+    Busy { link: String, target: VolumeId, other: String, snapshot: String },
+    #[error(
+        "link {link}: target volume {target} was {change} at this site while the copy ran: its blocks are refused from then on and nothing more of it was written; start the copy again (it is admitted only onto a Remote target)"
+    )]
+    Fenced { link: String, target: VolumeId, change: Change },
     #[error(transparent)]
     Batch(#[from] BatchError),
     #[error("a copy carries one CopyStart, first; then batches and a CopyEnd")]
@@ -114,13 +138,27 @@ pub struct CopyService {
     store: Arc<Store>,
     heads: Heads,
     cadence: Cadence,
+    /// A stream with no frame for this long ends.
+    idle: Duration,
     /// Told of every snapshot sealed here, to forward it (cascade).
     links: Option<Arc<crate::copy::links::Links>>,
 }
 
 impl CopyService {
     pub fn new(store: Arc<Store>, heads: Heads) -> Self {
-        CopyService { store, heads, cadence: Cadence::default(), links: None }
+        CopyService {
+            store,
+            heads,
+            cadence: Cadence::default(),
+            idle: DEFAULT_IDLE_TIMEOUT,
+            links: None,
+        }
+    }
+
+    /// Sets how long a stream may carry no frame before its session ends.
+    pub fn with_idle_timeout(mut self, idle: Duration) -> Self {
+        self.idle = idle;
+        self
     }
 
     /// Forwards snapshots sealed here over this agent's links that ask for
@@ -206,18 +244,17 @@ impl CopyService {
             .map_err(|source| ReceiveError::TargetId { link: link_id.to_string(), source })
     }
 
-    /// The open head of a link's target volume, and whether it is Remote.
+    /// The open head of a link's target volume, and its role.
     async fn target_head(
         &self,
         link_id: &str,
         link: &LinkRecord,
-    ) -> Result<(VolumeId, Arc<VolumeHead>, bool)> {
+    ) -> Result<(VolumeId, Arc<VolumeHead>, Role)> {
         let target = self.target_volume(link_id, link)?;
-        let (head, remote) = self.heads.get(&target).await.ok_or_else(|| ReceiveError::NoHead {
-            link: link_id.to_string(),
-            target: target.clone(),
+        let (head, role) = self.heads.copy_target(&target).await.ok_or_else(|| {
+            ReceiveError::NoHead { link: link_id.to_string(), target: target.clone() }
         })?;
-        Ok((target, head, remote))
+        Ok((target, head, role))
     }
 
     /// The snapshots of an admitted link's target volume with their
@@ -242,7 +279,26 @@ impl CopyService {
     /// rolls back what a resync calls for, and records its checkpoint
     /// before the session answers.
     pub(crate) async fn begin(&self, link: LinkRecord, offer: Offer) -> Result<Begun> {
-        let (target, head, remote) = self.target_head(&offer.link, &link).await?;
+        let (target, head, role) = self.target_head(&offer.link, &link).await?;
+        // One session per target; the claim binds it to the role (and the
+        // head instance) it is admitted under.
+        let holder = Holder { link: offer.link.clone(), snapshot: offer.snapshot.to_string() };
+        let claim =
+            role.claim(holder, CLAIM_WAIT).await.map_err(|Busy(other)| ReceiveError::Busy {
+                link: offer.link.clone(),
+                target: target.clone(),
+                other: other.link,
+                snapshot: other.snapshot,
+            })?;
+        let fenced = |Fenced(change)| ReceiveError::Fenced {
+            link: offer.link.clone(),
+            target: target.clone(),
+            change,
+        };
+        // Admission and a fresh start's revert, marks and roll-back happen
+        // under the role: a promote waits for them or comes first.
+        let applying = claim.apply().await.map_err(fenced)?;
+        let remote = claim.remote();
         let snaps = head.snapshots().await?;
         let view =
             session::Target { volume: &target, remote, size: head.size(), snapshots: &snaps };
@@ -267,6 +323,7 @@ impl CopyService {
             }
             self.save_checkpoint(&offer.link, Some(checkpoint))?;
         }
+        drop(applying);
         // The session's clock counts from `epoch`.
         let epoch = Instant::now();
         let session = Receiver::new(&offer, &start, self.cadence, Duration::ZERO);
@@ -274,7 +331,9 @@ impl CopyService {
         Ok(Begun::Session(Box::new(Session {
             service: self.clone(),
             link: offer.link,
+            target,
             head,
+            claim,
             session,
             epoch,
         })))
@@ -315,7 +374,10 @@ fn reply(r: pb::copy_reply::Reply) -> pb::CopyReply {
 pub(crate) struct Session {
     service: CopyService,
     link: String,
+    target: VolumeId,
     head: Arc<VolumeHead>,
+    /// Every write, checkpoint and seal is applied under it.
+    claim: CopyClaim,
     session: Receiver,
     /// The session's clock starts here.
     epoch: Instant,
@@ -348,23 +410,32 @@ impl Session {
         // once: its round trip measures the network and the queues in
         // front of this reader, not the time writes take here (when the
         // writes are the bottleneck, the small queue fills and the reader
-        // stops, which the round trip then shows).
+        // stops, which the round trip then shows). The reader also times
+        // the stream out: no frame (pings included) for `idle` is a break.
         let (frames_tx, mut frames) = tokio::sync::mpsc::channel::<Result<pb::CopyFrame>>(2);
         let pongs = out.clone();
         let link = self.link.clone();
+        let idle = self.service.idle;
         let reader = tokio::spawn(async move {
             loop {
-                let next = match inbound.next().await {
-                    Some(Ok(pb::CopyFrame { frame: Some(pb::copy_frame::Frame::Ping(p)) })) => {
+                let next = match tokio::time::timeout(idle, inbound.next()).await {
+                    Ok(Some(Ok(pb::CopyFrame { frame: Some(pb::copy_frame::Frame::Ping(p)) }))) => {
                         let _ = pongs.send(Ok(reply(pb::copy_reply::Reply::Pong(p)))).await;
                         continue;
                     }
-                    Some(Ok(f)) => Ok(f),
-                    None => Err(ReceiveError::Broken {
+                    Ok(Some(Ok(f))) => Ok(f),
+                    Ok(None) => Err(ReceiveError::Broken {
                         link: link.clone(),
                         why: "the sender closed the stream before CopyEnd".into(),
                     }),
-                    Some(Err(e)) => Err(e),
+                    Ok(Some(Err(e))) => Err(e),
+                    Err(_) => Err(ReceiveError::Broken {
+                        link: link.clone(),
+                        why: format!(
+                            "no frame from the sender for {} s (--copy-idle-timeout-secs): the session ended; a new attempt resumes at its checkpoint",
+                            idle.as_secs_f64()
+                        ),
+                    }),
                 };
                 let end = next.is_err();
                 if frames_tx.send(next).await.is_err() || end {
@@ -374,10 +445,17 @@ impl Session {
         });
         let _stop_reader = crate::copy::sender::AbortOnDrop(reader.abort_handle());
         loop {
-            let frame = match frames.recv().await {
-                Some(Ok(f)) => f,
-                Some(Err(e)) => return Err(self.broken(e).await),
-                None => {
+            // A role change of the target ends the session at once, even
+            // while it waits for frames.
+            let next = tokio::select! {
+                f = self.claim.fenced() => Err(f),
+                next = frames.recv() => Ok(next),
+            };
+            let frame = match next {
+                Err(Fenced(change)) => return Err(self.fenced(change).await),
+                Ok(Some(Ok(f))) => f,
+                Ok(Some(Err(e))) => return Err(self.broken(e).await),
+                Ok(None) => {
                     let why = "the copy stream ended".to_string();
                     return Err(self
                         .broken(ReceiveError::Broken { link: self.link.clone(), why })
@@ -391,6 +469,11 @@ impl Session {
                     let Some(last) = copied.last().map(|b| b.block) else { continue };
                     let n: u64 =
                         copied.iter().filter_map(|b| b.data.as_ref()).map(|d| d.len() as u64).sum();
+                    // Under the role: refused once the target's role changed.
+                    let applying = match self.claim.apply().await {
+                        Ok(a) => a,
+                        Err(Fenced(change)) => return Err(self.fenced(change).await),
+                    };
                     // The runs of a batch cover distinct blocks: they are
                     // written concurrently (scattered blocks of a layer are
                     // many small writes, each a round trip to the replicas).
@@ -405,7 +488,9 @@ impl Session {
                         .buffer_unordered(APPLY_CONCURRENCY)
                         .try_collect::<()>()
                         .await?;
-                    if let Some(cp) = self.session.applied(last, n, self.now()) {
+                    let due = self.session.applied(last, n, self.now());
+                    drop(applying);
+                    if let Some(cp) = due {
                         self.durable(cp, Some(out)).await?;
                     }
                 }
@@ -417,6 +502,20 @@ impl Session {
 
     fn now(&self) -> Duration {
         self.epoch.elapsed()
+    }
+
+    /// The target's role changed: the session ends without writing
+    /// anything more; its checkpoint goes when the change reverted the
+    /// target (a promote), and stays for a resume otherwise.
+    async fn fenced(&mut self, change: Change) -> ReceiveError {
+        let end = self.session.fenced(change == Change::Promoted);
+        tracing::warn!(link = %self.link, target = %self.target, %change, ?end, "copy fenced: the target's role changed");
+        if end == FencedEnd::ClearCheckpoint
+            && let Err(e) = self.service.save_checkpoint(&self.link, None)
+        {
+            tracing::warn!(link = %self.link, error = %e, "the checkpoint of a fenced copy stays");
+        }
+        ReceiveError::Fenced { link: self.link.clone(), target: self.target.clone(), change }
     }
 
     /// The sender died or the link broke: what arrived is made durable,
@@ -437,10 +536,15 @@ impl Session {
     }
 
     /// Flushes the target, records the checkpoint and answers it (unless
-    /// the stream is broken).
+    /// the stream is broken); under the role, so never after a change.
     async fn durable(&mut self, cp: Checkpoint, out: Option<&Replies>) -> Result<()> {
+        let applying = match self.claim.apply().await {
+            Ok(a) => a,
+            Err(Fenced(change)) => return Err(self.fenced(change).await),
+        };
         self.head.flush().await?;
         self.service.save_checkpoint(&self.link, Some(&cp))?;
+        drop(applying);
         let msg = pb::copy_reply::Reply::Checkpoint(pb::CopyCheckpoint {
             through_block: cp.through_block,
             bytes_done: cp.bytes_done,
@@ -454,6 +558,10 @@ impl Session {
 
     async fn finish(mut self, out: &Replies) -> Result<()> {
         self.session.end();
+        let applying = match self.claim.apply().await {
+            Ok(a) => a,
+            Err(Fenced(change)) => return Err(self.fenced(change).await),
+        };
         self.head.flush().await?;
         let got = self.head.digest(None).await?;
         let (snapshot, generation) = match self.session.digest(got) {
@@ -471,6 +579,7 @@ impl Session {
         };
         let sealed = self.head.snapshot(&snapshot, generation).await?;
         self.service.save_checkpoint(&self.link, None)?;
+        drop(applying);
         self.service.sealed(&self.link, &snapshot, self.head.volume())?;
         tracing::info!(link = %self.link, %snapshot, digest = %sealed, "copy sealed");
         let msg = pb::copy_reply::Reply::Done(pb::CopyDone {

@@ -50,6 +50,8 @@ pub fn status(e: ReceiveError) -> Status {
             | Refusal::NotEmpty { .. }
             | Refusal::Diverged { .. } => Status::failed_precondition(msg),
         },
+        ReceiveError::Busy { .. } => Status::aborted(msg),
+        ReceiveError::Fenced { .. } => Status::failed_precondition(msg),
         ReceiveError::Batch(b) => match b {
             BatchError::TooMany { .. }
             | BatchError::Order { .. }
