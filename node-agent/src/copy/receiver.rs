@@ -31,19 +31,19 @@ use cairn_api::{
 };
 use futures::{StreamExt, TryStreamExt, stream::BoxStream};
 
+pub use crate::copy::batch::BatchError;
 pub use crate::copy::session::receiver::{DEFAULT_CHECKPOINT_BYTES, DEFAULT_CHECKPOINT_EVERY};
 use crate::{
-    copy::records::LinkRecord,
     copy::session::{
         Checkpoint,
         receiver::{
             self as session, Admission, Cadence, FencedEnd, Finish, Offer, Receiver, Refusal, Start,
         },
     },
+    copy::{batch::check_batch, records::LinkRecord},
     head::{HeadError, Run, VolumeHead, layer_runs},
     heads::Heads,
     meta::{CHECKPOINTS, LINKS},
-    peer::CopiedBlock,
     role::{Busy, Change, CopyClaim, Fenced, Holder, Role},
     store::Store,
 };
@@ -57,9 +57,6 @@ pub const CLAIM_WAIT: Duration = Duration::from_secs(5);
 
 /// Runs of a batch written at once.
 const APPLY_CONCURRENCY: usize = 32;
-
-/// Most bytes a compressed batch may expand to (256 blocks).
-const MAX_BATCH_BYTES: usize = 256 * BLOCK_SIZE as usize;
 
 /// Why the receiving end refused or ended a copy or a link request.
 #[derive(Debug, thiserror::Error)]
@@ -101,29 +98,6 @@ pub enum ReceiveError {
     Head(#[from] HeadError),
     #[error(transparent)]
     Store(#[from] crate::Error),
-}
-
-/// A batch that is not what the protocol allows, or arrived damaged.
-#[derive(Debug, thiserror::Error)]
-pub enum BatchError {
-    #[error("a compressed batch carries {n} data blocks; at most {max} per batch")]
-    TooMany { n: usize, max: usize },
-    #[error("a compressed batch does not decompress: {why}")]
-    Decompress { why: String },
-    #[error("a compressed batch decompressed to {got} bytes, its {n} data blocks need {want}")]
-    Decompressed { got: usize, n: usize, want: usize },
-    #[error(
-        "block {block} is out of order or outside the volume (next expected at or after {next}, volume has {blocks} blocks)"
-    )]
-    Order { block: u64, next: u64, blocks: u64 },
-    #[error("block {block} carries data in a compressed batch")]
-    DataInCompressed { block: u64 },
-    #[error("block {block} has {len} bytes, not {BLOCK_SIZE}")]
-    Length { block: u64, len: usize },
-    #[error(
-        "block {block} arrived with CRC32C {actual:#010x} but was sent as {sent:#010x}: corrupted in transit"
-    )]
-    Crc { block: u64, actual: u32, sent: u32 },
 }
 
 type Result<T, E = ReceiveError> = std::result::Result<T, E>;
@@ -589,61 +563,4 @@ impl Session {
         let _ = out.send(Ok(reply(msg))).await;
         Ok(())
     }
-}
-
-/// Checks a batch: ascending, at or after `cursor`, inside the volume,
-/// each block 4096 bytes (or empty for zero) matching its CRC32C.
-fn check_batch(
-    batch: &pb::CopyBatch,
-    cursor: u64,
-    blocks: u64,
-) -> Result<Vec<CopiedBlock>, BatchError> {
-    const BS: usize = BLOCK_SIZE as usize;
-    let mut out = Vec::with_capacity(batch.blocks.len());
-    let mut next = cursor;
-    let unpacked = if batch.zstd_data.is_empty() {
-        None
-    } else {
-        let n = batch.blocks.iter().filter(|b| !b.zero).count();
-        if n * BS > MAX_BATCH_BYTES {
-            return Err(BatchError::TooMany { n, max: MAX_BATCH_BYTES / BS });
-        }
-        let raw = zstd::bulk::decompress(&batch.zstd_data, n * BS)
-            .map_err(|e| BatchError::Decompress { why: e.to_string() })?;
-        if raw.len() != n * BS {
-            return Err(BatchError::Decompressed { got: raw.len(), n, want: n * BS });
-        }
-        Some(Bytes::from(raw))
-    };
-    let mut at = 0usize;
-    for b in &batch.blocks {
-        if b.index < next || b.index >= blocks {
-            return Err(BatchError::Order { block: b.index, next, blocks });
-        }
-        next = b.index + 1;
-        let data = match &unpacked {
-            Some(_) if b.zero => Bytes::new(),
-            Some(raw) => {
-                if !b.data.is_empty() {
-                    return Err(BatchError::DataInCompressed { block: b.index });
-                }
-                at += BS;
-                raw.slice(at - BS..at)
-            }
-            None => b.data.clone(),
-        };
-        if data.is_empty() {
-            out.push(CopiedBlock { block: b.index, data: None });
-            continue;
-        }
-        if data.len() != BS {
-            return Err(BatchError::Length { block: b.index, len: data.len() });
-        }
-        let actual = crc32c::crc32c(&data);
-        if actual != b.crc32c {
-            return Err(BatchError::Crc { block: b.index, actual, sent: b.crc32c });
-        }
-        out.push(CopiedBlock { block: b.index, data: Some(data) });
-    }
-    Ok(out)
 }
