@@ -6,7 +6,8 @@
 //! writes in its divergent snapshot. A stream that stalls is ended after
 //! the receiver's idle timeout, keeping its checkpoint; while it lives, a
 //! second copy into the same target is refused; afterwards the copy resumes
-//! at the checkpoint and seals with the source's digest.
+//! at the checkpoint and seals with the source's digest. A copy after a
+//! promote starts afresh: the promote dropped what its checkpoint names.
 
 use std::{ffi::OsStr, time::Duration};
 
@@ -265,4 +266,52 @@ async fn a_stalled_copy_holds_its_target_until_the_idle_timeout_then_the_copy_re
     assert!(resumed.bytes_sent < 16 * MIB, "{resumed:?}");
     assert_eq!(resumed.digest.to_vec(), s1);
     assert_eq!(digest(&mut site_b, "dst", "s1").await, s1, "s1 at B has A's digest");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_copy_after_a_promote_starts_afresh_instead_of_resuming_what_the_promote_dropped() {
+    let dirs: Vec<tempfile::TempDir> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let a1 = AgentProcess::start_named(dirs[0].path(), "a1").unwrap();
+    let b_args = [OsStr::new("--copy-checkpoint-mib"), OsStr::new("1")];
+    let b1 = AgentProcess::start_args(dirs[1].path(), "b1", &b_args).unwrap();
+    let mut site_a = a1.heads().await.unwrap();
+    site_a.open_head(open_request("src", "a1", &a1, 1)).await.unwrap();
+    let mut site_b = b1.heads().await.unwrap();
+    site_b.open_head(open_request("dst", "b1", &b1, 1)).await.unwrap();
+    register(&b1, "a-to-b").await;
+    write(&mut site_a, "src", 0, pattern(1, MIB as usize)).await;
+    snapshot(&mut site_a, "s1", 1).await;
+    site_a.copy_snapshot(copy_request("a-to-b", "s1", "", b1.endpoint(), 0)).await.unwrap();
+    for i in 0..16u64 {
+        write(&mut site_a, "src", 8 * MIB + i * MIB, pattern(500 + i, MIB as usize)).await;
+    }
+    let s2 = snapshot(&mut site_a, "s2", 2).await;
+
+    // The copy of s2 breaks (a cut link) after checkpoints at B.
+    let proxy = DelayProxy::start(b1.addr(), Duration::ZERO).await.unwrap();
+    let copy = {
+        let mut a = site_a.clone();
+        let req = copy_request("a-to-b", "s2", "s1", format!("http://{}", proxy.addr()), 2 * MIB);
+        tokio::spawn(async move { a.copy_snapshot(req).await })
+    };
+    progress_until(&site_a, |p| p.snapshot_id == "s2" && p.bytes_durable >= 2 * MIB).await;
+    proxy.cut();
+    assert!(copy.await.unwrap().is_err(), "the copy breaks with the link");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // B is promoted (reverted to s1: the part of s2 is gone) and written,
+    // then opened again as a remote copy at a newer epoch.
+    site_b.promote_head(pb::PromoteHeadRequest { volume_id: "dst".into() }).await.unwrap();
+    write(&mut site_b, "dst", 8 * MIB, pattern(999, MIB as usize)).await;
+    site_b.open_head(open_request("dst", "b1", &b1, 2)).await.unwrap();
+
+    // The next copy of s2 must not resume where the broken one stood.
+    let done = site_a
+        .copy_snapshot(copy_request("a-to-b", "s2", "s1", b1.endpoint(), 0))
+        .await
+        .expect("the copy starts afresh and seals")
+        .into_inner();
+    assert_eq!(done.resumed_from_block, 0, "{done:?}");
+    assert_eq!(done.digest.to_vec(), s2);
+    assert_eq!(digest(&mut site_b, "dst", "s2").await, s2, "s2 at B has A's digest");
 }

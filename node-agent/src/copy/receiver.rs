@@ -42,7 +42,7 @@ use crate::{
     },
     copy::{batch::check_batch, records::LinkRecord},
     head::{HeadError, Run, VolumeHead, layer_runs},
-    heads::Heads,
+    heads::{Heads, HeadsResult, Promoted},
     meta::{CHECKPOINTS, LINKS},
     role::{Busy, Change, CopyClaim, Fenced, Holder, Role},
     store::Store,
@@ -326,6 +326,33 @@ impl CopyService {
         }
         Ok(())
     }
+}
+
+/// Failover of a copy target (`PromoteHead`, `PromoteTarget`): promotes
+/// its head, which ends every copy into it first (`Heads::promote`), then
+/// drops the checkpoints of every link that writes the volume here: the
+/// promote reverted the head to its newest snapshot, so the blocks they
+/// name are gone and a later copy must start afresh, not resume. (A
+/// primary admits no copy, so none can record one in between.)
+pub async fn promote(heads: &Heads, volume: &VolumeId) -> HeadsResult<Promoted> {
+    let promoted = heads.promote(volume).await?;
+    if let Err(e) = forget_checkpoints(heads.store(), volume) {
+        // The digest check still refuses a seal after a stale resume.
+        tracing::warn!(%volume, error = %e, "checkpoints of copies into a promoted volume stay");
+    }
+    Ok(promoted)
+}
+
+fn forget_checkpoints(store: &Store, volume: &VolumeId) -> Result<()> {
+    for (link, raw) in store.list_meta(LINKS)? {
+        let writes_it = serde_json::from_slice::<LinkRecord>(&raw)
+            .is_ok_and(|r| r.target_volume == volume.as_str());
+        if writes_it && store.get_meta(CHECKPOINTS, &link)?.is_some() {
+            store.put_meta(CHECKPOINTS, &link, None)?;
+            tracing::info!(%link, %volume, "checkpoint dropped: the promote reverted the target");
+        }
+    }
+    Ok(())
 }
 
 /// How an admitted copy goes on.
