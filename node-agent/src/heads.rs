@@ -8,8 +8,8 @@
 //! a promote, demote, close or replacement ends those copies first (no
 //! copy byte lands after it: `role`); a head or snapshot is never
 //! unmounted, replaced or demoted under an attached loop device (the
-//! refusal says where it is mounted). No tonic
-//! here: the gRPC edge is `grpc::volume_heads`.
+//! refusal says where it is mounted). No tonic here: the gRPC edge is
+//! `grpc::volume_heads`.
 
 use std::{
     collections::BTreeMap,
@@ -390,8 +390,6 @@ impl Heads {
         }
         if let Some(old) = heads.get(&volume) {
             old.check_detached(&volume)?;
-        }
-        if let Some(old) = heads.get(&volume) {
             // No copy writes a replaced head.
             drop(old.role.change(Change::Closed).await);
         }
