@@ -4,18 +4,17 @@
 //! task, and its FUSE mounts (the head's file and exposed snapshots).
 //!
 //! Invariants: at most one head per volume is open here, and a newer epoch
-//! replaces an older one; a Remote head takes writes only from copies; a
-//! head or snapshot is never unmounted, replaced or demoted under an
-//! attached loop device (the refusal says where it is mounted). No tonic
-//! here: the gRPC edge is `grpc::volume_heads`.
+//! replaces an older one; a Remote head takes writes only from copies, and
+//! a promote, demote, close or replacement ends those copies first (no
+//! copy byte lands after it: `role`); a head or snapshot is never
+//! unmounted, replaced or demoted under an attached loop device (the
+//! refusal says where it is mounted). No tonic here: the gRPC edge is
+//! `grpc::volume_heads`.
 
 use std::{
     collections::BTreeMap,
     path::{Path, PathBuf},
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
+    sync::Arc,
     time::Duration,
 };
 
@@ -30,6 +29,7 @@ use crate::{
     },
     head::{AgentHealth, HeadError, HeadSpec, VolumeHead},
     peer::{GrpcPeer, LocalPeer, ReplicaPeer},
+    role::{Change, Role},
     store::Store,
 };
 
@@ -155,7 +155,8 @@ impl Drop for HealTask {
 struct OpenHead {
     head: Arc<VolumeHead>,
     /// Role Remote: only copies write it; clients read; never attached.
-    remote: Arc<AtomicBool>,
+    /// Its changes fence the copy sessions writing the head.
+    role: Role,
     _heal: HealTask,
     fuse: Option<std::sync::Mutex<FuseMount>>,
     /// Snapshots exposed read-only through FUSE.
@@ -164,7 +165,7 @@ struct OpenHead {
 
 impl OpenHead {
     fn is_remote(&self) -> bool {
-        self.remote.load(Ordering::SeqCst)
+        self.role.is_remote()
     }
 
     fn fuse_file(&self) -> Option<PathBuf> {
@@ -288,6 +289,12 @@ impl Heads {
         self.open.lock().await.get(volume).map(|h| (h.head.clone(), h.is_remote()))
     }
 
+    /// The open head of `volume` with its role, for a copy into it (the
+    /// copy claims the role and applies its batches under it).
+    pub async fn copy_target(&self, volume: &VolumeId) -> Option<(Arc<VolumeHead>, Role)> {
+        self.open.lock().await.get(volume).map(|h| (h.head.clone(), h.role.clone()))
+    }
+
     /// The open head of `volume` (refused when there is none).
     pub async fn head(&self, volume: &VolumeId) -> HeadsResult<Arc<VolumeHead>> {
         self.open
@@ -383,6 +390,8 @@ impl Heads {
         }
         if let Some(old) = heads.get(&volume) {
             old.check_detached(&volume)?;
+            // No copy writes a replaced head.
+            drop(old.role.change(Change::Closed).await);
         }
         if let Some(mut old) = heads.remove(&volume)
             && let Some(m) = old.fuse.take()
@@ -421,7 +430,7 @@ impl Heads {
         let heal = HealTask(tokio::spawn(head.clone().heal(self.heal_every)).abort_handle());
         let open = OpenHead {
             head,
-            remote: Arc::new(AtomicBool::new(r.remote)),
+            role: Role::new(r.remote),
             _heal: heal,
             fuse: fuse.map(std::sync::Mutex::new),
             snapshots: BTreeMap::new(),
@@ -441,6 +450,8 @@ impl Heads {
             return Err(self.not_open(volume));
         };
         open.check_detached(volume)?;
+        // No copy writes a closed head.
+        drop(open.role.change(Change::Closed).await);
         let open = heads.remove(volume).expect("just found");
         for m in open.fuse.into_iter().chain(open.snapshots.into_values()) {
             unmount(m).await?;
@@ -504,10 +515,13 @@ impl Heads {
         if !open.is_remote() {
             return Err(HeadsError::AlreadyPrimary { volume: volume.clone() });
         }
+        // Every copy session into the volume ends first: no batch of one
+        // is applied after this (the in-flight ones are waited for).
+        let change = open.role.change(Change::Promoted).await;
         open.head.revert().await?;
         let base = open.head.snapshots().await?.into_iter().rfind(|s| !s.divergent).map(|s| s.id);
         let digest = open.head.digest(None).await?;
-        open.remote.store(false, Ordering::SeqCst);
+        change.set_remote(false);
         tracing::warn!(%volume, base = ?base, "promoted: the volume is a primary here");
         Ok(Promoted { base, digest })
     }
@@ -531,8 +545,9 @@ impl Heads {
         if let Some(m) = open.fuse.take() {
             unmount(m).await?;
         }
+        let change = open.role.change(Change::Demoted).await;
         let digest = open.head.snapshot(snap, generation).await?;
-        open.remote.store(true, Ordering::SeqCst);
+        change.set_remote(true);
         tracing::warn!(%volume, snapshot = %snap, "demoted: the volume is a remote copy here");
         Ok(digest)
     }

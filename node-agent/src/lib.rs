@@ -14,6 +14,7 @@ pub mod lock;
 pub mod meta;
 pub mod peer;
 pub mod replica;
+pub mod role;
 pub mod store;
 pub mod transport;
 

@@ -54,6 +54,11 @@ struct Args {
     /// ...or after this many milliseconds, whichever comes first.
     #[arg(long, env = "CAIRN_COPY_CHECKPOINT_MS", default_value_t = 5000)]
     copy_checkpoint_ms: u64,
+    /// A copy stream that carries no frame (senders ping every 100 ms) for
+    /// this many seconds is ended at the receiver; its checkpoint stays,
+    /// so the next attempt resumes there, and the target is free for it.
+    #[arg(long, env = "CAIRN_COPY_IDLE_TIMEOUT_SECS", default_value_t = 60)]
+    copy_idle_timeout_secs: u64,
     /// Caps every copy this agent sends, all links together, at this many
     /// bytes per second (each link's own policy applies too). None: no cap.
     #[arg(long, env = "CAIRN_COPY_RATE_CAP")]
@@ -163,6 +168,7 @@ async fn main() -> anyhow::Result<()> {
             args.copy_checkpoint_mib.max(1) << 20,
             std::time::Duration::from_millis(args.copy_checkpoint_ms.max(10)),
         )
+        .with_idle_timeout(std::time::Duration::from_secs(args.copy_idle_timeout_secs.max(1)))
         .with_forwarding(heads.links());
     let site_copies = copies.clone();
     let site = async {

@@ -3,6 +3,7 @@
 //! sends (fan-out, cascade, resync) and mutual TLS between sites.
 
 pub mod bandwidth;
+pub mod batch;
 pub mod convert;
 pub mod links;
 pub mod receiver;

@@ -13,6 +13,12 @@
 //! re-sends at most what came after the last checkpoint; a copy that
 //! starts afresh first reverts the target's head to its newest snapshot,
 //! so no block of an abandoned attempt survives into the sealed snapshot.
+//!
+//! Fencing: a session claims the target head's role ([`crate::role`]) at
+//! its start and applies every batch, checkpoint and seal under it, so a
+//! promote, demote or close of the target ends the session and no block of
+//! it lands afterwards; one session per target; a stream with no frame for
+//! the idle timeout ends (its checkpoint stays, so a new attempt resumes).
 
 use std::{
     sync::Arc,
@@ -25,25 +31,32 @@ use cairn_api::{
 };
 use futures::{StreamExt, TryStreamExt, stream::BoxStream};
 
+pub use crate::copy::batch::BatchError;
 pub use crate::copy::session::receiver::{DEFAULT_CHECKPOINT_BYTES, DEFAULT_CHECKPOINT_EVERY};
 use crate::{
-    copy::records::LinkRecord,
     copy::session::{
         Checkpoint,
-        receiver::{self as session, Admission, Cadence, Finish, Offer, Receiver, Refusal, Start},
+        receiver::{
+            self as session, Admission, Cadence, FencedEnd, Finish, Offer, Receiver, Refusal, Start,
+        },
     },
+    copy::{batch::check_batch, records::LinkRecord},
     head::{HeadError, Run, VolumeHead, layer_runs},
-    heads::Heads,
+    heads::{Heads, HeadsResult, Promoted},
     meta::{CHECKPOINTS, LINKS},
-    peer::CopiedBlock,
+    role::{Busy, Change, CopyClaim, Fenced, Holder, Role},
     store::Store,
 };
 
+/// A stream that carries no frame (not even a ping) for this long ends.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a copy waits for another session on the same target to end
+/// (one that broke may still be recording its checkpoint) before it is
+/// refused.
+pub const CLAIM_WAIT: Duration = Duration::from_secs(5);
+
 /// Runs of a batch written at once.
 const APPLY_CONCURRENCY: usize = 32;
-
-/// Most bytes a compressed batch may expand to (256 blocks).
-const MAX_BATCH_BYTES: usize = 256 * BLOCK_SIZE as usize;
 
 /// Why the receiving end refused or ended a copy or a link request.
 #[derive(Debug, thiserror::Error)]
@@ -62,6 +75,14 @@ pub enum ReceiveError {
     NoHead { link: String, target: VolumeId },
     #[error(transparent)]
     Refused(#[from] Refusal),
+    #[error(
+        "link {link}: target volume {target} is being written by another copy (link {other}, snapshot {snapshot}): one copy writes a target at a time; retry when it ends (a stream that stopped is ended after --copy-idle-timeout-secs)"
+    )]
+    Busy { link: String, target: VolumeId, other: String, snapshot: String },
+    #[error(
+        "link {link}: target volume {target} was {change} at this site while the copy ran: its blocks are refused from then on and nothing more of it was written; start the copy again (it is admitted only onto a Remote target)"
+    )]
+    Fenced { link: String, target: VolumeId, change: Change },
     #[error(transparent)]
     Batch(#[from] BatchError),
     #[error("a copy carries one CopyStart, first; then batches and a CopyEnd")]
@@ -79,29 +100,6 @@ pub enum ReceiveError {
     Store(#[from] crate::Error),
 }
 
-/// A batch that is not what the protocol allows, or arrived damaged.
-#[derive(Debug, thiserror::Error)]
-pub enum BatchError {
-    #[error("a compressed batch carries {n} data blocks; at most {max} per batch")]
-    TooMany { n: usize, max: usize },
-    #[error("a compressed batch does not decompress: {why}")]
-    Decompress { why: String },
-    #[error("a compressed batch decompressed to {got} bytes, its {n} data blocks need {want}")]
-    Decompressed { got: usize, n: usize, want: usize },
-    #[error(
-        "block {block} is out of order or outside the volume (next expected at or after {next}, volume has {blocks} blocks)"
-    )]
-    Order { block: u64, next: u64, blocks: u64 },
-    #[error("block {block} carries data in a compressed batch")]
-    DataInCompressed { block: u64 },
-    #[error("block {block} has {len} bytes, not {BLOCK_SIZE}")]
-    Length { block: u64, len: usize },
-    #[error(
-        "block {block} arrived with CRC32C {actual:#010x} but was sent as {sent:#010x}: corrupted in transit"
-    )]
-    Crc { block: u64, actual: u32, sent: u32 },
-}
-
 type Result<T, E = ReceiveError> = std::result::Result<T, E>;
 
 fn secret_hash(secret: &[u8]) -> String {
@@ -114,13 +112,27 @@ pub struct CopyService {
     store: Arc<Store>,
     heads: Heads,
     cadence: Cadence,
+    /// A stream with no frame for this long ends.
+    idle: Duration,
     /// Told of every snapshot sealed here, to forward it (cascade).
     links: Option<Arc<crate::copy::links::Links>>,
 }
 
 impl CopyService {
     pub fn new(store: Arc<Store>, heads: Heads) -> Self {
-        CopyService { store, heads, cadence: Cadence::default(), links: None }
+        CopyService {
+            store,
+            heads,
+            cadence: Cadence::default(),
+            idle: DEFAULT_IDLE_TIMEOUT,
+            links: None,
+        }
+    }
+
+    /// Sets how long a stream may carry no frame before its session ends.
+    pub fn with_idle_timeout(mut self, idle: Duration) -> Self {
+        self.idle = idle;
+        self
     }
 
     /// Forwards snapshots sealed here over this agent's links that ask for
@@ -206,18 +218,17 @@ impl CopyService {
             .map_err(|source| ReceiveError::TargetId { link: link_id.to_string(), source })
     }
 
-    /// The open head of a link's target volume, and whether it is Remote.
+    /// The open head of a link's target volume, and its role.
     async fn target_head(
         &self,
         link_id: &str,
         link: &LinkRecord,
-    ) -> Result<(VolumeId, Arc<VolumeHead>, bool)> {
+    ) -> Result<(VolumeId, Arc<VolumeHead>, Role)> {
         let target = self.target_volume(link_id, link)?;
-        let (head, remote) = self.heads.get(&target).await.ok_or_else(|| ReceiveError::NoHead {
-            link: link_id.to_string(),
-            target: target.clone(),
+        let (head, role) = self.heads.copy_target(&target).await.ok_or_else(|| {
+            ReceiveError::NoHead { link: link_id.to_string(), target: target.clone() }
         })?;
-        Ok((target, head, remote))
+        Ok((target, head, role))
     }
 
     /// The snapshots of an admitted link's target volume with their
@@ -242,7 +253,26 @@ impl CopyService {
     /// rolls back what a resync calls for, and records its checkpoint
     /// before the session answers.
     pub(crate) async fn begin(&self, link: LinkRecord, offer: Offer) -> Result<Begun> {
-        let (target, head, remote) = self.target_head(&offer.link, &link).await?;
+        let (target, head, role) = self.target_head(&offer.link, &link).await?;
+        // One session per target; the claim binds it to the role (and the
+        // head instance) it is admitted under.
+        let holder = Holder { link: offer.link.clone(), snapshot: offer.snapshot.to_string() };
+        let claim =
+            role.claim(holder, CLAIM_WAIT).await.map_err(|Busy(other)| ReceiveError::Busy {
+                link: offer.link.clone(),
+                target: target.clone(),
+                other: other.link,
+                snapshot: other.snapshot,
+            })?;
+        let fenced = |Fenced(change)| ReceiveError::Fenced {
+            link: offer.link.clone(),
+            target: target.clone(),
+            change,
+        };
+        // Admission and a fresh start's revert, marks and roll-back happen
+        // under the role: a promote waits for them or comes first.
+        let applying = claim.apply().await.map_err(fenced)?;
+        let remote = claim.remote();
         let snaps = head.snapshots().await?;
         let view =
             session::Target { volume: &target, remote, size: head.size(), snapshots: &snaps };
@@ -267,6 +297,7 @@ impl CopyService {
             }
             self.save_checkpoint(&offer.link, Some(checkpoint))?;
         }
+        drop(applying);
         // The session's clock counts from `epoch`.
         let epoch = Instant::now();
         let session = Receiver::new(&offer, &start, self.cadence, Duration::ZERO);
@@ -274,7 +305,9 @@ impl CopyService {
         Ok(Begun::Session(Box::new(Session {
             service: self.clone(),
             link: offer.link,
+            target,
             head,
+            claim,
             session,
             epoch,
         })))
@@ -293,6 +326,33 @@ impl CopyService {
         }
         Ok(())
     }
+}
+
+/// Failover of a copy target (`PromoteHead`, `PromoteTarget`): promotes
+/// its head, which ends every copy into it first (`Heads::promote`), then
+/// drops the checkpoints of every link that writes the volume here: the
+/// promote reverted the head to its newest snapshot, so the blocks they
+/// name are gone and a later copy must start afresh, not resume. (A
+/// primary admits no copy, so none can record one in between.)
+pub async fn promote(heads: &Heads, volume: &VolumeId) -> HeadsResult<Promoted> {
+    let promoted = heads.promote(volume).await?;
+    if let Err(e) = forget_checkpoints(heads.store(), volume) {
+        // The digest check still refuses a seal after a stale resume.
+        tracing::warn!(%volume, error = %e, "checkpoints of copies into a promoted volume stay");
+    }
+    Ok(promoted)
+}
+
+fn forget_checkpoints(store: &Store, volume: &VolumeId) -> Result<()> {
+    for (link, raw) in store.list_meta(LINKS)? {
+        let writes_it = serde_json::from_slice::<LinkRecord>(&raw)
+            .is_ok_and(|r| r.target_volume == volume.as_str());
+        if writes_it && store.get_meta(CHECKPOINTS, &link)?.is_some() {
+            store.put_meta(CHECKPOINTS, &link, None)?;
+            tracing::info!(%link, %volume, "checkpoint dropped: the promote reverted the target");
+        }
+    }
+    Ok(())
 }
 
 /// How an admitted copy goes on.
@@ -315,7 +375,10 @@ fn reply(r: pb::copy_reply::Reply) -> pb::CopyReply {
 pub(crate) struct Session {
     service: CopyService,
     link: String,
+    target: VolumeId,
     head: Arc<VolumeHead>,
+    /// Every write, checkpoint and seal is applied under it.
+    claim: CopyClaim,
     session: Receiver,
     /// The session's clock starts here.
     epoch: Instant,
@@ -348,23 +411,32 @@ impl Session {
         // once: its round trip measures the network and the queues in
         // front of this reader, not the time writes take here (when the
         // writes are the bottleneck, the small queue fills and the reader
-        // stops, which the round trip then shows).
+        // stops, which the round trip then shows). The reader also times
+        // the stream out: no frame (pings included) for `idle` is a break.
         let (frames_tx, mut frames) = tokio::sync::mpsc::channel::<Result<pb::CopyFrame>>(2);
         let pongs = out.clone();
         let link = self.link.clone();
+        let idle = self.service.idle;
         let reader = tokio::spawn(async move {
             loop {
-                let next = match inbound.next().await {
-                    Some(Ok(pb::CopyFrame { frame: Some(pb::copy_frame::Frame::Ping(p)) })) => {
+                let next = match tokio::time::timeout(idle, inbound.next()).await {
+                    Ok(Some(Ok(pb::CopyFrame { frame: Some(pb::copy_frame::Frame::Ping(p)) }))) => {
                         let _ = pongs.send(Ok(reply(pb::copy_reply::Reply::Pong(p)))).await;
                         continue;
                     }
-                    Some(Ok(f)) => Ok(f),
-                    None => Err(ReceiveError::Broken {
+                    Ok(Some(Ok(f))) => Ok(f),
+                    Ok(None) => Err(ReceiveError::Broken {
                         link: link.clone(),
                         why: "the sender closed the stream before CopyEnd".into(),
                     }),
-                    Some(Err(e)) => Err(e),
+                    Ok(Some(Err(e))) => Err(e),
+                    Err(_) => Err(ReceiveError::Broken {
+                        link: link.clone(),
+                        why: format!(
+                            "no frame from the sender for {} s (--copy-idle-timeout-secs): the session ended; a new attempt resumes at its checkpoint",
+                            idle.as_secs_f64()
+                        ),
+                    }),
                 };
                 let end = next.is_err();
                 if frames_tx.send(next).await.is_err() || end {
@@ -374,10 +446,17 @@ impl Session {
         });
         let _stop_reader = crate::copy::sender::AbortOnDrop(reader.abort_handle());
         loop {
-            let frame = match frames.recv().await {
-                Some(Ok(f)) => f,
-                Some(Err(e)) => return Err(self.broken(e).await),
-                None => {
+            // A role change of the target ends the session at once, even
+            // while it waits for frames.
+            let next = tokio::select! {
+                f = self.claim.fenced() => Err(f),
+                next = frames.recv() => Ok(next),
+            };
+            let frame = match next {
+                Err(Fenced(change)) => return Err(self.fenced(change).await),
+                Ok(Some(Ok(f))) => f,
+                Ok(Some(Err(e))) => return Err(self.broken(e).await),
+                Ok(None) => {
                     let why = "the copy stream ended".to_string();
                     return Err(self
                         .broken(ReceiveError::Broken { link: self.link.clone(), why })
@@ -391,6 +470,11 @@ impl Session {
                     let Some(last) = copied.last().map(|b| b.block) else { continue };
                     let n: u64 =
                         copied.iter().filter_map(|b| b.data.as_ref()).map(|d| d.len() as u64).sum();
+                    // Under the role: refused once the target's role changed.
+                    let applying = match self.claim.apply().await {
+                        Ok(a) => a,
+                        Err(Fenced(change)) => return Err(self.fenced(change).await),
+                    };
                     // The runs of a batch cover distinct blocks: they are
                     // written concurrently (scattered blocks of a layer are
                     // many small writes, each a round trip to the replicas).
@@ -405,7 +489,9 @@ impl Session {
                         .buffer_unordered(APPLY_CONCURRENCY)
                         .try_collect::<()>()
                         .await?;
-                    if let Some(cp) = self.session.applied(last, n, self.now()) {
+                    let due = self.session.applied(last, n, self.now());
+                    drop(applying);
+                    if let Some(cp) = due {
                         self.durable(cp, Some(out)).await?;
                     }
                 }
@@ -417,6 +503,20 @@ impl Session {
 
     fn now(&self) -> Duration {
         self.epoch.elapsed()
+    }
+
+    /// The target's role changed: the session ends without writing
+    /// anything more; its checkpoint goes when the change reverted the
+    /// target (a promote), and stays for a resume otherwise.
+    async fn fenced(&mut self, change: Change) -> ReceiveError {
+        let end = self.session.fenced(change == Change::Promoted);
+        tracing::warn!(link = %self.link, target = %self.target, %change, ?end, "copy fenced: the target's role changed");
+        if end == FencedEnd::ClearCheckpoint
+            && let Err(e) = self.service.save_checkpoint(&self.link, None)
+        {
+            tracing::warn!(link = %self.link, error = %e, "the checkpoint of a fenced copy stays");
+        }
+        ReceiveError::Fenced { link: self.link.clone(), target: self.target.clone(), change }
     }
 
     /// The sender died or the link broke: what arrived is made durable,
@@ -437,10 +537,15 @@ impl Session {
     }
 
     /// Flushes the target, records the checkpoint and answers it (unless
-    /// the stream is broken).
+    /// the stream is broken); under the role, so never after a change.
     async fn durable(&mut self, cp: Checkpoint, out: Option<&Replies>) -> Result<()> {
+        let applying = match self.claim.apply().await {
+            Ok(a) => a,
+            Err(Fenced(change)) => return Err(self.fenced(change).await),
+        };
         self.head.flush().await?;
         self.service.save_checkpoint(&self.link, Some(&cp))?;
+        drop(applying);
         let msg = pb::copy_reply::Reply::Checkpoint(pb::CopyCheckpoint {
             through_block: cp.through_block,
             bytes_done: cp.bytes_done,
@@ -454,6 +559,10 @@ impl Session {
 
     async fn finish(mut self, out: &Replies) -> Result<()> {
         self.session.end();
+        let applying = match self.claim.apply().await {
+            Ok(a) => a,
+            Err(Fenced(change)) => return Err(self.fenced(change).await),
+        };
         self.head.flush().await?;
         let got = self.head.digest(None).await?;
         let (snapshot, generation) = match self.session.digest(got) {
@@ -471,6 +580,7 @@ impl Session {
         };
         let sealed = self.head.snapshot(&snapshot, generation).await?;
         self.service.save_checkpoint(&self.link, None)?;
+        drop(applying);
         self.service.sealed(&self.link, &snapshot, self.head.volume())?;
         tracing::info!(link = %self.link, %snapshot, digest = %sealed, "copy sealed");
         let msg = pb::copy_reply::Reply::Done(pb::CopyDone {
@@ -480,61 +590,4 @@ impl Session {
         let _ = out.send(Ok(reply(msg))).await;
         Ok(())
     }
-}
-
-/// Checks a batch: ascending, at or after `cursor`, inside the volume,
-/// each block 4096 bytes (or empty for zero) matching its CRC32C.
-fn check_batch(
-    batch: &pb::CopyBatch,
-    cursor: u64,
-    blocks: u64,
-) -> Result<Vec<CopiedBlock>, BatchError> {
-    const BS: usize = BLOCK_SIZE as usize;
-    let mut out = Vec::with_capacity(batch.blocks.len());
-    let mut next = cursor;
-    let unpacked = if batch.zstd_data.is_empty() {
-        None
-    } else {
-        let n = batch.blocks.iter().filter(|b| !b.zero).count();
-        if n * BS > MAX_BATCH_BYTES {
-            return Err(BatchError::TooMany { n, max: MAX_BATCH_BYTES / BS });
-        }
-        let raw = zstd::bulk::decompress(&batch.zstd_data, n * BS)
-            .map_err(|e| BatchError::Decompress { why: e.to_string() })?;
-        if raw.len() != n * BS {
-            return Err(BatchError::Decompressed { got: raw.len(), n, want: n * BS });
-        }
-        Some(Bytes::from(raw))
-    };
-    let mut at = 0usize;
-    for b in &batch.blocks {
-        if b.index < next || b.index >= blocks {
-            return Err(BatchError::Order { block: b.index, next, blocks });
-        }
-        next = b.index + 1;
-        let data = match &unpacked {
-            Some(_) if b.zero => Bytes::new(),
-            Some(raw) => {
-                if !b.data.is_empty() {
-                    return Err(BatchError::DataInCompressed { block: b.index });
-                }
-                at += BS;
-                raw.slice(at - BS..at)
-            }
-            None => b.data.clone(),
-        };
-        if data.is_empty() {
-            out.push(CopiedBlock { block: b.index, data: None });
-            continue;
-        }
-        if data.len() != BS {
-            return Err(BatchError::Length { block: b.index, len: data.len() });
-        }
-        let actual = crc32c::crc32c(&data);
-        if actual != b.crc32c {
-            return Err(BatchError::Crc { block: b.index, actual, sent: b.crc32c });
-        }
-        out.push(CopiedBlock { block: b.index, data: Some(data) });
-    }
-    Ok(out)
 }

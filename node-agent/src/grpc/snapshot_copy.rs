@@ -50,6 +50,8 @@ pub fn status(e: ReceiveError) -> Status {
             | Refusal::NotEmpty { .. }
             | Refusal::Diverged { .. } => Status::failed_precondition(msg),
         },
+        ReceiveError::Busy { .. } => Status::aborted(msg),
+        ReceiveError::Fenced { .. } => Status::failed_precondition(msg),
         ReceiveError::Batch(b) => match b {
             BatchError::TooMany { .. }
             | BatchError::Order { .. }
@@ -193,8 +195,7 @@ impl SnapshotCopy for CopyService {
         let link = self.admit(&r.link_id, &r.pairing_secret).map_err(status)?;
         let target = convert::volume_id("target_volume", &link.target_volume)
             .map_err(|e| Status::data_loss(format!("link {}: {e}", r.link_id)))?;
-        self.heads()
-            .promote(&target)
+        crate::copy::receiver::promote(self.heads(), &target)
             .await
             .map(|p| Response::new(promoted_pb(p)))
             .map_err(heads_status)

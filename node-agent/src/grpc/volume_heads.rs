@@ -307,7 +307,8 @@ impl VolumeHeads for VolumeHeadsService {
     ) -> Result<Response<pb::PromoteHeadResponse>, Status> {
         let volume = convert::volume_id("volume_id", &req.get_ref().volume_id).map_err(field)?;
         self.heads.check_open(&volume).await.map_err(heads_status)?;
-        let promoted = self.heads.promote(&volume).await.map_err(heads_status)?;
+        let promoted =
+            crate::copy::receiver::promote(&self.heads, &volume).await.map_err(heads_status)?;
         Ok(Response::new(promoted_pb(promoted)))
     }
 

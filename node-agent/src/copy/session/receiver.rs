@@ -6,7 +6,9 @@
 //!
 //! States: `Receiving` (batches in ascending order from [`Receiver::next_block`])
 //! -> `Ending` (after `CopyEnd`, waiting for the target's digest) ->
-//! `Sealed` or `Refused`; from `Receiving`, a break ends in `Broken`.
+//! `Sealed` or `Refused`; from `Receiving`, a break ends in `Broken`; from
+//! `Receiving` or `Ending`, a change of the target's role (promote, demote,
+//! close: `crate::role`) ends in `Fenced`.
 
 use std::time::Duration;
 
@@ -233,6 +235,19 @@ pub enum Phase {
     Refused,
     /// The stream broke before `CopyEnd`.
     Broken,
+    /// The target's role changed while the session ran.
+    Fenced,
+}
+
+/// What a fenced session leaves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FencedEnd {
+    /// The change kept the target's head (a close or reopen): the recorded
+    /// checkpoint stays valid, and a new attempt resumes there.
+    KeepCheckpoint,
+    /// The change reverted the target's head to its newest snapshot (a
+    /// promote): what the checkpoint names is gone, so it goes too.
+    ClearCheckpoint,
 }
 
 /// What to do with the target's digest after `CopyEnd`.
@@ -329,6 +344,17 @@ impl Receiver {
     pub fn broken(&mut self) -> Option<Checkpoint> {
         self.phase = Phase::Broken;
         (self.next_block > self.durable.through_block).then(|| self.pending())
+    }
+
+    /// The target's role changed (`reverted`: and its head went back to
+    /// the newest snapshot). Unlike a break, nothing applied since the last
+    /// checkpoint is recorded: no write of any kind follows a role change.
+    pub fn fenced(&mut self, reverted: bool) -> FencedEnd {
+        self.phase = Phase::Fenced;
+        match reverted {
+            true => FencedEnd::ClearCheckpoint,
+            false => FencedEnd::KeepCheckpoint,
+        }
     }
 
     /// `CopyEnd` arrived: flush the target and compute its digest, then
@@ -534,6 +560,25 @@ mod tests {
         let cp = r.broken().expect("what arrived is checkpointed");
         assert_eq!((cp.through_block, cp.bytes_done), (42, 4096));
         assert_eq!(r.phase(), Phase::Broken);
+    }
+
+    #[test]
+    fn a_fenced_session_records_nothing_more_and_drops_its_checkpoint_only_after_a_revert() {
+        let cadence = Cadence { bytes: 8 * MIB, every: Duration::from_secs(5) };
+        let mut r = session(cadence);
+        assert_eq!(r.applied(41, 4096, Duration::ZERO), None);
+        // A promote reverted the target: its checkpoint names blocks that
+        // are gone.
+        assert_eq!(r.fenced(true), FencedEnd::ClearCheckpoint);
+        assert_eq!(r.phase(), Phase::Fenced);
+        assert_eq!(r.resume(), (0, 0), "what arrived after the last checkpoint is not recorded");
+        // A head closed or reopened keeps what was flushed: resume there.
+        let mut r = session(Cadence { bytes: 4096, every: Duration::from_secs(5) });
+        let cp = r.applied(9, 4096, Duration::ZERO).expect("due");
+        r.checkpointed(cp, Duration::ZERO);
+        assert_eq!(r.applied(20, 4096, Duration::ZERO).map(|c| c.through_block), Some(21));
+        assert_eq!(r.fenced(false), FencedEnd::KeepCheckpoint);
+        assert_eq!(r.resume(), (10, 4096), "the recorded checkpoint, not the pending one");
     }
 
     #[test]
