@@ -97,6 +97,8 @@ struct FakeState {
     links: BTreeMap<String, Vec<(String, String)>>,
     /// Links registered at receivers: link id -> target volume.
     receiving: BTreeMap<String, String>,
+    /// Volumes whose link listing fails (the agent cannot say).
+    links_fail: Vec<String>,
 }
 
 impl FakeState {
@@ -147,6 +149,11 @@ impl FakeAgents {
     }
 
     /// A link the agent sends for `volume`, having copied up to `cursor`.
+    /// Makes `ListLinks` of `volume` fail (UNAVAILABLE) from now on.
+    pub fn fail_links(&self, volume: &str) {
+        self.inner.lock().unwrap().links_fail.push(volume.into());
+    }
+
     pub fn add_link(&self, volume: &str, link: &str, cursor: &str) {
         let mut st = self.inner.lock().unwrap();
         st.links.entry(volume.into()).or_default().push((link.into(), cursor.into()));
@@ -268,8 +275,15 @@ impl AgentApi for FakeAgents {
         Ok(())
     }
 
-    async fn links(&self, _endpoint: &str, volume: &str) -> AgentResult<Vec<pb::LinkStatus>> {
+    async fn links(&self, endpoint: &str, volume: &str) -> AgentResult<Vec<pb::LinkStatus>> {
         let st = self.inner.lock().unwrap();
+        if st.links_fail.iter().any(|v| v == volume) {
+            return Err(AgentError {
+                endpoint: endpoint.into(),
+                code: tonic::Code::Unavailable,
+                message: "the link store could not be read".into(),
+            });
+        }
         let links = st.links.get(volume).cloned().unwrap_or_default();
         Ok(links
             .into_iter()

@@ -13,9 +13,12 @@
 
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
-use cairn_api::crd::{
-    Condition, ConditionStatus, RemoteLink, RetentionRule, SnapshotSchedule, StorageCluster,
-    Volume, VolumeRole, set_condition, snapshot_schedule::condition,
+use cairn_api::{
+    agent::v1 as pb,
+    crd::{
+        Condition, ConditionStatus, RemoteLink, RetentionRule, SnapshotSchedule, StorageCluster,
+        Volume, VolumeRole, set_condition, snapshot_schedule::condition,
+    },
 };
 use jiff::{SignedDuration, Timestamp};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
@@ -248,7 +251,8 @@ pub async fn reconcile(s: Arc<SnapshotSchedule>, ctx: Arc<Context>) -> Result<Ac
         // Apply: retention at the primary, then at each remote twin this
         // cluster reaches (a link's target on a cluster of this Kubernetes
         // cluster).
-        if let Err(e) = prune_at(&ctx, &name, &ep, id, retention, now).await {
+        let cursors = link_cursors(&links, &v.name_any());
+        if let Err(e) = prune_at(&ctx, &name, &ep, id, retention, now, &cursors).await {
             failures.push(format!("{}: {e}", v.name_any()));
         }
         for l in links.iter().filter(|l| l.spec.source_volume == v.name_any()) {
@@ -258,7 +262,8 @@ pub async fn reconcile(s: Arc<SnapshotSchedule>, ctx: Arc<Context>) -> Result<Ac
             };
             let cluster = cached(&mut cluster_cache, &clusters, &t.spec.cluster).await?;
             let Some((tep, tid)) = head_endpoint(t.status.as_ref(), cluster) else { continue };
-            if let Err(e) = prune_at(&ctx, &name, &tep, &tid, remote_retention, now).await {
+            if let Err(e) = prune_at(&ctx, &name, &tep, &tid, remote_retention, now, &cursors).await
+            {
                 failures.push(format!("{} (remote twin of {}): {e}", t.name_any(), v.name_any()));
             }
         }
@@ -310,9 +315,49 @@ async fn cached<'a>(
     Ok(cache[name].as_ref())
 }
 
+/// Pure: the cursor of each RemoteLink copying Volume `volume`, as its
+/// status records it (`(link, last copied snapshot)`). The status lives in
+/// the API server, so it survives the head moving to an agent that never
+/// sent the link.
+pub fn link_cursors(links: &[RemoteLink], volume: &str) -> Vec<(String, String)> {
+    links
+        .iter()
+        .filter(|l| l.spec.source_volume == volume)
+        .filter_map(|l| {
+            let snap = l.status.as_ref()?.last_copied_snapshot.as_ref()?;
+            Some((l.name_any(), snap.id.clone()))
+        })
+        .collect()
+}
+
+/// Pure: the snapshots of `line` (non-divergent, this schedule's) that a
+/// link needs: every one at or after its cursor, by generation (the
+/// cursor need not be one of this schedule's). A cursor not in `snaps`
+/// keeps nothing more: the link's next copy cannot start from it anyway.
+pub fn needed_by_links(
+    snaps: &[pb::SnapshotInfo],
+    line: &[Snap],
+    cursors: &[(String, String)],
+) -> BTreeMap<String, String> {
+    let generation = |id: &str| snaps.iter().find(|s| s.snapshot_id == id).map(|s| s.generation);
+    let mut needed = BTreeMap::new();
+    for (link, cursor) in cursors {
+        let Some(from) = generation(cursor) else { continue };
+        for x in line.iter().filter(|x| !x.divergent) {
+            if generation(&x.id).is_some_and(|g| g >= from) {
+                needed.entry(x.id.clone()).or_insert_with(|| format!("link {link} needs it"));
+            }
+        }
+    }
+    needed
+}
+
 /// Applies `retention` to a volume at the agent `ep` holds its head on:
-/// keeps the newest, and everything from each of its links' cursors on;
-/// a deletion the agent refuses (a link needs it) is kept.
+/// keeps the newest, and everything from each link's cursor on (the
+/// RemoteLinks' `cursors` from the API server and the links the agent
+/// lists); a deletion the agent refuses (a link needs it) is kept. When
+/// the agent cannot list its links nothing is pruned: not knowing the
+/// links is never taken for having none.
 async fn prune_at(
     ctx: &Context,
     schedule: &str,
@@ -320,8 +365,13 @@ async fn prune_at(
     id: &str,
     retention: Retention,
     now: Timestamp,
+    cursors: &[(String, String)],
 ) -> Result<(), crate::agent::AgentError> {
     let snaps = ctx.agents.snapshots(ep, id).await?;
+    let listed = ctx.agents.links(ep, id).await.map_err(|e| crate::agent::AgentError {
+        message: format!("{}; every snapshot kept: a link might need it", e.message),
+        ..e
+    })?;
     // Only this schedule's own snapshots: those taken by hand, through CSI
     // (a VolumeSnapshot) or by another schedule are not its to prune.
     let line: Vec<Snap> = snaps
@@ -333,16 +383,12 @@ async fn prune_at(
             divergent: x.divergent,
         })
         .collect();
-    let order: Vec<&str> = line.iter().filter(|x| !x.divergent).map(|x| x.id.as_str()).collect();
-    let mut needed = BTreeMap::new();
-    for l in ctx.agents.links(ep, id).await.unwrap_or_default() {
-        let link = l.link.map(|l| l.link_id).unwrap_or_default();
-        if let Some(at) = order.iter().position(|x| *x == l.last_copied_snapshot_id) {
-            for x in &order[at..] {
-                needed.entry(x.to_string()).or_insert_with(|| format!("link {link} needs it"));
-            }
-        }
-    }
+    let mut all: Vec<(String, String)> = listed
+        .into_iter()
+        .map(|l| (l.link.map(|l| l.link_id).unwrap_or_default(), l.last_copied_snapshot_id))
+        .collect();
+    all.extend(cursors.iter().cloned());
+    let needed = needed_by_links(&snaps, &line, &all);
     for gone in retention::plan(&line, retention, now, &needed).prune {
         match ctx.agents.delete_snapshot(ep, id, &gone).await {
             Ok(()) => {}

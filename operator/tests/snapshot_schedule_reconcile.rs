@@ -197,3 +197,102 @@ async fn the_remote_twin_is_pruned_by_the_remote_retention() {
     assert_eq!(agents.snapshot_ids("shop-db-copy"), [recent]);
     assert!(agents.calls().iter().all(|c| !matches!(c, Call::Snapshot { .. })), "no run was due");
 }
+
+/// Volume db with five older runs of the schedule (generations 2..6), and
+/// the schedule: returns their ids and the schedule.
+fn five_runs(agents: &cairn_operator::agent::FakeAgents, now: Timestamp) -> Vec<String> {
+    let ids: Vec<String> =
+        (0..5).map(|i| snapshot_id("every-15", now - SignedDuration::from_hours(5 - i))).collect();
+    for (i, id) in ids.iter().enumerate() {
+        let at = (now - SignedDuration::from_hours(5 - i as i64)).as_second();
+        agents.add_snapshot("shop-db", id, i as u64 + 2, at);
+    }
+    ids
+}
+
+/// RemoteLink db-to-b from db to site-b's db-copy, its status saying it
+/// copied `cursor` last.
+fn link_with_cursor(cursor: &str) -> serde_json::Value {
+    let mut l = json!(fixtures::link("db-to-b", "db", "site-b", "db-copy"));
+    l["status"] = json!({"lastCopiedSnapshot": {
+        "id": cursor, "generation": 3, "digest": "00".repeat(32),
+        "createdAt": "2026-12-07T00:00:00Z", "copiedAt": "2026-12-07T00:01:00Z"}});
+    l
+}
+
+/// One reconcile of the schedule with db selected and `links` listed;
+/// returns the status written.
+async fn run_once(
+    ctx: Arc<cairn_operator::context::Context>,
+    api: &mut common::ApiServer,
+    s: &SnapshotSchedule,
+    links: Vec<serde_json::Value>,
+) -> serde_json::Value {
+    let run = tokio::spawn(reconcile(Arc::new(s.clone()), ctx));
+    let vols = json!({"apiVersion": "cairn.dev/v1alpha1", "kind": "VolumeList", "metadata": {},
+                      "items": [volume("db", VolumeRole::Primary)]});
+    serve(api, Method::GET, VOLUMES, vols).await;
+    let list = json!({"apiVersion": "cairn.dev/v1alpha1", "kind": "RemoteLinkList", "metadata": {}, "items": links.clone()});
+    serve(api, Method::GET, LINKS, list).await;
+    serve(api, Method::GET, CLUSTER, json!(cluster())).await;
+    if !links.is_empty() {
+        // The link's target is at a peer site: no twin to prune here.
+        common::not_found(api, &format!("{VOLUMES}/db-copy")).await;
+    }
+    let mut status = serde_json::Value::Null;
+    for _ in 0..3 {
+        let (req, send) = api.next_request().await.expect("a call");
+        let path = req.uri().path().to_string();
+        let bytes = req.into_body().collect_bytes().await.unwrap();
+        let reply = if path.starts_with(EVENTS) { json!({}) } else { json!(s) };
+        let reply = serde_json::to_vec(&reply).unwrap();
+        send.send_response(http::Response::new(kube::client::Body::from(reply)));
+        if path == format!("{SCHEDULE}/status") {
+            status = serde_json::from_slice(&bytes).unwrap();
+            break;
+        }
+        assert!(path.starts_with(EVENTS), "{path}");
+    }
+    run.await.unwrap().unwrap();
+    status
+}
+
+fn deleted(agents: &cairn_operator::agent::FakeAgents) -> Vec<String> {
+    let calls = agents.calls();
+    calls
+        .into_iter()
+        .filter_map(|c| match c {
+            Call::DeleteSnapshot { id, .. } => Some(id),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_links_cursor_in_its_status_keeps_snapshots_the_head_agent_knows_no_link_for() {
+    let (ctx, mut api, agents) = setup();
+    let now = Timestamp::now();
+    let ids = five_runs(&agents, now);
+    // The head moved: its agent lists no link; the RemoteLink's status
+    // says it copied ids[1] last.
+    let s = schedule("*/15 * * * *", now - SignedDuration::from_mins(61));
+    let status = run_once(ctx, &mut api, &s, vec![link_with_cursor(&ids[1])]).await;
+    assert_eq!(status["status"]["conditions"][0]["status"], "True", "{status}");
+    // Count 3 keeps the new run, ids[4], ids[3]; ids[1..3] are needed by
+    // the link; only ids[0] goes.
+    assert_eq!(deleted(&agents), [ids[0].clone()]);
+}
+
+#[tokio::test]
+async fn an_agent_that_cannot_list_its_links_gets_nothing_pruned() {
+    let (ctx, mut api, agents) = setup();
+    let now = Timestamp::now();
+    five_runs(&agents, now);
+    agents.fail_links("shop-db");
+    let s = schedule("*/15 * * * *", now - SignedDuration::from_mins(61));
+    let status = run_once(ctx, &mut api, &s, vec![]).await;
+    assert_eq!(deleted(&agents), Vec::<String>::new(), "not knowing the links is not having none");
+    let c = &status["status"]["conditions"][0];
+    assert_eq!(c["status"], "False", "{status}");
+    assert!(c["message"].as_str().unwrap().contains("every snapshot kept"), "{c}");
+}
