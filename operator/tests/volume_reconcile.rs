@@ -225,6 +225,42 @@ async fn deleting_an_unused_volume_removes_its_replicas_then_the_finalizer() {
 }
 
 #[tokio::test]
+async fn deleting_a_volume_whose_agent_is_unreachable_finishes_and_names_the_replica_left() {
+    let (ctx, mut api, agents) = setup();
+    let mut vol = volume(VolumeRole::Primary, true, true);
+    let d = cairn_operator::volume::desired(&vol, &cluster()).unwrap();
+    vol.status = Some(cairn_api::crd::VolumeStatus {
+        volume_id: Some(id()),
+        placement: Some(d.placement.clone()),
+        head: Some(d.head.clone()),
+        ..Default::default()
+    });
+    // a2 (the head) stopped renewing its Lease.
+    let down = fixtures::storage_cluster(
+        "site-a",
+        &[("a1", AgentHealth::Healthy, 2), ("a2", AgentHealth::Unreachable, 0)],
+    );
+    let run = tokio::spawn(reconcile(Arc::new(vol.clone()), ctx));
+    let empty = json!({"apiVersion": "cairn.dev/v1alpha1", "kind": "RemoteLinkList", "metadata": {}, "items": []});
+    serve(&mut api, Method::GET, LINKS, empty).await;
+    let none = json!({"apiVersion": "cairn.dev/v1alpha1", "kind": "VolumeList", "metadata": {}, "items": [vol]});
+    serve(&mut api, Method::GET, VOLUMES, none).await;
+    serve(&mut api, Method::GET, CLUSTER, json!(down)).await;
+    let ev = serve(&mut api, Method::POST, EVENTS, json!({})).await;
+    assert_eq!(ev["reason"], "Deleted");
+    let note = ev["note"].as_str().unwrap();
+    assert!(note.contains("except on a2") && note.contains("unreachable"), "{note}");
+    let patch = serve(&mut api, Method::PATCH, VOLUME, json!(vol)).await;
+    assert!(patch.to_string().contains("remove"), "the finalizer goes: {patch}");
+    run.await.unwrap().unwrap();
+    assert_eq!(
+        agents.calls(),
+        [Call::DeleteReplica { endpoint: "http://a1.site-a:7070".into(), volume: id() }],
+        "nothing asked of a2"
+    );
+}
+
+#[tokio::test]
 async fn an_unreachable_head_agent_is_an_error_that_backs_off_and_leaves_only_the_reservation() {
     let (ctx, mut api, agents) = setup();
     agents.set_down("http://a2.site-a:7070");

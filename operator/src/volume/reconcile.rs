@@ -12,8 +12,8 @@ use std::{sync::Arc, time::Duration};
 use cairn_api::{
     agent::v1 as pb,
     crd::{
-        Condition, ConditionStatus, RemoteLink, StorageCluster, Volume, VolumePhase, set_condition,
-        volume::condition,
+        AgentHealth, Condition, ConditionStatus, RemoteLink, StorageCluster, Volume, VolumePhase,
+        set_condition, volume::condition,
     },
 };
 use kube::{
@@ -272,8 +272,17 @@ async fn cleanup(vol: &Volume, ctx: &Context) -> Result<Action, Error> {
     let id = vol.agent_volume_id();
     let clusters: Api<StorageCluster> = Api::all(ctx.client.clone());
     let cluster = clusters.get_opt(&vol.spec.cluster).await?;
+    // An agent the cluster reports Unreachable (its Lease expired) cannot
+    // answer: waiting for it would keep the finalizer for ever. Its replica
+    // stays on its disk, named by this Volume's uid-tagged id, so no other
+    // Volume ever takes it for its own.
+    let reachable = |agent: &str| {
+        let listed = cluster.as_ref().and_then(|c| c.status.as_ref());
+        let a = listed.and_then(|s| s.agents.iter().find(|a| a.name == agent))?;
+        (a.health != AgentHealth::Unreachable).then(|| agent_endpoint(cluster.as_ref(), agent))?
+    };
     if let Some(h) = &st.head
-        && let Some(ep) = agent_endpoint(cluster.as_ref(), &h.agent)
+        && let Some(ep) = reachable(&h.agent)
     {
         match ctx.agents.close_head(&ep, &id).await {
             Err(e) if !e.is_not_found() => return Err(e.into()),
@@ -282,7 +291,7 @@ async fn cleanup(vol: &Volume, ctx: &Context) -> Result<Action, Error> {
     }
     let mut gone = Vec::new();
     for p in st.placement.iter().flat_map(|p| &p.agents) {
-        match agent_endpoint(cluster.as_ref(), &p.name) {
+        match reachable(&p.name) {
             Some(ep) => ctx.agents.delete_replica(&ep, &id).await?,
             None => gone.push(p.name.as_str()),
         }
@@ -291,7 +300,7 @@ async fn cleanup(vol: &Volume, ctx: &Context) -> Result<Action, Error> {
         format!("replicas of {id} removed")
     } else {
         format!(
-            "replicas of {id} removed, except on {}: those agents are no longer in storage cluster {}; remove volumes/{id} from their data dirs by hand (or DeleteReplica) if they come back",
+            "replicas of {id} removed, except on {}: those agents are unreachable or no longer in storage cluster {}; remove volumes/{id} from their data dirs by hand (the agent's ReplicaStore.DeleteReplica) when they are back",
             gone.join(", "),
             vol.spec.cluster
         )
