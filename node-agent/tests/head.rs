@@ -16,7 +16,7 @@ use std::{
 use bytes::Bytes;
 use cairn_agent::{
     Store,
-    disk::SimDisk,
+    disk::{CrashMode, SimDisk},
     head::{HeadError, HeadSpec, VolumeHead},
     peer::{BlockStream, LocalPeer, PeerError, PeerErrorKind, PeerResult, ReplicaPeer, StreamKind},
 };
@@ -102,9 +102,20 @@ impl ReplicaPeer for Switch {
         self.check()?;
         self.inner.head_blocks(v, c, start).await
     }
-    async fn fence(&self, v: &VolumeId, e: u64) -> PeerResult<u64> {
+    async fn fence(&self, v: &VolumeId, e: u64, head: &str) -> PeerResult<u64> {
         self.check()?;
-        self.inner.fence(v, e).await
+        self.inner.fence(v, e, head).await
+    }
+    async fn set_in_sync(
+        &self,
+        v: &VolumeId,
+        e: u64,
+        head: &str,
+        seq: u64,
+        members: &std::collections::BTreeSet<String>,
+    ) -> PeerResult<()> {
+        self.check()?;
+        self.inner.set_in_sync(v, e, head, seq, members).await
     }
     async fn write(&self, v: &VolumeId, e: u64, o: u64, d: Bytes) -> PeerResult<()> {
         self.check()?;
@@ -159,13 +170,16 @@ impl ReplicaPeer for Switch {
 }
 
 struct Cluster {
+    disks: Vec<SimDisk>,
     stores: Vec<Arc<Store>>,
     switches: Vec<Arc<Switch>>,
 }
 
 fn cluster(n: usize) -> Cluster {
-    let stores: Vec<Arc<Store>> = (0..n)
-        .map(|_| Arc::new(Store::open(Arc::new(SimDisk::new()), Path::new("/agent")).unwrap()))
+    let disks: Vec<SimDisk> = (0..n).map(|_| SimDisk::new()).collect();
+    let stores: Vec<Arc<Store>> = disks
+        .iter()
+        .map(|d| Arc::new(Store::open(Arc::new(d.clone()), Path::new("/agent")).unwrap()))
         .collect();
     let switches = stores
         .iter()
@@ -178,7 +192,7 @@ fn cluster(n: usize) -> Cluster {
             })
         })
         .collect();
-    Cluster { stores, switches }
+    Cluster { disks, stores, switches }
 }
 
 fn vol() -> VolumeId {
@@ -198,6 +212,7 @@ impl Cluster {
             epoch,
             stale: vec![],
             costs: Default::default(),
+            accept_data_loss: false,
         }
     }
 
@@ -502,4 +517,33 @@ async fn a_reopened_head_rebuilds_an_empty_replica_by_itself() {
     let h0 = head.health().into_iter().find(|h| h.agent == "agent-0").unwrap();
     assert!(h0.last_rebuild.as_deref().unwrap().starts_with("rebuilt"), "{h0:?}");
     assert_replicas_agree(&c, &[&SnapshotId::new("before").unwrap()]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_replica_is_dropped_durably_on_the_survivors_before_the_ack() {
+    let c = cluster(2);
+    let head = c.open(2, 1).await.unwrap();
+    head.write(0, Bytes::from(pattern(51, 8192))).await.unwrap();
+    c.switches[1].down.store(true, Ordering::SeqCst);
+    head.write(0, Bytes::from(pattern(52, 8192))).await.expect("acknowledged without agent-1");
+    // Power is lost right after the acknowledgement: agent 0's disk as it
+    // was durably already says agent 1 is out.
+    let image = c.disks[0].crash_image(CrashMode::DropUnsynced);
+    let store = Store::open(Arc::new(image), Path::new("/agent")).unwrap();
+    let on_0 = store.replica(&vol()).unwrap().info().in_sync.expect("an in-sync record");
+    assert_eq!(on_0.members.iter().collect::<Vec<_>>(), ["agent-0"], "{on_0:?}");
+    let on_1 = c.stores[1].replica(&vol()).unwrap().info().in_sync.unwrap();
+    assert!(on_1.members.contains("agent-1") && on_1.version() < on_0.version(), "{on_1:?}");
+    drop(head);
+    // Only agent 1 answers: it cannot prove it is current, so no head opens.
+    c.switches[0].down.store(true, Ordering::SeqCst);
+    c.switches[1].down.store(false, Ordering::SeqCst);
+    let err = c.open(2, 2).await.unwrap_err().to_string();
+    assert!(err.contains("agents agent-0 ") && err.contains("accept_data_loss"), "{err}");
+    // With agent 0 back, agent 1 starts out of sync and agent 0 serves.
+    c.switches[0].down.store(false, Ordering::SeqCst);
+    let head = c.open(2, 3).await.unwrap();
+    let h1 = head.health().into_iter().find(|h| h.agent == "agent-1").unwrap();
+    assert!(h1.out_of_sync.as_deref().unwrap().contains("not in the in-sync set"), "{h1:?}");
+    assert!(head.read(0, 8192).await.unwrap()[..] == pattern(52, 8192)[..]);
 }

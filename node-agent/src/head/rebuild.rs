@@ -171,11 +171,21 @@ impl VolumeHead {
                 .unwrap_or_else(|| self.rebuild_error(x, "fenced by a newer head".to_string())),
             _ => self.rebuild_error(x, e.to_string()),
         };
+        // 0. Never delete the last copy: every chunk of X must have another
+        // in-sync replica to be rebuilt from.
+        for &c in chunks {
+            self.in_sync(c).map_err(|e| {
+                self.rebuild_error(
+                    x,
+                    format!("there is no in-sync replica to copy from, so the replica is kept as it is ({e})"),
+                )
+            })?;
+        }
         // 1. A fresh replica, fenced at this head's epoch.
         target.delete_replica(volume).await.map_err(on_target)?;
         let set = ChunkSet::Some(chunks.iter().copied().collect());
         target.ensure(volume, self.spec.geometry, set).await.map_err(on_target)?;
-        target.fence(volume, epoch).await.map_err(on_target)?;
+        target.fence(volume, epoch, &self.head_id).await.map_err(on_target)?;
 
         // 2. Sealed layers, oldest first, until no new snapshot appeared;
         // then, with I/O held for a moment, the replica starts catching up.
@@ -222,8 +232,13 @@ impl VolumeHead {
         self.check_catching_up(x)?;
         self.compare_digests(x, chunks, None).await?;
         self.catching_up.lock().unwrap().remove(&x);
-        self.out_of_sync.lock().unwrap().remove(&x);
-        Ok(())
+        {
+            let mut out = self.out_of_sync.lock().unwrap();
+            out.remove(&x);
+            self.membership.fetch_add(1, Ordering::SeqCst);
+        }
+        // Recorded on every member, X included, before I/O goes on.
+        self.make_durable().await
     }
 
     fn check_catching_up(&self, x: usize) -> HeadResult<()> {
