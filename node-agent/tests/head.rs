@@ -37,6 +37,11 @@ struct Switch {
     inner: LocalPeer,
     down: AtomicBool,
     seal_fails: AtomicBool,
+    /// While set, the next seal waits for `seal_go` after telling
+    /// `seal_held` (a rebuild held in its layer phase).
+    hold_seal: AtomicBool,
+    seal_held: tokio::sync::Notify,
+    seal_go: tokio::sync::Notify,
 }
 
 impl Switch {
@@ -148,6 +153,10 @@ impl ReplicaPeer for Switch {
                 message: "disk full".into(),
             });
         }
+        if self.hold_seal.swap(false, Ordering::SeqCst) {
+            self.seal_held.notify_one();
+            self.seal_go.notified().await;
+        }
         self.inner.seal(v, e, id, g).await
     }
     async fn delete_snapshot(&self, v: &VolumeId, id: &SnapshotId) -> PeerResult<()> {
@@ -189,6 +198,9 @@ fn cluster(n: usize) -> Cluster {
                 inner: LocalPeer::new(format!("agent-{i}"), s.clone()),
                 down: AtomicBool::new(false),
                 seal_fails: AtomicBool::new(false),
+                hold_seal: AtomicBool::new(false),
+                seal_held: tokio::sync::Notify::new(),
+                seal_go: tokio::sync::Notify::new(),
             })
         })
         .collect();
@@ -546,4 +558,82 @@ async fn a_failed_replica_is_dropped_durably_on_the_survivors_before_the_ack() {
     let h1 = head.health().into_iter().find(|h| h.agent == "agent-1").unwrap();
     assert!(h1.out_of_sync.as_deref().unwrap().contains("not in the in-sync set"), "{h1:?}");
     assert!(head.read(0, 8192).await.unwrap()[..] == pattern(52, 8192)[..]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_snapshot_deleted_during_a_rebuild_stays_deleted_on_the_rebuilt_replica() {
+    let c = cluster(3);
+    let head = Arc::new(c.open(2, 1).await.unwrap());
+    let snaps: Vec<SnapshotId> =
+        (1..=6).map(|i| SnapshotId::new(format!("s{i}")).unwrap()).collect();
+    for (i, s) in snaps.iter().enumerate() {
+        head.write(i as u64 * (1 << 20), Bytes::from(pattern(60 + i as u64, 1 << 20)))
+            .await
+            .unwrap();
+        head.snapshot(s, i as u64 + 1).await.unwrap();
+    }
+    c.switches[2].down.store(true, Ordering::SeqCst);
+    head.write(4096, Bytes::from(pattern(70, 4096))).await.unwrap();
+    c.switches[2].down.store(false, Ordering::SeqCst);
+    // The rebuild is held as it seals s1 on agent 2; s1 is deleted then.
+    c.switches[2].hold_seal.store(true, Ordering::SeqCst);
+    let rebuild = tokio::spawn({
+        let head = head.clone();
+        async move { head.rebuild("agent-2").await }
+    });
+    c.switches[2].seal_held.notified().await;
+    head.delete_snapshot(&snaps[0]).await.unwrap();
+    c.switches[2].seal_go.notify_one();
+    rebuild.await.unwrap().unwrap();
+    for (i, s) in c.stores.iter().enumerate() {
+        let have: Vec<String> = s
+            .replica(&vol())
+            .unwrap()
+            .snapshots()
+            .unwrap()
+            .iter()
+            .map(|s| s.id.to_string())
+            .collect();
+        assert_eq!(have, ["s2", "s3", "s4", "s5", "s6"], "agent-{i}");
+    }
+    let refs: Vec<&SnapshotId> = snaps[1..].iter().collect();
+    assert_replicas_agree(&c, &refs);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rebuild_copies_snapshots_by_layer_order_not_by_generation() {
+    let c = cluster(3);
+    let head = Arc::new(c.open(2, 1).await.unwrap());
+    let mut m = vec![0u8; SIZE as usize];
+    let ids: Vec<SnapshotId> =
+        ["base", "diverged", "after"].iter().map(|s| SnapshotId::new(*s).unwrap()).collect();
+    // As a failback leaves it: a divergent snapshot with a higher
+    // generation than the one sealed after it.
+    put(&head, &mut m, 0, pattern(81, 1 << 20)).await;
+    head.snapshot(&ids[0], 1).await.unwrap();
+    put(&head, &mut m, 2 << 20, pattern(82, 1 << 20)).await;
+    head.snapshot(&ids[1], 7).await.unwrap();
+    head.mark_divergent(&ids[1..2]).await.unwrap();
+    put(&head, &mut m, 4 << 20, pattern(83, 1 << 20)).await;
+    head.snapshot(&ids[2], 2).await.unwrap();
+    c.switches[1].down.store(true, Ordering::SeqCst);
+    put(&head, &mut m, 6 << 20, pattern(84, 1 << 20)).await;
+    c.switches[1].down.store(false, Ordering::SeqCst);
+    let report = head.rebuild("agent-1").await.unwrap();
+    assert_eq!(report.layers, 3, "{report:?}");
+    let refs: Vec<&SnapshotId> = ids.iter().collect();
+    assert_replicas_agree(&c, &refs);
+    for (i, s) in c.stores.iter().enumerate() {
+        let have: Vec<(String, bool)> = s
+            .replica(&vol())
+            .unwrap()
+            .snapshots()
+            .unwrap()
+            .iter()
+            .map(|s| (s.id.to_string(), s.divergent))
+            .collect();
+        let want = [("base", false), ("diverged", true), ("after", false)];
+        assert_eq!(have, want.map(|(s, d)| (s.to_string(), d)), "agent-{i}");
+    }
+    assert!(head.read(0, SIZE).await.unwrap()[..] == m[..]);
 }

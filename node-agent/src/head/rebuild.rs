@@ -6,6 +6,8 @@
 //! holds its byte range exclusively), and the replica rejoins only when its
 //! per-chunk head digests equal the sources'.
 
+use std::collections::BTreeSet;
+
 use super::*;
 
 /// Where a rebuild is.
@@ -187,23 +189,23 @@ impl VolumeHead {
         target.ensure(volume, self.spec.geometry, set).await.map_err(on_target)?;
         target.fence(volume, epoch, &self.head_id).await.map_err(on_target)?;
 
-        // 2. Sealed layers, oldest first, until no new snapshot appeared;
-        // then, with I/O held for a moment, the replica starts catching up.
-        let mut copied = 0u64;
+        // 2. Sealed layers in layer order, by id, until no new snapshot
+        // appeared; then, with I/O held for a moment (and snapshot deletion
+        // held off by the catch-up gate), snapshots deleted at the sources
+        // meanwhile are deleted on X too, and X starts catching up.
+        let mut copied: Vec<SnapshotId> = Vec::new();
         let _catching_up = loop {
-            let todo: Vec<SnapshotInfo> = self
-                .source_snapshots(chunks[0])
-                .await?
-                .into_iter()
-                .filter(|s| s.generation > copied)
-                .collect();
+            let todo = self.layers_to_copy(x, chunks[0], &copied).await?;
             if todo.is_empty() {
                 let catch_up = self.catchup_gate.read().await;
                 let hold = self.gate.write().await;
-                let newer =
-                    self.source_snapshots(chunks[0]).await?.iter().any(|s| s.generation > copied);
-                if newer {
+                if !self.layers_to_copy(x, chunks[0], &copied).await?.is_empty() {
                     continue;
+                }
+                let kept: BTreeSet<SnapshotId> =
+                    self.source_snapshots(chunks[0]).await?.into_iter().map(|s| s.id).collect();
+                for id in copied.iter().filter(|id| !kept.contains(id)) {
+                    target.delete_snapshot(volume, id).await.map_err(on_target)?;
                 }
                 self.catching_up.lock().unwrap().insert(x, None);
                 drop(hold);
@@ -212,7 +214,7 @@ impl VolumeHead {
             self.progress(x, |p| p.layers_total = p.layers_done + todo.len() as u32);
             for snap in todo {
                 self.copy_layer(x, chunks, &snap).await?;
-                copied = snap.generation;
+                copied.push(snap.id);
                 self.progress(x, |p| p.layers_done += 1);
             }
         };
@@ -239,6 +241,33 @@ impl VolumeHead {
         }
         // Recorded on every member, X included, before I/O goes on.
         self.make_durable().await
+    }
+
+    /// The snapshots of the sources still to copy to `x`, in layer order:
+    /// those after the ones `copied` (which must be, in order, what the
+    /// sources hold up to there, less any deleted meanwhile). Identity and
+    /// order decide, never generation numbers (divergent snapshots kept
+    /// from a resync break generation order).
+    async fn layers_to_copy(
+        &self,
+        x: usize,
+        chunk: u64,
+        copied: &[SnapshotId],
+    ) -> HeadResult<Vec<SnapshotInfo>> {
+        let sources = self.source_snapshots(chunk).await?;
+        let done: BTreeSet<&SnapshotId> = copied.iter().collect();
+        let present: Vec<&SnapshotId> =
+            sources.iter().map(|s| &s.id).filter(|id| done.contains(id)).collect();
+        let expected: Vec<&SnapshotId> =
+            copied.iter().filter(|id| sources.iter().any(|s| &s.id == *id)).collect();
+        let prefix = sources.iter().take_while(|s| done.contains(&s.id)).count();
+        if present != expected || prefix != present.len() {
+            return Err(self.rebuild_error(
+                x,
+                "the sources' snapshots changed order during the copy; the rebuild starts again",
+            ));
+        }
+        Ok(sources.into_iter().skip(prefix).collect())
     }
 
     fn check_catching_up(&self, x: usize) -> HeadResult<()> {
@@ -280,7 +309,17 @@ impl VolumeHead {
                     self.rebuild_error(x, format!("marking {} divergent: {e}", snap.id))
                 })?;
         }
-        self.compare_digests(x, chunks, Some(&snap.id)).await
+        match self.compare_digests(x, chunks, Some(&snap.id)).await {
+            // Deleted at the sources since it was copied: there is nothing
+            // to compare with, and it is deleted on X before X catches up
+            // (the next snapshot's digests cover the blocks it folds into).
+            Err(HeadError::Refused { .. })
+                if !self.source_snapshots(chunks[0]).await?.iter().any(|s| s.id == snap.id) =>
+            {
+                Ok(())
+            }
+            other => other,
+        }
     }
 
     async fn copy_layer_chunk(
