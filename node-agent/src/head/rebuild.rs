@@ -240,7 +240,11 @@ impl VolumeHead {
             self.membership.fetch_add(1, Ordering::SeqCst);
         }
         // Recorded on every member, X included, before I/O goes on.
-        self.make_durable().await
+        self.make_durable().await?;
+        match self.out_of_sync.lock().unwrap().get(&x) {
+            None => Ok(()),
+            Some(why) => Err(self.rebuild_error(x, format!("recording it in sync failed: {why}"))),
+        }
     }
 
     /// The snapshots of the sources still to copy to `x`, in layer order:
