@@ -637,3 +637,25 @@ async fn a_rebuild_copies_snapshots_by_layer_order_not_by_generation() {
     }
     assert!(head.read(0, SIZE).await.unwrap()[..] == m[..]);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn replicas_left_different_by_a_dead_head_agree_again_before_serving() {
+    let c = cluster(2);
+    let x = pattern(91, 8192);
+    {
+        let head = c.open(2, 1).await.unwrap();
+        head.write(0, Bytes::from(x.clone())).await.unwrap();
+        head.flush().await.unwrap();
+        // The head dies in the middle of a fan-out: a write reached agent 1
+        // and was never acknowledged.
+        c.stores[1].replica(&vol()).unwrap().write(1, 0, &pattern(92, 8192)).unwrap();
+    }
+    let head = Arc::new(c.open(2, 2).await.unwrap());
+    let h1 = head.health().into_iter().find(|h| h.agent == "agent-1").unwrap();
+    assert!(h1.out_of_sync.as_deref().unwrap().contains("differs from agent agent-0"), "{h1:?}");
+    assert!(head.read(0, 8192).await.unwrap()[..] == x[..]);
+    head.rebuild("agent-1").await.unwrap();
+    let on_1 = c.stores[1].replica(&vol()).unwrap().read(0, 8192, None).unwrap();
+    assert!(on_1[..] == x[..], "agent 1 holds what agent 0 does");
+    assert_replicas_agree(&c, &[]);
+}

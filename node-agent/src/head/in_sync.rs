@@ -6,7 +6,9 @@
 //! Invariants: no write, trim, flush or snapshot is acknowledged while the
 //! in-sync set held in memory differs from the one recorded (durably) on
 //! every member of it; a head opens only if every member of the newest
-//! in-sync record it can find answers, or the caller accepts data loss.
+//! in-sync record it can find answers, or the caller accepts data loss; and
+//! the in-sync replicas of a chunk have equal content before the head
+//! serves it.
 
 use std::collections::BTreeSet;
 
@@ -83,6 +85,62 @@ impl VolumeHead {
             .max()
             .unwrap_or(0);
         self.durable.try_lock().expect("nothing else holds it while opening").seq = seq;
+        Ok(())
+    }
+
+    /// Makes the in-sync replicas of each chunk agree at open: replicas that
+    /// stayed in the set can still differ in writes the last head sent to
+    /// some of them and never acknowledged (it died mid fan-out). Per chunk,
+    /// the head content digests are compared with one replica's (this
+    /// agent's when it holds the chunk, else the first in sync); one that
+    /// differs starts out of sync and is rebuilt from it, unless that would
+    /// leave a chunk with no in-sync replica.
+    pub(super) async fn converge_at_open(&self) -> HeadResult<()> {
+        let volume = &self.spec.volume;
+        let live: Vec<(usize, Vec<u64>)> = {
+            let out = self.out_of_sync.lock().unwrap();
+            self.chunks_by_agent().into_iter().filter(|(a, _)| !out.contains_key(a)).collect()
+        };
+        let results =
+            join_all(live.iter().map(|(a, cs)| self.peers[*a].chunk_digests(volume, None, cs)))
+                .await;
+        let mut accs: BTreeMap<(usize, u64), Accumulator> = BTreeMap::new();
+        for ((a, _), res) in live.iter().zip(results) {
+            match res {
+                Ok(list) => accs.extend(list.into_iter().map(|(c, acc)| ((*a, c), acc))),
+                Err(e) => self.absorb(*a, e)?,
+            }
+        }
+        for (c, holders) in self.chunks.iter().enumerate() {
+            let c = c as u64;
+            let answered: Vec<usize> = {
+                let out = self.out_of_sync.lock().unwrap();
+                holders
+                    .iter()
+                    .copied()
+                    .filter(|a| !out.contains_key(a) && accs.contains_key(&(*a, c)))
+                    .collect()
+            };
+            let Some(&keep) =
+                answered.iter().find(|&&a| Some(a) == self.local).or(answered.first())
+            else {
+                continue;
+            };
+            for &other in answered.iter().filter(|&&a| a != keep) {
+                if accs[&(other, c)] == accs[&(keep, c)] {
+                    continue;
+                }
+                let why = format!(
+                    "its head differs from agent {}'s in chunk {c} (writes the last head never acknowledged); rebuilt from the agents in sync",
+                    self.spec.agents[keep].name
+                );
+                if self.is_last_copy(other) {
+                    tracing::warn!(volume = %volume, agent = %self.spec.agents[other].name, "{why}; kept in sync: it holds the only in-sync replica of another chunk");
+                    continue;
+                }
+                self.mark_out_of_sync(other, why);
+            }
+        }
         Ok(())
     }
 

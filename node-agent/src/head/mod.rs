@@ -261,6 +261,7 @@ impl VolumeHead {
         }
         head.mark_stale_at_open(&infos);
         head.check_current_at_open(&infos)?;
+        head.converge_at_open().await?;
         for c in 0..head.chunks.len() as u64 {
             head.in_sync(c)?;
         }
@@ -333,7 +334,11 @@ impl VolumeHead {
             .map(|(a, chunks)| AgentHealth {
                 agent: self.spec.agents[a].name.clone(),
                 chunks: chunks.len() as u64,
-                out_of_sync: out.get(&a).cloned(),
+                // Not in sync until its rebuild has ended (the set with it
+                // is being recorded).
+                out_of_sync: out.get(&a).cloned().or_else(|| {
+                    rebuilds.contains_key(&a).then(|| "rejoining after its rebuild".into())
+                }),
                 rebuild: rebuilds.get(&a).cloned(),
                 last_rebuild: last.get(&a).cloned(),
             })

@@ -107,7 +107,9 @@ impl VolumeHead {
         let started = Instant::now();
         let res = self.rebuild_replica(x, &chunks).await;
         self.catching_up.lock().unwrap().remove(&x);
-        let progress = self.rebuilds.lock().unwrap().remove(&x);
+        // The progress entry goes only once the outcome is written, so a
+        // reader never sees the rebuild gone and its outcome not yet there.
+        let progress = self.rebuilds.lock().unwrap().get(&x).cloned();
         let elapsed = started.elapsed();
         match res {
             Ok(()) => {
@@ -128,6 +130,7 @@ impl VolumeHead {
                 );
                 tracing::info!(%volume, agent, "{text}");
                 self.last_rebuild.lock().unwrap().insert(x, text);
+                self.rebuilds.lock().unwrap().remove(&x);
                 Ok(report)
             }
             Err(e) => {
@@ -138,6 +141,7 @@ impl VolumeHead {
                 tracing::info!(%volume, agent, error = %reason, "rebuild failed");
                 let text = format!("failed after {:.1} s: {reason}", elapsed.as_secs_f64());
                 self.last_rebuild.lock().unwrap().insert(x, text);
+                self.rebuilds.lock().unwrap().remove(&x);
                 if let Some(why) = self.out_of_sync.lock().unwrap().get_mut(&x) {
                     *why = format!("rebuild failed: {reason}");
                 }
