@@ -126,6 +126,12 @@ impl From<&ReplicaInfo> for pb::ReplicaInfo {
             head_blocks: r.head_blocks,
             used_bytes: r.used_bytes,
             serving: r.serving,
+            incarnation: r.incarnation,
+            in_sync: r.in_sync.as_ref().map(|s| pb::InSyncRecord {
+                epoch: s.epoch,
+                seq: s.seq,
+                members: s.members.iter().cloned().collect(),
+            }),
         }
     }
 }
@@ -143,6 +149,12 @@ impl TryFrom<&pb::ReplicaInfo> for ReplicaInfo {
             head_blocks: r.head_blocks,
             used_bytes: r.used_bytes,
             serving: r.serving,
+            incarnation: r.incarnation,
+            in_sync: r.in_sync.as_ref().map(|s| crate::snapshot::InSyncRecord {
+                epoch: s.epoch,
+                seq: s.seq,
+                members: s.members.iter().cloned().collect(),
+            }),
         })
     }
 }

@@ -23,6 +23,10 @@ pub mod agent {
     /// Reason: the request's head epoch is below the replica's; the head is
     /// fenced for good.
     pub const REASON_STALE_EPOCH: &str = "stale-epoch";
+    /// gRPC metadata key of a request to a replica: the replica incarnation
+    /// (decimal) the calling head wrote to; a replica with another one
+    /// refuses with ABORTED (it restarted and may lack unflushed writes).
+    pub const INCARNATION_METADATA: &str = "cairn-incarnation";
 
     /// Generated messages, client and server of `cairn.agent.v1`.
     pub mod v1 {

@@ -31,4 +31,29 @@ pub struct ReplicaInfo {
     pub head_blocks: u64,
     pub used_bytes: u64,
     pub serving: bool,
+    /// Changes on every load (agent restart, reopen) and create of the
+    /// replica; 0 from an agent that does not report it.
+    pub incarnation: u64,
+    /// The in-sync set the replica last recorded; `None` for a replica
+    /// written before the record existed.
+    pub in_sync: Option<InSyncRecord>,
+}
+
+/// A volume head's in-sync set as recorded, durably, on a replica.
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub struct InSyncRecord {
+    /// The epoch of the head that recorded it.
+    pub epoch: u64,
+    /// Grows with every change of the set under one epoch.
+    pub seq: u64,
+    /// The agents that held every acknowledged write as of the record;
+    /// empty for a replica on which no head has recorded a set yet.
+    pub members: std::collections::BTreeSet<String>,
+}
+
+impl InSyncRecord {
+    /// Records order by (epoch, seq).
+    pub fn version(&self) -> (u64, u64) {
+        (self.epoch, self.seq)
+    }
 }

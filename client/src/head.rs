@@ -177,6 +177,7 @@ pub fn desired(vol: &Volume, cluster: &StorageCluster) -> Result<Desired, Invali
             .collect(),
         fuse: false,
         stale_agents: vec![],
+        accept_data_loss: false,
         role: pb::VolumeRole::from(vol.head_role()) as i32,
     };
     Ok(Desired { placement, head, endpoint: endpoint(&address.unwrap_or_default()), open })

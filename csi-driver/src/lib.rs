@@ -195,6 +195,7 @@ mod tests {
             }],
             fuse: false,
             stale_agents: vec!["a2".into()],
+            accept_data_loss: false,
             role: pb::VolumeRole::Primary as i32,
         }
     }

@@ -135,6 +135,7 @@ pub fn open_head_request(
             .collect(),
         fuse: false,
         stale_agents: vec![],
+        accept_data_loss: false,
         role: pb::VolumeRole::Primary as i32,
     }
 }

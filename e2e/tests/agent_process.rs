@@ -812,7 +812,10 @@ async fn a_stale_head_epoch_is_refused_over_grpc_and_after_restart() {
     c.write_blocks(put(3, 1)).await.unwrap();
     c.flush(pb::FlushRequest { volume_id: vol.into(), epoch: 3 }).await.unwrap();
     // A new head at epoch 4 fences the old one before writing.
-    let fenced = c.fence(pb::FenceRequest { volume_id: vol.into(), epoch: 4 }).await.unwrap();
+    let fenced = c
+        .fence(pb::FenceRequest { volume_id: vol.into(), epoch: 4, head: String::new() })
+        .await
+        .unwrap();
     assert_eq!(fenced.into_inner().epoch, 4);
     let err = c.write_blocks(put(3, 2)).await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");

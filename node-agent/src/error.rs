@@ -30,6 +30,19 @@ pub enum Error {
         "volume {volume}: request carries epoch {request} but this replica has admitted epoch {current}: a newer volume head has taken over and this one is fenced; reopen the head with a higher epoch"
     )]
     StaleEpoch { volume: VolumeId, request: u64, current: u64 },
+    #[error(
+        "volume {volume}: epoch {epoch} belongs to the head on agent {holder}, so the head on agent {request} may not use it: two heads never share an epoch; reopen with a higher epoch"
+    )]
+    EpochTaken { volume: VolumeId, epoch: u64, holder: String, request: String },
+    #[error(
+        "volume {volume}: the request expects replica incarnation {expected} but this is incarnation {actual}: the replica was reloaded (agent restart or OpenReplica) and may lack writes that were never flushed; the head must rebuild it"
+    )]
+    Incarnation { volume: VolumeId, expected: u64, actual: u64 },
+    #[error(
+        "volume {volume}: in-sync set ({}, {}) is older than the one recorded here ({}, {})",
+        request.0, request.1, current.0, current.1
+    )]
+    StaleInSync { volume: VolumeId, request: (u64, u64), current: (u64, u64) },
     #[error("volume {volume}: {source}")]
     Range {
         volume: VolumeId,

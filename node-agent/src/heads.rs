@@ -88,6 +88,10 @@ pub enum HeadsError {
     EmptyAgentName,
     #[error("agent {agent}: {why}")]
     Peer { agent: String, why: String },
+    #[error(
+        "volume {volume}: a head at epoch {open} is open on this agent, so an open at epoch {request} is refused (the open head keeps serving); open with a higher epoch to replace it"
+    )]
+    StaleOpen { volume: VolumeId, open: u64, request: u64 },
     #[error("{0}")]
     Head(#[from] HeadError),
 }
@@ -115,6 +119,8 @@ pub struct OpenRequest {
     pub agents: Vec<AgentAddr>,
     pub epoch: u64,
     pub stale: Vec<String>,
+    /// Open even if replicas that may hold acknowledged writes are missing.
+    pub accept_data_loss: bool,
     /// Role Remote: only copies write it; never attached.
     pub remote: bool,
     /// Expose the head through FUSE.
@@ -389,14 +395,19 @@ impl Heads {
             return Ok(h.view());
         }
         if let Some(old) = heads.get(&volume) {
+            // A stale open never tears down a live head: it fails here, or
+            // at the replicas (which admitted a newer epoch), and the open
+            // head goes on serving.
+            if r.epoch < old.head.epoch() && !old.head.is_fenced() {
+                return Err(HeadsError::StaleOpen {
+                    volume,
+                    open: old.head.epoch(),
+                    request: r.epoch,
+                });
+            }
             old.check_detached(&volume)?;
             // No copy writes a replaced head.
             drop(old.role.change(Change::Closed).await);
-        }
-        if let Some(mut old) = heads.remove(&volume)
-            && let Some(m) = old.fuse.take()
-        {
-            m.into_inner().unwrap().unmount().map_err(HeadsError::Fuse)?;
         }
         let mut agents = Vec::with_capacity(r.agents.len());
         let mut costs = BTreeMap::new();
@@ -418,8 +429,16 @@ impl Heads {
             epoch: r.epoch,
             stale: r.stale,
             costs,
+            accept_data_loss: r.accept_data_loss,
         };
+        // The new head is opened (and has fenced the replicas) before the
+        // old one is taken down: if the open fails, the old head stays.
         let head = Arc::new(VolumeHead::open(spec, peers, Some(&self.agent)).await?);
+        if let Some(mut old) = heads.remove(&volume)
+            && let Some(m) = old.fuse.take()
+        {
+            m.into_inner().unwrap().unmount().map_err(HeadsError::Fuse)?;
+        }
         let fuse = if r.fuse {
             let file: Arc<dyn BlockVolume> =
                 Arc::new(HeadVolume::new(head.clone(), tokio::runtime::Handle::current()));

@@ -15,6 +15,7 @@ use std::collections::BTreeMap;
 use cairn_api::{
     ChunkSet, Geometry, SnapshotId,
     digest::{Accumulator, BlockHash},
+    snapshot::InSyncRecord,
 };
 use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
@@ -78,6 +79,15 @@ pub struct ReplicaRecord {
     /// with a lower one are refused (fencing).
     #[serde(default)]
     pub epoch: u64,
+    /// The head that fenced at `epoch` (its agent's name; empty: none
+    /// recorded): another head at the same epoch is refused.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub epoch_head: String,
+    /// The in-sync set a head last recorded here (see docs/design.md,
+    /// "Durable replica state"). Absent in records written before it
+    /// existed: such a replica's state is unknown (see the migration rule).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub in_sync: Option<InSyncRecord>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -207,6 +217,30 @@ mod tests {
         assert_eq!(decode_group(&bytes).unwrap(), entries.to_vec());
         assert!(decode_group(&bytes[..bytes.len() - 1]).is_none());
         assert!(decode_group(&[64, ZERO]).is_none());
+    }
+
+    #[test]
+    fn a_record_from_before_the_in_sync_state_reads_as_unknown() {
+        let mut r = ReplicaRecord {
+            geometry: Geometry::new(8 << 20, 1 << 20).unwrap(),
+            chunks: ChunkSet::All,
+            layers: vec![LayerRecord { no: 1, snapshot: None }],
+            next_layer: 2,
+            epoch: 3,
+            epoch_head: String::new(),
+            in_sync: None,
+        };
+        let mut old: serde_json::Value = serde_json::from_slice(&encode_record(&r)).unwrap();
+        old.as_object_mut().unwrap().retain(|k, _| k != "in_sync" && k != "epoch_head");
+        let back = decode_record(&serde_json::to_vec(&old).unwrap()).unwrap();
+        assert_eq!(back, r, "no in-sync record, no head at the epoch");
+        r.epoch_head = "a1".into();
+        r.in_sync = Some(InSyncRecord {
+            epoch: 3,
+            seq: 2,
+            members: ["a1".to_string()].into_iter().collect(),
+        });
+        assert_eq!(decode_record(&encode_record(&r)).unwrap(), r);
     }
 
     #[test]

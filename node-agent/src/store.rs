@@ -219,25 +219,32 @@ impl Store {
             .ok_or_else(|| Error::ReplicaNotFound { volume: volume.clone() })?
             .1
             .map_err(|e| Error::Corrupt { volume: volume.to_string(), detail: e.to_string() })?;
-        self.reload(&mut replicas, volume, record)
+        self.reload(&mut replicas, volume, record, None)
     }
 
     /// Loads `volume` from `record` and its files and puts it in place of
     /// the handle it had, which is retired: nothing may go through a handle
-    /// whose in-memory state the disk no longer matches.
+    /// whose in-memory state the disk no longer matches. The reloaded
+    /// replica gets a new incarnation unless `keep` names one (a reload
+    /// after a head's own change, which lost nothing the head wrote).
     fn reload(
         &self,
         replicas: &mut BTreeMap<VolumeId, Arc<Replica>>,
         volume: &VolumeId,
         record: crate::meta::ReplicaRecord,
+        keep: Option<u64>,
     ) -> Result<Arc<Replica>> {
-        let r = Arc::new(Replica::load(
+        let mut r = Replica::load(
             volume.clone(),
             self.dir(volume),
             self.disk.clone(),
             self.db.clone(),
             record,
-        )?);
+        )?;
+        if let Some(incarnation) = keep {
+            r.incarnation = incarnation;
+        }
+        let r = Arc::new(r);
         if let Some(old) = replicas.insert(volume.clone(), r.clone()) {
             old.retire("the replica was reloaded from disk; this handle is stale");
         }
@@ -283,7 +290,9 @@ impl Store {
             tx.commit().map_err(meta(OP)).map_err(|e| replica.fail(e))?;
             record
         };
-        self.reload(&mut replicas, volume, record)
+        // The head asked for this revert: the replica holds what it wrote
+        // (nothing since the snapshot), so it keeps its incarnation.
+        self.reload(&mut replicas, volume, record, Some(replica.incarnation))
     }
 
     /// Deletes a replica: one commit drops its records, then its directory

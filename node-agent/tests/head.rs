@@ -16,7 +16,7 @@ use std::{
 use bytes::Bytes;
 use cairn_agent::{
     Store,
-    disk::SimDisk,
+    disk::{CrashMode, SimDisk},
     head::{HeadError, HeadSpec, VolumeHead},
     peer::{BlockStream, LocalPeer, PeerError, PeerErrorKind, PeerResult, ReplicaPeer, StreamKind},
 };
@@ -37,6 +37,11 @@ struct Switch {
     inner: LocalPeer,
     down: AtomicBool,
     seal_fails: AtomicBool,
+    /// While set, the next seal waits for `seal_go` after telling
+    /// `seal_held` (a rebuild held in its layer phase).
+    hold_seal: AtomicBool,
+    seal_held: tokio::sync::Notify,
+    seal_go: tokio::sync::Notify,
 }
 
 impl Switch {
@@ -102,9 +107,20 @@ impl ReplicaPeer for Switch {
         self.check()?;
         self.inner.head_blocks(v, c, start).await
     }
-    async fn fence(&self, v: &VolumeId, e: u64) -> PeerResult<u64> {
+    async fn fence(&self, v: &VolumeId, e: u64, head: &str) -> PeerResult<u64> {
         self.check()?;
-        self.inner.fence(v, e).await
+        self.inner.fence(v, e, head).await
+    }
+    async fn set_in_sync(
+        &self,
+        v: &VolumeId,
+        e: u64,
+        head: &str,
+        seq: u64,
+        members: &std::collections::BTreeSet<String>,
+    ) -> PeerResult<()> {
+        self.check()?;
+        self.inner.set_in_sync(v, e, head, seq, members).await
     }
     async fn write(&self, v: &VolumeId, e: u64, o: u64, d: Bytes) -> PeerResult<()> {
         self.check()?;
@@ -137,6 +153,10 @@ impl ReplicaPeer for Switch {
                 message: "disk full".into(),
             });
         }
+        if self.hold_seal.swap(false, Ordering::SeqCst) {
+            self.seal_held.notify_one();
+            self.seal_go.notified().await;
+        }
         self.inner.seal(v, e, id, g).await
     }
     async fn delete_snapshot(&self, v: &VolumeId, id: &SnapshotId) -> PeerResult<()> {
@@ -159,13 +179,16 @@ impl ReplicaPeer for Switch {
 }
 
 struct Cluster {
+    disks: Vec<SimDisk>,
     stores: Vec<Arc<Store>>,
     switches: Vec<Arc<Switch>>,
 }
 
 fn cluster(n: usize) -> Cluster {
-    let stores: Vec<Arc<Store>> = (0..n)
-        .map(|_| Arc::new(Store::open(Arc::new(SimDisk::new()), Path::new("/agent")).unwrap()))
+    let disks: Vec<SimDisk> = (0..n).map(|_| SimDisk::new()).collect();
+    let stores: Vec<Arc<Store>> = disks
+        .iter()
+        .map(|d| Arc::new(Store::open(Arc::new(d.clone()), Path::new("/agent")).unwrap()))
         .collect();
     let switches = stores
         .iter()
@@ -175,10 +198,13 @@ fn cluster(n: usize) -> Cluster {
                 inner: LocalPeer::new(format!("agent-{i}"), s.clone()),
                 down: AtomicBool::new(false),
                 seal_fails: AtomicBool::new(false),
+                hold_seal: AtomicBool::new(false),
+                seal_held: tokio::sync::Notify::new(),
+                seal_go: tokio::sync::Notify::new(),
             })
         })
         .collect();
-    Cluster { stores, switches }
+    Cluster { disks, stores, switches }
 }
 
 fn vol() -> VolumeId {
@@ -198,6 +224,7 @@ impl Cluster {
             epoch,
             stale: vec![],
             costs: Default::default(),
+            accept_data_loss: false,
         }
     }
 
@@ -502,4 +529,133 @@ async fn a_reopened_head_rebuilds_an_empty_replica_by_itself() {
     let h0 = head.health().into_iter().find(|h| h.agent == "agent-0").unwrap();
     assert!(h0.last_rebuild.as_deref().unwrap().starts_with("rebuilt"), "{h0:?}");
     assert_replicas_agree(&c, &[&SnapshotId::new("before").unwrap()]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_replica_is_dropped_durably_on_the_survivors_before_the_ack() {
+    let c = cluster(2);
+    let head = c.open(2, 1).await.unwrap();
+    head.write(0, Bytes::from(pattern(51, 8192))).await.unwrap();
+    c.switches[1].down.store(true, Ordering::SeqCst);
+    head.write(0, Bytes::from(pattern(52, 8192))).await.expect("acknowledged without agent-1");
+    // Power is lost right after the acknowledgement: agent 0's disk as it
+    // was durably already says agent 1 is out.
+    let image = c.disks[0].crash_image(CrashMode::DropUnsynced);
+    let store = Store::open(Arc::new(image), Path::new("/agent")).unwrap();
+    let on_0 = store.replica(&vol()).unwrap().info().in_sync.expect("an in-sync record");
+    assert_eq!(on_0.members.iter().collect::<Vec<_>>(), ["agent-0"], "{on_0:?}");
+    let on_1 = c.stores[1].replica(&vol()).unwrap().info().in_sync.unwrap();
+    assert!(on_1.members.contains("agent-1") && on_1.version() < on_0.version(), "{on_1:?}");
+    drop(head);
+    // Only agent 1 answers: it cannot prove it is current, so no head opens.
+    c.switches[0].down.store(true, Ordering::SeqCst);
+    c.switches[1].down.store(false, Ordering::SeqCst);
+    let err = c.open(2, 2).await.unwrap_err().to_string();
+    assert!(err.contains("agents agent-0 ") && err.contains("accept_data_loss"), "{err}");
+    // With agent 0 back, agent 1 starts out of sync and agent 0 serves.
+    c.switches[0].down.store(false, Ordering::SeqCst);
+    let head = c.open(2, 3).await.unwrap();
+    let h1 = head.health().into_iter().find(|h| h.agent == "agent-1").unwrap();
+    assert!(h1.out_of_sync.as_deref().unwrap().contains("not in the in-sync set"), "{h1:?}");
+    assert!(head.read(0, 8192).await.unwrap()[..] == pattern(52, 8192)[..]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_snapshot_deleted_during_a_rebuild_stays_deleted_on_the_rebuilt_replica() {
+    let c = cluster(3);
+    let head = Arc::new(c.open(2, 1).await.unwrap());
+    let snaps: Vec<SnapshotId> =
+        (1..=6).map(|i| SnapshotId::new(format!("s{i}")).unwrap()).collect();
+    for (i, s) in snaps.iter().enumerate() {
+        head.write(i as u64 * (1 << 20), Bytes::from(pattern(60 + i as u64, 1 << 20)))
+            .await
+            .unwrap();
+        head.snapshot(s, i as u64 + 1).await.unwrap();
+    }
+    c.switches[2].down.store(true, Ordering::SeqCst);
+    head.write(4096, Bytes::from(pattern(70, 4096))).await.unwrap();
+    c.switches[2].down.store(false, Ordering::SeqCst);
+    // The rebuild is held as it seals s1 on agent 2; s1 is deleted then.
+    c.switches[2].hold_seal.store(true, Ordering::SeqCst);
+    let rebuild = tokio::spawn({
+        let head = head.clone();
+        async move { head.rebuild("agent-2").await }
+    });
+    c.switches[2].seal_held.notified().await;
+    head.delete_snapshot(&snaps[0]).await.unwrap();
+    c.switches[2].seal_go.notify_one();
+    rebuild.await.unwrap().unwrap();
+    for (i, s) in c.stores.iter().enumerate() {
+        let have: Vec<String> = s
+            .replica(&vol())
+            .unwrap()
+            .snapshots()
+            .unwrap()
+            .iter()
+            .map(|s| s.id.to_string())
+            .collect();
+        assert_eq!(have, ["s2", "s3", "s4", "s5", "s6"], "agent-{i}");
+    }
+    let refs: Vec<&SnapshotId> = snaps[1..].iter().collect();
+    assert_replicas_agree(&c, &refs);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rebuild_copies_snapshots_by_layer_order_not_by_generation() {
+    let c = cluster(3);
+    let head = Arc::new(c.open(2, 1).await.unwrap());
+    let mut m = vec![0u8; SIZE as usize];
+    let ids: Vec<SnapshotId> =
+        ["base", "diverged", "after"].iter().map(|s| SnapshotId::new(*s).unwrap()).collect();
+    // As a failback leaves it: a divergent snapshot with a higher
+    // generation than the one sealed after it.
+    put(&head, &mut m, 0, pattern(81, 1 << 20)).await;
+    head.snapshot(&ids[0], 1).await.unwrap();
+    put(&head, &mut m, 2 << 20, pattern(82, 1 << 20)).await;
+    head.snapshot(&ids[1], 7).await.unwrap();
+    head.mark_divergent(&ids[1..2]).await.unwrap();
+    put(&head, &mut m, 4 << 20, pattern(83, 1 << 20)).await;
+    head.snapshot(&ids[2], 2).await.unwrap();
+    c.switches[1].down.store(true, Ordering::SeqCst);
+    put(&head, &mut m, 6 << 20, pattern(84, 1 << 20)).await;
+    c.switches[1].down.store(false, Ordering::SeqCst);
+    let report = head.rebuild("agent-1").await.unwrap();
+    assert_eq!(report.layers, 3, "{report:?}");
+    let refs: Vec<&SnapshotId> = ids.iter().collect();
+    assert_replicas_agree(&c, &refs);
+    for (i, s) in c.stores.iter().enumerate() {
+        let have: Vec<(String, bool)> = s
+            .replica(&vol())
+            .unwrap()
+            .snapshots()
+            .unwrap()
+            .iter()
+            .map(|s| (s.id.to_string(), s.divergent))
+            .collect();
+        let want = [("base", false), ("diverged", true), ("after", false)];
+        assert_eq!(have, want.map(|(s, d)| (s.to_string(), d)), "agent-{i}");
+    }
+    assert!(head.read(0, SIZE).await.unwrap()[..] == m[..]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn replicas_left_different_by_a_dead_head_agree_again_before_serving() {
+    let c = cluster(2);
+    let x = pattern(91, 8192);
+    {
+        let head = c.open(2, 1).await.unwrap();
+        head.write(0, Bytes::from(x.clone())).await.unwrap();
+        head.flush().await.unwrap();
+        // The head dies in the middle of a fan-out: a write reached agent 1
+        // and was never acknowledged.
+        c.stores[1].replica(&vol()).unwrap().write(1, 0, &pattern(92, 8192)).unwrap();
+    }
+    let head = Arc::new(c.open(2, 2).await.unwrap());
+    let h1 = head.health().into_iter().find(|h| h.agent == "agent-1").unwrap();
+    assert!(h1.out_of_sync.as_deref().unwrap().contains("differs from agent agent-0"), "{h1:?}");
+    assert!(head.read(0, 8192).await.unwrap()[..] == x[..]);
+    head.rebuild("agent-1").await.unwrap();
+    let on_1 = c.stores[1].replica(&vol()).unwrap().read(0, 8192, None).unwrap();
+    assert!(on_1[..] == x[..], "agent 1 holds what agent 0 does");
+    assert_replicas_agree(&c, &[]);
 }

@@ -82,6 +82,7 @@ mod tests {
                 .to_vec(),
             fuse: false,
             stale_agents: vec![],
+            accept_data_loss: false,
             role: 0,
         }
     }

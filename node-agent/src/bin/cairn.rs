@@ -121,6 +121,11 @@ enum HeadCmd {
         /// Auto source selection prefers low ones.
         #[arg(long, value_delimiter = ',')]
         cost: Vec<String>,
+        /// Open even when agents that may hold acknowledged writes do not
+        /// answer: serve what the others hold, losing writes only the
+        /// missing agents have.
+        #[arg(long)]
+        accept_data_loss: bool,
     },
     /// Failover: makes a remote head writable, from its newest complete
     /// snapshot.
@@ -606,6 +611,7 @@ async fn head(
             fuse,
             role,
             cost,
+            accept_data_loss,
         } => {
             let mut costs = std::collections::BTreeMap::new();
             for c in &cost {
@@ -638,6 +644,7 @@ async fn head(
                 agents,
                 fuse,
                 stale_agents: vec![],
+                accept_data_loss,
                 role: if role == "remote" {
                     pb::VolumeRole::Remote
                 } else {

@@ -46,7 +46,9 @@ fn frontend_error(e: HeadError) -> VolumeIoError {
         | HeadError::Refused { .. }
         | HeadError::Snapshot { .. }
         | HeadError::MissingPeer { .. }
-        | HeadError::Rebuild { .. } => VolumeIoError::Io(e.to_string()),
+        | HeadError::Rebuild { .. }
+        | HeadError::Unproven { .. }
+        | HeadError::DataLoss { .. } => VolumeIoError::Io(e.to_string()),
     }
 }
 

@@ -74,6 +74,7 @@ pub fn open_request(r: pb::OpenHeadRequest) -> Result<OpenRequest, Status> {
         agents,
         epoch: r.epoch,
         stale: r.stale_agents,
+        accept_data_loss: r.accept_data_loss,
         remote,
         fuse: r.fuse,
     })

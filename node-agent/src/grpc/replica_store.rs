@@ -8,7 +8,10 @@ use std::sync::Arc;
 
 use cairn_api::{
     ChunkSet, Geometry,
-    agent::v1::{self as pb, replica_store_server::ReplicaStore},
+    agent::{
+        INCARNATION_METADATA,
+        v1::{self as pb, replica_store_server::ReplicaStore},
+    },
     convert,
 };
 use tokio_stream::wrappers::ReceiverStream;
@@ -24,6 +27,16 @@ use crate::{
     store::{Store, spawn_stream},
     transport::{HEAD_BLOCKS_PAGE, MAX_HEAD_BLOCKS_PAGE, MAX_MESSAGE_BYTES},
 };
+
+/// The replica incarnation a request expects (metadata
+/// `cairn-incarnation`; absent or unparsable: 0, unchecked).
+fn incarnation<T>(req: &Request<T>) -> u64 {
+    req.metadata()
+        .get(INCARNATION_METADATA)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
 
 /// Blocks per streamed batch (1 MiB of data).
 const STREAM_BATCH: usize = 256;
@@ -132,11 +145,13 @@ impl ReplicaStore for ReplicaStoreService {
         &self,
         req: Request<pb::WriteBlocksRequest>,
     ) -> Result<Response<pb::WriteBlocksResponse>, Status> {
+        let expected = incarnation(&req);
         let r = req.into_inner();
         let volume = convert::volume_id("volume_id", &r.volume_id).map_err(field)?;
         // A small write whose replica is free right now is done here: that
         // is cheaper than two thread switches to the blocking pool and back.
         let replica = self.store.replica(&volume).map_err(store_status)?;
+        replica.check_incarnation(expected).map_err(store_status)?;
         if let Some(done) = replica.try_write(r.epoch, r.offset, &r.data) {
             done.map_err(store_status)?;
             return Ok(Response::new(pb::WriteBlocksResponse {}));
@@ -150,11 +165,13 @@ impl ReplicaStore for ReplicaStoreService {
         &self,
         req: Request<pb::ReadBlocksRequest>,
     ) -> Result<Response<pb::ReadBlocksResponse>, Status> {
+        let expected = incarnation(&req);
         let r = req.into_inner();
         let volume = convert::volume_id("volume_id", &r.volume_id).map_err(field)?;
         let snap = convert::optional_snapshot_id("snapshot_id", &r.snapshot_id).map_err(field)?;
         // As for writes: a small read no writer holds up is done here.
         let replica = self.store.replica(&volume).map_err(store_status)?;
+        replica.check_incarnation(expected).map_err(store_status)?;
         let data = match replica.try_read(r.offset, r.length, snap.as_ref()) {
             Some(done) => done.map_err(store_status)?,
             None => self.run(move |_| replica.read(r.offset, r.length, snap.as_ref())).await?,
@@ -167,9 +184,15 @@ impl ReplicaStore for ReplicaStoreService {
         &self,
         req: Request<pb::TrimRequest>,
     ) -> Result<Response<pb::TrimResponse>, Status> {
+        let expected = incarnation(&req);
         let r = req.into_inner();
         let volume = convert::volume_id("volume_id", &r.volume_id).map_err(field)?;
-        self.run(move |s| s.replica(&volume)?.trim(r.epoch, r.offset, r.length)).await?;
+        self.run(move |s| {
+            let replica = s.replica(&volume)?;
+            replica.check_incarnation(expected)?;
+            replica.trim(r.epoch, r.offset, r.length)
+        })
+        .await?;
         Ok(Response::new(pb::TrimResponse {}))
     }
 
@@ -190,9 +213,15 @@ impl ReplicaStore for ReplicaStoreService {
         &self,
         req: Request<pb::FlushRequest>,
     ) -> Result<Response<pb::FlushResponse>, Status> {
+        let expected = incarnation(&req);
         let r = req.into_inner();
         let volume = convert::volume_id("volume_id", &r.volume_id).map_err(field)?;
-        self.run(move |s| s.replica(&volume)?.flush(r.epoch)).await?;
+        self.run(move |s| {
+            let replica = s.replica(&volume)?;
+            replica.check_incarnation(expected)?;
+            replica.flush(r.epoch)
+        })
+        .await?;
         Ok(Response::new(pb::FlushResponse {}))
     }
 
@@ -203,8 +232,25 @@ impl ReplicaStore for ReplicaStoreService {
     ) -> Result<Response<pb::FenceResponse>, Status> {
         let r = req.into_inner();
         let volume = convert::volume_id("volume_id", &r.volume_id).map_err(field)?;
-        let epoch = self.run(move |s| s.replica(&volume)?.fence(r.epoch)).await?;
+        let epoch = self.run(move |s| s.replica(&volume)?.fence_as(r.epoch, &r.head)).await?;
         Ok(Response::new(pb::FenceResponse { epoch }))
+    }
+
+    #[tracing::instrument(skip_all, fields(volume = %req.get_ref().volume_id, epoch = req.get_ref().epoch, seq = req.get_ref().seq))]
+    async fn set_in_sync(
+        &self,
+        req: Request<pb::SetInSyncRequest>,
+    ) -> Result<Response<pb::SetInSyncResponse>, Status> {
+        let expected = incarnation(&req);
+        let r = req.into_inner();
+        let volume = convert::volume_id("volume_id", &r.volume_id).map_err(field)?;
+        self.run(move |s| {
+            let replica = s.replica(&volume)?;
+            replica.check_incarnation(expected)?;
+            replica.set_in_sync(r.epoch, &r.head, r.seq, r.members.into_iter().collect())
+        })
+        .await?;
+        Ok(Response::new(pb::SetInSyncResponse {}))
     }
 
     #[tracing::instrument(skip_all, fields(volume = %req.get_ref().volume_id, snapshot = %req.get_ref().snapshot_id))]

@@ -52,9 +52,12 @@ fn store_code(e: &Error) -> Code {
     match e {
         Error::ReplicaNotFound { .. } | Error::SnapshotNotFound { .. } => Code::NotFound,
         Error::ReplicaExists { .. } | Error::SnapshotExists { .. } => Code::AlreadyExists,
-        Error::StaleGeneration { .. } | Error::ChunkNotHeld { .. } | Error::StaleEpoch { .. } => {
-            Code::FailedPrecondition
-        }
+        Error::StaleGeneration { .. }
+        | Error::ChunkNotHeld { .. }
+        | Error::StaleEpoch { .. }
+        | Error::EpochTaken { .. }
+        | Error::StaleInSync { .. } => Code::FailedPrecondition,
+        Error::Incarnation { .. } => Code::Aborted,
         Error::Range { source, .. } => match source {
             RangeError::PastEnd { .. } => Code::OutOfRange,
             RangeError::Unaligned { .. } | RangeError::Empty | RangeError::TooLong { .. } => {
@@ -77,14 +80,19 @@ fn store_code(e: &Error) -> Code {
 /// Maps a store error to the gRPC status a client acts on.
 pub fn store_status(e: Error) -> Status {
     let status = Status::new(store_code(&e), chain(&e));
-    if matches!(e, Error::StaleEpoch { .. }) { stale_epoch(status) } else { status }
+    if matches!(e, Error::StaleEpoch { .. } | Error::EpochTaken { .. }) {
+        stale_epoch(status)
+    } else {
+        status
+    }
 }
 
 fn head_code(e: &HeadError) -> Code {
     match e {
         HeadError::Placement { .. } => Code::FailedPrecondition,
         HeadError::Range { .. } => Code::OutOfRange,
-        HeadError::NoReplica { .. } => Code::Unavailable,
+        HeadError::NoReplica { .. } | HeadError::Unproven { .. } => Code::Unavailable,
+        HeadError::DataLoss { .. } => Code::DataLoss,
         HeadError::Fenced { .. } | HeadError::Refused { .. } => Code::FailedPrecondition,
         HeadError::Snapshot { .. } => Code::Aborted,
         HeadError::MissingPeer { .. } => Code::InvalidArgument,
@@ -109,7 +117,8 @@ fn heads_code(e: &HeadsError) -> Code {
         | HeadsError::NoFuseDir { .. }
         | HeadsError::Fuse(_)
         | HeadsError::Mounted { .. }
-        | HeadsError::Attached { .. } => Code::FailedPrecondition,
+        | HeadsError::Attached { .. }
+        | HeadsError::StaleOpen { .. } => Code::FailedPrecondition,
         HeadsError::MountDir { .. } | HeadsError::Task { .. } => Code::Internal,
         HeadsError::EmptyAgentName | HeadsError::Peer { .. } => Code::InvalidArgument,
         HeadsError::Head(h) => head_code(h),

@@ -11,7 +11,8 @@
 //! writes, drains those in flight, and is sealed on every in-sync replica or
 //! on none (it is deleted where it was sealed if any seal fails).
 //!
-//! This module keeps the fan-out; [`snapshot`] the snapshots through a head,
+//! This module keeps the fan-out; [`read`] the reads, [`in_sync`] the
+//! durable in-sync set, [`snapshot`] the snapshots through a head,
 //! [`rebuild`] the rebuild of out-of-sync replicas, [`source`] the choice of
 //! a copy's source replica, [`range_lock`] the byte-range locks.
 //!
@@ -23,7 +24,9 @@
 //! newer write; it rejoins only when its per-chunk head digests equal the
 //! sources'.
 
+mod in_sync;
 pub mod range_lock;
+mod read;
 mod rebuild;
 mod snapshot;
 mod source;
@@ -36,7 +39,7 @@ use std::{
     collections::BTreeMap,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -74,6 +77,9 @@ pub struct HeadSpec {
     pub stale: Vec<String>,
     /// Cost labels of agents for copies reading from them (absent: 0).
     pub costs: BTreeMap<String, u32>,
+    /// Open even when replicas that may hold acknowledged writes do not
+    /// answer (their writes are lost); refused otherwise.
+    pub accept_data_loss: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -111,6 +117,14 @@ pub enum HeadError {
     MissingPeer { volume: VolumeId, agent: String },
     #[error("volume {volume}: rebuild of the replica on agent {agent} failed: {reason}")]
     Rebuild { volume: VolumeId, agent: String, reason: String },
+    #[error(
+        "volume {volume}: cannot prove that the replicas that answer hold every acknowledged write: agents {missing} are in the in-sync set {record} and do not answer; wait for them to return and open again, or open with accept_data_loss to serve what the others hold (writes only those agents have are lost)"
+    )]
+    Unproven { volume: VolumeId, missing: String, record: String },
+    #[error(
+        "volume {volume}: no in-sync replica holds an intact copy: {detail}; the rest of the volume reads as usual, and the damaged copy is kept as it is until a good copy repairs it or an administrator acts"
+    )]
+    DataLoss { volume: VolumeId, detail: String },
 }
 
 pub type HeadResult<T> = Result<T, HeadError>;
@@ -145,6 +159,15 @@ pub struct VolumeHead {
     /// (exclusive): a write waits only for a copy of the blocks it touches.
     ranges: RangeLocks,
     out_of_sync: Mutex<BTreeMap<usize, String>>,
+    /// Grows, under the `out_of_sync` lock, whenever the in-sync set
+    /// changes; `durable` says which value is recorded on the replicas.
+    membership: AtomicU64,
+    /// The in-sync set as recorded on the replicas (see `in_sync`).
+    durable: tokio::sync::Mutex<in_sync::Durable>,
+    /// The `membership` value last recorded (read without the lock).
+    recorded: AtomicU64,
+    /// This head's identity at the replicas (its agent's name).
+    head_id: String,
     fenced: Mutex<Option<String>>,
     next_read: AtomicUsize,
     /// Agents catching up: writes and trims reach them too, reads and
@@ -191,6 +214,7 @@ impl VolumeHead {
             })?;
             peers.push(p);
         }
+        let head_id = local.unwrap_or_default().to_string();
         let local = local.and_then(|l| spec.agents.iter().position(|a| a.name == l));
         let head = VolumeHead {
             chunks: placement.chunks,
@@ -201,6 +225,11 @@ impl VolumeHead {
             rmw: Default::default(),
             ranges: Default::default(),
             out_of_sync: Default::default(),
+            // Ahead of `durable` (0): the open records its in-sync set.
+            membership: AtomicU64::new(1),
+            durable: Default::default(),
+            recorded: AtomicU64::new(0),
+            head_id,
             fenced: Default::default(),
             next_read: AtomicUsize::new(0),
             catching_up: Default::default(),
@@ -215,9 +244,10 @@ impl VolumeHead {
             let peer = head.peers[a].clone();
             let (volume, geometry, epoch) = (volume.clone(), head.spec.geometry, head.spec.epoch);
             let set = ChunkSet::Some(chunks.iter().copied().collect());
+            let id = head.head_id.clone();
             async move {
                 let info = peer.ensure(&volume, geometry, set).await?;
-                peer.fence(&volume, epoch).await?;
+                peer.fence(&volume, epoch, &id).await?;
                 Ok::<_, PeerError>(info)
             }
         });
@@ -230,9 +260,12 @@ impl VolumeHead {
             }
         }
         head.mark_stale_at_open(&infos);
+        head.check_current_at_open(&infos)?;
+        head.converge_at_open().await?;
         for c in 0..head.chunks.len() as u64 {
             head.in_sync(c)?;
         }
+        head.make_durable().await?;
         Ok(head)
     }
 
@@ -301,7 +334,11 @@ impl VolumeHead {
             .map(|(a, chunks)| AgentHealth {
                 agent: self.spec.agents[a].name.clone(),
                 chunks: chunks.len() as u64,
-                out_of_sync: out.get(&a).cloned(),
+                // Not in sync until its rebuild has ended (the set with it
+                // is being recorded).
+                out_of_sync: out.get(&a).cloned().or_else(|| {
+                    rebuilds.contains_key(&a).then(|| "rejoining after its rebuild".into())
+                }),
                 rebuild: rebuilds.get(&a).cloned(),
                 last_rebuild: last.get(&a).cloned(),
             })
@@ -345,15 +382,37 @@ impl VolumeHead {
             PeerErrorKind::Refused => {
                 Err(HeadError::Refused { volume: self.spec.volume.clone(), source: e })
             }
+            // The last in-sync copy of a chunk is never given up for a bad
+            // block: the caller fails (DATA_LOSS) and the copy stays.
+            PeerErrorKind::Corrupt if self.is_last_copy(agent) => {
+                Err(HeadError::DataLoss { volume: self.spec.volume.clone(), detail: e.to_string() })
+            }
             PeerErrorKind::Unavailable | PeerErrorKind::Corrupt => {
-                if let std::collections::btree_map::Entry::Vacant(v) =
-                    self.out_of_sync.lock().unwrap().entry(agent)
-                {
-                    tracing::warn!(volume = %self.spec.volume, agent = %e.agent, error = %e.message, "replica out of sync");
-                    v.insert(e.to_string());
-                }
+                self.mark_out_of_sync(agent, e.to_string());
                 Ok(())
             }
+        }
+    }
+
+    /// True when `agent` holds the only in-sync replica of one of its chunks.
+    fn is_last_copy(&self, agent: usize) -> bool {
+        let out = self.out_of_sync.lock().unwrap();
+        !out.contains_key(&agent)
+            && self.chunks.iter().any(|holders| {
+                holders.contains(&agent)
+                    && holders.iter().all(|h| *h == agent || out.contains_key(h))
+            })
+    }
+
+    /// Marks `agent` out of sync (if it is not yet) with the reason `why`;
+    /// the change is recorded on the replicas before the next
+    /// acknowledgement ([`VolumeHead::make_durable`]).
+    fn mark_out_of_sync(&self, agent: usize, why: String) {
+        let mut out = self.out_of_sync.lock().unwrap();
+        if let std::collections::btree_map::Entry::Vacant(v) = out.entry(agent) {
+            tracing::warn!(volume = %self.spec.volume, agent = %self.spec.agents[agent].name, reason = %why, "replica out of sync");
+            v.insert(why);
+            self.membership.fetch_add(1, Ordering::SeqCst);
         }
     }
 
@@ -472,87 +531,14 @@ impl VolumeHead {
             }
         }
         self.check_fenced()?;
-        self.in_sync(chunk).map(drop)
+        self.in_sync(chunk)?;
+        self.make_durable().await
     }
 
     /// A write to a catching-up replica failed: its rebuild stops.
     fn stop_catch_up(&self, agent: usize, reason: String) {
         if let Some(slot) = self.catching_up.lock().unwrap().get_mut(&agent) {
             slot.get_or_insert(reason);
-        }
-    }
-
-    /// Reads `len` bytes at any offset.
-    pub async fn read(&self, offset: u64, len: u64) -> HeadResult<Bytes> {
-        self.read_view(None, offset, len).await
-    }
-
-    /// Reads `len` bytes at any offset of snapshot `snapshot`, from the
-    /// in-sync replicas (the snapshot was sealed on all of them).
-    pub async fn read_snapshot(
-        &self,
-        snapshot: &SnapshotId,
-        offset: u64,
-        len: u64,
-    ) -> HeadResult<Bytes> {
-        self.read_view(Some(snapshot), offset, len).await
-    }
-
-    /// Reads the head (`None`) or a snapshot at any offset.
-    pub async fn read_view(
-        &self,
-        snapshot: Option<&SnapshotId>,
-        offset: u64,
-        len: u64,
-    ) -> HeadResult<Bytes> {
-        self.check_fenced()?;
-        self.check_range(offset, len)?;
-        let start = offset / BS * BS;
-        let stop = (offset + len).div_ceil(BS) * BS;
-        let all = self.read_aligned(snapshot, start, stop - start).await?;
-        Ok(all.slice((offset - start) as usize..(offset - start + len) as usize))
-    }
-
-    async fn read_aligned(
-        &self,
-        snapshot: Option<&SnapshotId>,
-        offset: u64,
-        len: u64,
-    ) -> HeadResult<Bytes> {
-        let pieces = self.pieces(offset, len);
-        if let [(chunk, off, len)] = pieces[..] {
-            return self.read_piece(snapshot, chunk, off, len).await;
-        }
-        let parts =
-            join_all(pieces.iter().map(|&(c, o, l)| self.read_piece(snapshot, c, o, l))).await;
-        let mut out = Vec::with_capacity(len as usize);
-        for p in parts {
-            out.extend_from_slice(&p?);
-        }
-        Ok(out.into())
-    }
-
-    /// Reads one piece from the local replica if in sync, else from the
-    /// in-sync replicas in turn; a replica that fails is marked out of
-    /// sync and the next is tried.
-    async fn read_piece(
-        &self,
-        snapshot: Option<&SnapshotId>,
-        chunk: u64,
-        offset: u64,
-        len: u64,
-    ) -> HeadResult<Bytes> {
-        loop {
-            let mut live = self.in_sync(chunk)?;
-            let pick = match self.local.and_then(|l| live.iter().position(|&a| a == l)) {
-                Some(i) => i,
-                None => self.next_read.fetch_add(1, Ordering::Relaxed) % live.len(),
-            };
-            let a = live.swap_remove(pick);
-            match self.peers[a].read(&self.spec.volume, snapshot, offset, len).await {
-                Ok(data) => return Ok(data),
-                Err(e) => self.absorb(a, e)?,
-            }
         }
     }
 
@@ -625,7 +611,7 @@ impl VolumeHead {
         for c in 0..self.chunks.len() as u64 {
             self.in_sync(c)?;
         }
-        Ok(())
+        self.make_durable().await
     }
 
     fn live_agents(&self) -> Vec<usize> {

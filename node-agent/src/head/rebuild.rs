@@ -6,6 +6,8 @@
 //! holds its byte range exclusively), and the replica rejoins only when its
 //! per-chunk head digests equal the sources'.
 
+use std::collections::BTreeSet;
+
 use super::*;
 
 /// Where a rebuild is.
@@ -105,7 +107,9 @@ impl VolumeHead {
         let started = Instant::now();
         let res = self.rebuild_replica(x, &chunks).await;
         self.catching_up.lock().unwrap().remove(&x);
-        let progress = self.rebuilds.lock().unwrap().remove(&x);
+        // The progress entry goes only once the outcome is written, so a
+        // reader never sees the rebuild gone and its outcome not yet there.
+        let progress = self.rebuilds.lock().unwrap().get(&x).cloned();
         let elapsed = started.elapsed();
         match res {
             Ok(()) => {
@@ -126,6 +130,7 @@ impl VolumeHead {
                 );
                 tracing::info!(%volume, agent, "{text}");
                 self.last_rebuild.lock().unwrap().insert(x, text);
+                self.rebuilds.lock().unwrap().remove(&x);
                 Ok(report)
             }
             Err(e) => {
@@ -136,6 +141,7 @@ impl VolumeHead {
                 tracing::info!(%volume, agent, error = %reason, "rebuild failed");
                 let text = format!("failed after {:.1} s: {reason}", elapsed.as_secs_f64());
                 self.last_rebuild.lock().unwrap().insert(x, text);
+                self.rebuilds.lock().unwrap().remove(&x);
                 if let Some(why) = self.out_of_sync.lock().unwrap().get_mut(&x) {
                     *why = format!("rebuild failed: {reason}");
                 }
@@ -171,29 +177,39 @@ impl VolumeHead {
                 .unwrap_or_else(|| self.rebuild_error(x, "fenced by a newer head".to_string())),
             _ => self.rebuild_error(x, e.to_string()),
         };
+        // 0. Never delete the last copy: every chunk of X must have another
+        // in-sync replica to be rebuilt from.
+        for &c in chunks {
+            self.in_sync(c).map_err(|e| {
+                self.rebuild_error(
+                    x,
+                    format!("there is no in-sync replica to copy from, so the replica is kept as it is ({e})"),
+                )
+            })?;
+        }
         // 1. A fresh replica, fenced at this head's epoch.
         target.delete_replica(volume).await.map_err(on_target)?;
         let set = ChunkSet::Some(chunks.iter().copied().collect());
         target.ensure(volume, self.spec.geometry, set).await.map_err(on_target)?;
-        target.fence(volume, epoch).await.map_err(on_target)?;
+        target.fence(volume, epoch, &self.head_id).await.map_err(on_target)?;
 
-        // 2. Sealed layers, oldest first, until no new snapshot appeared;
-        // then, with I/O held for a moment, the replica starts catching up.
-        let mut copied = 0u64;
+        // 2. Sealed layers in layer order, by id, until no new snapshot
+        // appeared; then, with I/O held for a moment (and snapshot deletion
+        // held off by the catch-up gate), snapshots deleted at the sources
+        // meanwhile are deleted on X too, and X starts catching up.
+        let mut copied: Vec<SnapshotId> = Vec::new();
         let _catching_up = loop {
-            let todo: Vec<SnapshotInfo> = self
-                .source_snapshots(chunks[0])
-                .await?
-                .into_iter()
-                .filter(|s| s.generation > copied)
-                .collect();
+            let todo = self.layers_to_copy(x, chunks[0], &copied).await?;
             if todo.is_empty() {
                 let catch_up = self.catchup_gate.read().await;
                 let hold = self.gate.write().await;
-                let newer =
-                    self.source_snapshots(chunks[0]).await?.iter().any(|s| s.generation > copied);
-                if newer {
+                if !self.layers_to_copy(x, chunks[0], &copied).await?.is_empty() {
                     continue;
+                }
+                let kept: BTreeSet<SnapshotId> =
+                    self.source_snapshots(chunks[0]).await?.into_iter().map(|s| s.id).collect();
+                for id in copied.iter().filter(|id| !kept.contains(id)) {
+                    target.delete_snapshot(volume, id).await.map_err(on_target)?;
                 }
                 self.catching_up.lock().unwrap().insert(x, None);
                 drop(hold);
@@ -202,7 +218,7 @@ impl VolumeHead {
             self.progress(x, |p| p.layers_total = p.layers_done + todo.len() as u32);
             for snap in todo {
                 self.copy_layer(x, chunks, &snap).await?;
-                copied = snap.generation;
+                copied.push(snap.id);
                 self.progress(x, |p| p.layers_done += 1);
             }
         };
@@ -222,8 +238,44 @@ impl VolumeHead {
         self.check_catching_up(x)?;
         self.compare_digests(x, chunks, None).await?;
         self.catching_up.lock().unwrap().remove(&x);
-        self.out_of_sync.lock().unwrap().remove(&x);
-        Ok(())
+        {
+            let mut out = self.out_of_sync.lock().unwrap();
+            out.remove(&x);
+            self.membership.fetch_add(1, Ordering::SeqCst);
+        }
+        // Recorded on every member, X included, before I/O goes on.
+        self.make_durable().await?;
+        match self.out_of_sync.lock().unwrap().get(&x) {
+            None => Ok(()),
+            Some(why) => Err(self.rebuild_error(x, format!("recording it in sync failed: {why}"))),
+        }
+    }
+
+    /// The snapshots of the sources still to copy to `x`, in layer order:
+    /// those after the ones `copied` (which must be, in order, what the
+    /// sources hold up to there, less any deleted meanwhile). Identity and
+    /// order decide, never generation numbers (divergent snapshots kept
+    /// from a resync break generation order).
+    async fn layers_to_copy(
+        &self,
+        x: usize,
+        chunk: u64,
+        copied: &[SnapshotId],
+    ) -> HeadResult<Vec<SnapshotInfo>> {
+        let sources = self.source_snapshots(chunk).await?;
+        let done: BTreeSet<&SnapshotId> = copied.iter().collect();
+        let present: Vec<&SnapshotId> =
+            sources.iter().map(|s| &s.id).filter(|id| done.contains(id)).collect();
+        let expected: Vec<&SnapshotId> =
+            copied.iter().filter(|id| sources.iter().any(|s| &s.id == *id)).collect();
+        let prefix = sources.iter().take_while(|s| done.contains(&s.id)).count();
+        if present != expected || prefix != present.len() {
+            return Err(self.rebuild_error(
+                x,
+                "the sources' snapshots changed order during the copy; the rebuild starts again",
+            ));
+        }
+        Ok(sources.into_iter().skip(prefix).collect())
     }
 
     fn check_catching_up(&self, x: usize) -> HeadResult<()> {
@@ -265,7 +317,17 @@ impl VolumeHead {
                     self.rebuild_error(x, format!("marking {} divergent: {e}", snap.id))
                 })?;
         }
-        self.compare_digests(x, chunks, Some(&snap.id)).await
+        match self.compare_digests(x, chunks, Some(&snap.id)).await {
+            // Deleted at the sources since it was copied: there is nothing
+            // to compare with, and it is deleted on X before X catches up
+            // (the next snapshot's digests cover the blocks it folds into).
+            Err(HeadError::Refused { .. })
+                if !self.source_snapshots(chunks[0]).await?.iter().any(|s| s.id == snap.id) =>
+            {
+                Ok(())
+            }
+            other => other,
+        }
     }
 
     async fn copy_layer_chunk(

@@ -4,13 +4,20 @@
 //! Invariant: an agent that stops answering is an error within the
 //! timeout, never a hang; every received block's CRC32C is checked.
 
-use std::time::Duration;
+use std::{
+    collections::BTreeSet,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
 
 use bytes::Bytes;
 use cairn_api::{
     Accumulator, BLOCK_SIZE, ChunkSet, Geometry, SnapshotId, VolumeId,
     agent::{
-        REASON_METADATA, REASON_STALE_EPOCH,
+        INCARNATION_METADATA, REASON_METADATA, REASON_STALE_EPOCH,
         v1::{self as pb, replica_store_client::ReplicaStoreClient},
     },
     snapshot::{ReplicaInfo, SnapshotInfo},
@@ -25,6 +32,10 @@ pub struct GrpcPeer {
     name: String,
     client: ReplicaStoreClient<Channel>,
     timeout: Duration,
+    /// The replica incarnation the last `ensure` returned (0: none yet),
+    /// sent with every write, read, trim, flush and in-sync record: a peer
+    /// serves one head, so one volume.
+    incarnation: Arc<AtomicU64>,
 }
 
 impl GrpcPeer {
@@ -42,7 +53,20 @@ impl GrpcPeer {
         let client = ReplicaStoreClient::new(channel)
             .max_decoding_message_size(crate::transport::MAX_MESSAGE_BYTES)
             .max_encoding_message_size(crate::transport::MAX_MESSAGE_BYTES);
-        Ok(GrpcPeer { name: name.into(), client, timeout })
+        Ok(GrpcPeer { name: name.into(), client, timeout, incarnation: Default::default() })
+    }
+
+    /// `msg` with the expected incarnation attached.
+    fn checked<T>(&self, msg: T) -> tonic::Request<T> {
+        let mut req = tonic::Request::new(msg);
+        let inc = self.incarnation.load(Ordering::SeqCst);
+        if inc != 0 {
+            req.metadata_mut().insert(
+                INCARNATION_METADATA,
+                inc.to_string().parse().expect("a decimal number is valid metadata"),
+            );
+        }
+        req
     }
 
     fn error(&self, s: tonic::Status) -> PeerError {
@@ -109,7 +133,10 @@ impl ReplicaPeer for GrpcPeer {
             chunks: Some((&chunks).into()),
         };
         let info = self.call(self.client.clone().create_replica(req)).await?;
-        ReplicaInfo::try_from(&info).map_err(|e| self.bad_answer(format!("replica info: {e}")))
+        let info = ReplicaInfo::try_from(&info)
+            .map_err(|e| self.bad_answer(format!("replica info: {e}")))?;
+        self.incarnation.store(info.incarnation, Ordering::SeqCst);
+        Ok(info)
     }
 
     async fn revert_head(&self, volume: &VolumeId, epoch: u64) -> PeerResult<()> {
@@ -127,9 +154,27 @@ impl ReplicaPeer for GrpcPeer {
         }
     }
 
-    async fn fence(&self, volume: &VolumeId, epoch: u64) -> PeerResult<u64> {
-        let req = pb::FenceRequest { volume_id: volume.to_string(), epoch };
+    async fn fence(&self, volume: &VolumeId, epoch: u64, head: &str) -> PeerResult<u64> {
+        let req = pb::FenceRequest { volume_id: volume.to_string(), epoch, head: head.into() };
         self.call(self.client.clone().fence(req)).await.map(|r| r.epoch)
+    }
+
+    async fn set_in_sync(
+        &self,
+        volume: &VolumeId,
+        epoch: u64,
+        head: &str,
+        seq: u64,
+        members: &BTreeSet<String>,
+    ) -> PeerResult<()> {
+        let req = self.checked(pb::SetInSyncRequest {
+            volume_id: volume.to_string(),
+            epoch,
+            head: head.into(),
+            seq,
+            members: members.iter().cloned().collect(),
+        });
+        self.call(self.client.clone().set_in_sync(req)).await.map(drop)
     }
 
     async fn write(
@@ -139,7 +184,12 @@ impl ReplicaPeer for GrpcPeer {
         offset: u64,
         data: Bytes,
     ) -> PeerResult<()> {
-        let req = pb::WriteBlocksRequest { volume_id: volume.to_string(), offset, data, epoch };
+        let req = self.checked(pb::WriteBlocksRequest {
+            volume_id: volume.to_string(),
+            offset,
+            data,
+            epoch,
+        });
         self.call(self.client.clone().write_blocks(req)).await.map(drop)
     }
 
@@ -150,22 +200,27 @@ impl ReplicaPeer for GrpcPeer {
         offset: u64,
         len: u64,
     ) -> PeerResult<Bytes> {
-        let req = pb::ReadBlocksRequest {
+        let req = self.checked(pb::ReadBlocksRequest {
             volume_id: volume.to_string(),
             offset,
             length: len,
             snapshot_id: snapshot.map(|s| s.to_string()).unwrap_or_default(),
-        };
+        });
         self.call(self.client.clone().read_blocks(req)).await.map(|r| r.data)
     }
 
     async fn trim(&self, volume: &VolumeId, epoch: u64, offset: u64, len: u64) -> PeerResult<()> {
-        let req = pb::TrimRequest { volume_id: volume.to_string(), offset, length: len, epoch };
+        let req = self.checked(pb::TrimRequest {
+            volume_id: volume.to_string(),
+            offset,
+            length: len,
+            epoch,
+        });
         self.call(self.client.clone().trim(req)).await.map(drop)
     }
 
     async fn flush(&self, volume: &VolumeId, epoch: u64) -> PeerResult<()> {
-        let req = pb::FlushRequest { volume_id: volume.to_string(), epoch };
+        let req = self.checked(pb::FlushRequest { volume_id: volume.to_string(), epoch });
         self.call(self.client.clone().flush(req)).await.map(drop)
     }
 

@@ -4,7 +4,14 @@
 //! Invariant: a store error keeps its kind ([`local_error`]): a stale epoch
 //! is always [`PeerErrorKind::Fenced`].
 
-use std::{cell::Cell, sync::Arc};
+use std::{
+    cell::Cell,
+    collections::BTreeSet,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+};
 
 use bytes::Bytes;
 use cairn_api::{
@@ -18,12 +25,13 @@ use crate::{error::Error, store::Store};
 
 fn local_error(agent: &str, e: Error) -> PeerError {
     let kind = match &e {
-        Error::StaleEpoch { .. } => PeerErrorKind::Fenced,
+        Error::StaleEpoch { .. } | Error::EpochTaken { .. } => PeerErrorKind::Fenced,
         Error::Checksum { .. } | Error::Corrupt { .. } => PeerErrorKind::Corrupt,
         Error::Io { .. }
         | Error::StoreIo { .. }
         | Error::Meta { .. }
-        | Error::NotServing { .. } => PeerErrorKind::Unavailable,
+        | Error::NotServing { .. }
+        | Error::Incarnation { .. } => PeerErrorKind::Unavailable,
         Error::ReplicaNotFound { .. }
         | Error::ReplicaExists { .. }
         | Error::SnapshotNotFound { .. }
@@ -31,7 +39,8 @@ fn local_error(agent: &str, e: Error) -> PeerError {
         | Error::StaleGeneration { .. }
         | Error::Range { .. }
         | Error::Geometry { .. }
-        | Error::ChunkNotHeld { .. } => PeerErrorKind::Refused,
+        | Error::ChunkNotHeld { .. }
+        | Error::StaleInSync { .. } => PeerErrorKind::Refused,
     };
     PeerError { agent: agent.to_string(), kind, message: e.to_string() }
 }
@@ -64,11 +73,31 @@ pub fn on_frontend_thread<T>(f: impl FnOnce() -> T) -> T {
 pub struct LocalPeer {
     name: String,
     store: Arc<Store>,
+    /// The replica incarnation the last `ensure` returned (0: none yet),
+    /// checked on every write, read, trim, flush and in-sync record: a peer
+    /// serves one head, so one volume.
+    incarnation: Arc<AtomicU64>,
 }
 
 impl LocalPeer {
     pub fn new(name: impl Into<String>, store: Arc<Store>) -> Self {
-        LocalPeer { name: name.into(), store }
+        LocalPeer { name: name.into(), store, incarnation: Default::default() }
+    }
+
+    /// The replica of `volume`, refused if it is not the incarnation this
+    /// peer wrote to.
+    fn checked(
+        store: &Store,
+        volume: &VolumeId,
+        expected: u64,
+    ) -> Result<Arc<crate::Replica>, Error> {
+        let r = store.replica(volume)?;
+        r.check_incarnation(expected)?;
+        Ok(r)
+    }
+
+    fn expected(&self) -> u64 {
+        self.incarnation.load(Ordering::SeqCst)
     }
 
     async fn run<T: Send + 'static>(
@@ -109,7 +138,10 @@ impl ReplicaPeer for LocalPeer {
         chunks: ChunkSet,
     ) -> PeerResult<ReplicaInfo> {
         let v = volume.clone();
-        self.run(move |s| s.create_replica(&v, geometry, chunks).map(|r| r.info())).await
+        let info =
+            self.run(move |s| s.create_replica(&v, geometry, chunks).map(|r| r.info())).await?;
+        self.incarnation.store(info.incarnation, Ordering::SeqCst);
+        Ok(info)
     }
 
     async fn revert_head(&self, volume: &VolumeId, epoch: u64) -> PeerResult<()> {
@@ -126,9 +158,22 @@ impl ReplicaPeer for LocalPeer {
         .await
     }
 
-    async fn fence(&self, volume: &VolumeId, epoch: u64) -> PeerResult<u64> {
-        let v = volume.clone();
-        self.run(move |s| s.replica(&v)?.fence(epoch)).await
+    async fn fence(&self, volume: &VolumeId, epoch: u64, head: &str) -> PeerResult<u64> {
+        let (v, head) = (volume.clone(), head.to_string());
+        self.run(move |s| s.replica(&v)?.fence_as(epoch, &head)).await
+    }
+
+    async fn set_in_sync(
+        &self,
+        volume: &VolumeId,
+        epoch: u64,
+        head: &str,
+        seq: u64,
+        members: &BTreeSet<String>,
+    ) -> PeerResult<()> {
+        let (v, head, members, inc) =
+            (volume.clone(), head.to_string(), members.clone(), self.expected());
+        self.run(move |s| Self::checked(s, &v, inc)?.set_in_sync(epoch, &head, seq, members)).await
     }
 
     async fn write(
@@ -138,8 +183,8 @@ impl ReplicaPeer for LocalPeer {
         offset: u64,
         data: Bytes,
     ) -> PeerResult<()> {
-        let v = volume.clone();
-        self.run(move |s| s.replica(&v)?.write(epoch, offset, &data)).await
+        let (v, inc) = (volume.clone(), self.expected());
+        self.run(move |s| Self::checked(s, &v, inc)?.write(epoch, offset, &data)).await
     }
 
     async fn read(
@@ -149,18 +194,21 @@ impl ReplicaPeer for LocalPeer {
         offset: u64,
         len: u64,
     ) -> PeerResult<Bytes> {
-        let (v, snap) = (volume.clone(), snapshot.cloned());
-        self.run(move |s| s.replica(&v)?.read(offset, len, snap.as_ref()).map(Bytes::from)).await
+        let (v, snap, inc) = (volume.clone(), snapshot.cloned(), self.expected());
+        self.run(move |s| {
+            Self::checked(s, &v, inc)?.read(offset, len, snap.as_ref()).map(Bytes::from)
+        })
+        .await
     }
 
     async fn trim(&self, volume: &VolumeId, epoch: u64, offset: u64, len: u64) -> PeerResult<()> {
-        let v = volume.clone();
-        self.run(move |s| s.replica(&v)?.trim(epoch, offset, len)).await
+        let (v, inc) = (volume.clone(), self.expected());
+        self.run(move |s| Self::checked(s, &v, inc)?.trim(epoch, offset, len)).await
     }
 
     async fn flush(&self, volume: &VolumeId, epoch: u64) -> PeerResult<()> {
-        let v = volume.clone();
-        self.run(move |s| s.replica(&v)?.flush(epoch)).await
+        let (v, inc) = (volume.clone(), self.expected());
+        self.run(move |s| Self::checked(s, &v, inc)?.flush(epoch)).await
     }
 
     async fn seal(

@@ -9,7 +9,7 @@
 //! [`PeerErrorKind::Fenced`], whichever way the peer is reached, so the head
 //! stops for good instead of marking replicas out of sync.
 
-use std::{fmt, pin::Pin};
+use std::{collections::BTreeSet, fmt, pin::Pin};
 
 use bytes::Bytes;
 use cairn_api::{
@@ -74,7 +74,10 @@ pub trait ReplicaPeer: Send + Sync + fmt::Debug {
     /// The agent's name (as in the placement).
     fn agent(&self) -> &str;
     /// Creates the replica if missing (idempotent for the same geometry);
-    /// returns what it holds.
+    /// returns what it holds. The peer remembers the incarnation returned
+    /// and sends it with every later write, read, trim, flush and in-sync
+    /// record: a reloaded replica refuses them (`Unavailable`), so a head
+    /// never takes a restarted replica for the one it wrote to.
     async fn ensure(
         &self,
         volume: &VolumeId,
@@ -85,7 +88,18 @@ pub trait ReplicaPeer: Send + Sync + fmt::Debug {
     async fn delete_replica(&self, volume: &VolumeId) -> PeerResult<()>;
     /// Drops every write since the newest snapshot.
     async fn revert_head(&self, volume: &VolumeId, epoch: u64) -> PeerResult<()>;
-    async fn fence(&self, volume: &VolumeId, epoch: u64) -> PeerResult<u64>;
+    /// Raises the replica's epoch to `epoch` for the head `head` (its
+    /// agent's name); another head at the same epoch is refused (`Fenced`).
+    async fn fence(&self, volume: &VolumeId, epoch: u64, head: &str) -> PeerResult<u64>;
+    /// Records, durably, the head's in-sync set at (`epoch`, `seq`).
+    async fn set_in_sync(
+        &self,
+        volume: &VolumeId,
+        epoch: u64,
+        head: &str,
+        seq: u64,
+        members: &BTreeSet<String>,
+    ) -> PeerResult<()>;
     async fn write(
         &self,
         volume: &VolumeId,

@@ -11,6 +11,7 @@
 
 pub mod commit;
 pub mod extent;
+pub mod in_sync;
 pub mod layer;
 pub mod recovery;
 pub mod snapshot;
@@ -26,7 +27,7 @@ use cairn_api::{
     BLOCK_SIZE, BlockRange, ChunkSet, Geometry, SnapshotId, VolumeId,
     block::{MAX_IO_BYTES, MAX_TRIM_BYTES},
     digest::{Accumulator, BlockHash, is_zero},
-    snapshot::ReplicaInfo,
+    snapshot::{InSyncRecord, ReplicaInfo},
 };
 
 use crate::{
@@ -70,6 +71,11 @@ pub(crate) struct State {
     pub touched: BTreeSet<u64>,
     /// The highest head epoch admitted (durable in the record).
     pub epoch: u64,
+    /// The head that fenced at `epoch` (durable; empty: none recorded).
+    pub epoch_head: String,
+    /// The in-sync set last recorded by a head (durable; `None`: a record
+    /// from before it existed).
+    pub in_sync: Option<InSyncRecord>,
 }
 
 /// One replica on this agent.
@@ -80,6 +86,9 @@ pub struct Replica {
     pub(crate) disk: Arc<dyn Disk>,
     pub(crate) db: Arc<redb::Database>,
     pub(crate) state: RwLock<State>,
+    /// Changes on every load and create (see `in_sync`): a head that wrote
+    /// to one incarnation never takes another for it.
+    pub(crate) incarnation: u64,
     /// Why the replica stopped serving, after an I/O error.
     failed: Mutex<Option<String>>,
 }
@@ -111,6 +120,8 @@ impl State {
             pending: BTreeMap::new(),
             touched: BTreeSet::new(),
             epoch,
+            epoch_head: String::new(),
+            in_sync: None,
         }
     }
 
@@ -144,6 +155,8 @@ impl State {
                 .collect(),
             next_layer: self.next_layer,
             epoch: self.epoch,
+            epoch_head: self.epoch_head.clone(),
+            in_sync: self.in_sync.clone(),
         }
     }
 
@@ -184,7 +197,10 @@ impl Replica {
         disk.create_dir_all(&dir).map_err(|e| io("creating the replica directory", e))?;
         let parent = dir.parent().expect("replica dirs live under the data dir");
         disk.sync_dir(parent).map_err(|e| io("syncing the volumes directory", e))?;
-        let state = State::new(geometry, chunks, vec![Layer::new(&dir, 1, None)], 2, 0);
+        let mut state = State::new(geometry, chunks, vec![Layer::new(&dir, 1, None)], 2, 0);
+        // A new replica knows of no acknowledged write: version (0, 0), no
+        // members (see docs/design.md, "Durable replica state").
+        state.in_sync = Some(InSyncRecord::default());
         let tx = db.begin_write().map_err(meta("creating a replica"))?;
         {
             let mut t = tx.open_table(REPLICAS).map_err(meta("creating a replica"))?;
@@ -202,7 +218,15 @@ impl Replica {
         db: Arc<redb::Database>,
         state: State,
     ) -> Self {
-        Replica { volume, dir, disk, db, state: RwLock::new(state), failed: Mutex::new(None) }
+        Replica {
+            volume,
+            dir,
+            disk,
+            db,
+            state: RwLock::new(state),
+            incarnation: in_sync::new_incarnation(),
+            failed: Mutex::new(None),
+        }
     }
 
     pub fn volume(&self) -> &VolumeId {
@@ -242,23 +266,22 @@ impl Replica {
         if epoch > st.epoch {
             let mut record = st.record();
             record.epoch = epoch;
-            let tx = self.db.begin_write().map_err(meta("raising the epoch"))?;
-            tx.open_table(REPLICAS)
-                .map_err(meta("raising the epoch"))?
-                .insert(self.volume.as_str(), &encode_record(&record)[..])
-                .map_err(meta("raising the epoch"))?;
-            tx.commit().map_err(|e| self.fail(meta("raising the epoch")(e)))?;
+            record.epoch_head.clear();
+            self.commit_record(&record, "raising the epoch")?;
             st.epoch = epoch;
+            st.epoch_head.clear();
         }
         Ok(())
     }
 
-    /// Raises the admitted epoch to `epoch` (a new head fencing the old one
-    /// before its first write); returns the epoch now admitted.
-    pub fn fence(&self, epoch: u64) -> Result<u64> {
-        let mut st = self.write_state()?;
-        self.admit(&mut st, epoch)?;
-        Ok(st.epoch)
+    /// Commits `record` (the replica record alone) in one transaction.
+    pub(crate) fn commit_record(&self, record: &ReplicaRecord, op: &'static str) -> Result<()> {
+        let tx = self.db.begin_write().map_err(meta(op))?;
+        tx.open_table(REPLICAS)
+            .map_err(meta(op))?
+            .insert(self.volume.as_str(), &encode_record(record)[..])
+            .map_err(meta(op))?;
+        tx.commit().map_err(|e| self.fail(meta(op)(e)))
     }
 
     /// Stops serving for good: the store replaced this handle by a reloaded
@@ -301,6 +324,8 @@ impl Replica {
             head_blocks: st.head().map.len() as u64,
             used_bytes: st.layers.iter().map(|l| l.data_blocks()).sum::<u64>() * BLOCK_SIZE,
             serving: self.failed.lock().unwrap().is_none(),
+            incarnation: self.incarnation,
+            in_sync: st.in_sync.clone(),
         }
     }
 

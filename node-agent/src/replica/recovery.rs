@@ -128,6 +128,8 @@ impl Replica {
         }
         let mut state =
             State::new(record.geometry, record.chunks, layers, record.next_layer, record.epoch);
+        state.epoch_head = record.epoch_head;
+        state.in_sync = record.in_sync;
         for li in 0..state.layers.len() {
             let no = state.layers[li].no;
             let entries: Vec<(u64, Entry)> =
