@@ -17,6 +17,7 @@ use cairn_api::agent::v1::{
 };
 use tonic::transport::Channel;
 
+pub mod faults;
 pub mod netns;
 pub mod proxy;
 pub mod skip;
