@@ -23,8 +23,10 @@
 //! and a BLAKE3 of its body); a read refused with DATA_LOSS is counted, not
 //! passed. Then every replica's copy of every chunk it holds, read
 //! directly, equals what the head returned (a refusal there is latent
-//! corruption found, counted apart), and the head reports every replica in
-//! sync.
+//! corruption found, counted apart). Liveness is reported apart from
+//! safety: replicas not healed within 60 s (`unhealed`: then only the
+//! in-sync ones are compared), a head that will not reopen with every agent
+//! up (`unavailable`).
 //!
 //! Invariant: a schedule is a function of its seed (the RNG drives every
 //! choice); only timings differ between runs.
@@ -72,8 +74,12 @@ pub struct Report {
     /// Reads refused with DATA_LOSS (through the head / at one replica).
     pub data_loss_reads: usize,
     pub latent_corruption: usize,
-    /// Every way the promise was broken.
+    /// Every way the promise was broken (safety: an acknowledged write
+    /// lost, stale or foreign bytes served, an in-sync replica differing).
     pub violations: Vec<String>,
+    /// Replicas still out of sync when the checker gave up waiting (a
+    /// liveness failure: the volume serves with fewer copies), and why.
+    pub unhealed: Option<String>,
     /// With every agent up the head still refused to open (no data was
     /// served; a liveness failure, not a safety one): the last refusal.
     /// The checker then opens with `accept_data_loss` and checks anyway.
@@ -340,7 +346,7 @@ async fn burst(
 
 /// Brings the cluster back from the last fault: paused agents continued,
 /// down ones started, the head reopened where its agent restarted, and up
-/// to 20 s for every replica to be in sync again. So faults overlap only
+/// to 45 s for every replica to be in sync again. So faults overlap only
 /// where a schedule step says so (two replicas outlive one fault at a
 /// time; `double` is the step that does not wait).
 async fn recover(c: &mut Cluster, r: &mut Report) -> anyhow::Result<()> {
@@ -357,7 +363,7 @@ async fn recover(c: &mut Cluster, r: &mut Report) -> anyhow::Result<()> {
         c.head_lost = !c.move_head(c.head, r).await;
     }
     if let Ok(mut h) = c.heads(c.head).await {
-        let _ = wait_in_sync(&mut h, Duration::from_secs(20)).await;
+        let _ = wait_in_sync(&mut h, Duration::from_secs(45)).await;
     }
     Ok(())
 }
@@ -536,11 +542,14 @@ async fn check(c: &mut Cluster, hist: &[History], r: &mut Report) -> anyhow::Res
             Err(e) => r.violations.push(format!("block {index}: the head refused a read: {e}")),
         }
     }
-    match healed {
-        Ok(()) => {}
-        Err(why) => r.violations.push(why),
-    }
-    compare_replicas(c, &image, r).await;
+    let in_sync = match healed {
+        Ok(()) => None,
+        Err(why) => {
+            r.unhealed = Some(why);
+            Some(in_sync_agents(&mut h).await)
+        }
+    };
+    compare_replicas(c, &image, in_sync.as_ref(), r).await;
     if forced {
         r.lost_under_override = std::mem::take(&mut r.violations);
     }
@@ -573,10 +582,27 @@ async fn wait_in_sync(h: &mut HeadsClient, limit: Duration) -> Result<(), String
     }
 }
 
+/// The agents the head reports in sync.
+async fn in_sync_agents(h: &mut HeadsClient) -> Vec<String> {
+    let req = pb::HeadStatusRequest { volume_id: VOL.into() };
+    match tokio::time::timeout(Duration::from_secs(10), h.get_head_status(req)).await {
+        Ok(Ok(st)) => {
+            st.into_inner().replicas.into_iter().filter(|x| x.in_sync).map(|x| x.agent).collect()
+        }
+        _ => Vec::new(),
+    }
+}
+
 /// Each replica's copy of each chunk it holds, block by block, against what
-/// the head returned.
-async fn compare_replicas(c: &Cluster, image: &[Option<Bytes>], r: &mut Report) {
-    for a in &c.agents {
+/// the head returned: every replica once healed, else those in sync
+/// (`only`; one out of sync is rebuilt before it serves).
+async fn compare_replicas(
+    c: &Cluster,
+    image: &[Option<Bytes>],
+    only: Option<&Vec<String>>,
+    r: &mut Report,
+) {
+    for a in c.agents.iter().filter(|a| only.is_none_or(|o| o.contains(&a.name))) {
         let Some(p) = &a.process else { continue };
         let Ok(mut client) = p.client().await else { continue };
         let req = pb::ChunkDigestsRequest { volume_id: VOL.into(), ..Default::default() };

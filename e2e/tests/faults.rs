@@ -14,6 +14,9 @@ async fn seeds(replicas: u32, seeds: std::ops::Range<u64>) {
         eprintln!("seed {seed}: {r:?}");
         assert!(r.writes_acked > 0, "seed {seed} wrote nothing: {r:?}");
         assert!(r.blocks_checked > 0 || r.unchecked, "seed {seed} checked nothing: {r:?}");
+        if let Some(why) = &r.unhealed {
+            eprintln!("seed {seed}: not healed: {why}");
+        }
         if let Some(why) = &r.unavailable {
             // Liveness, not safety: reported, and tracked by the ignored
             // test below.

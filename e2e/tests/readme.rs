@@ -1,7 +1,7 @@
 //! The README's commands, checked against the tree so they cannot drift:
 //! every `cargo run` names a package and a binary that exist (and one that
 //! `cargo run -p` alone can pick), every `cairn`, `cairn-agent`,
-//! `cairn-demo` and `cairn-bench` command line names subcommands and flags
+//! `cairn-demo`, `cairn-bench` and `cairn-faults` command line names subcommands and flags
 //! that binary accepts (asked with `--help`, as a reader would), and every
 //! script it names exists and is executable. The commands that need a
 //! cluster, Docker or kind (`kubectl`, `helm`, `docker`) are not run here.
@@ -108,6 +108,7 @@ fn binary(name: &str) -> PathBuf {
         "cairn" => cairn_e2e::cli_binary().unwrap(),
         "cairn-demo" => env!("CARGO_BIN_EXE_cairn-demo").into(),
         "cairn-bench" => env!("CARGO_BIN_EXE_cairn-bench").into(),
+        "cairn-faults" => env!("CARGO_BIN_EXE_cairn-faults").into(),
         other => panic!("the README runs {other}, which this test does not know: add it"),
     }
 }

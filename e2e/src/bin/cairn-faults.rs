@@ -34,7 +34,7 @@ async fn main() -> anyhow::Result<()> {
     let started = Instant::now();
     let mut faults: BTreeMap<&str, usize> = BTreeMap::new();
     let (mut acked, mut checked, mut violations, mut refused, mut lost) = (0, 0, 0, 0, 0);
-    let (mut unavailable, mut override_lost) = (0, 0);
+    let (mut unavailable, mut override_lost, mut unhealed) = (0, 0, 0);
     for seed in args.first..args.first + args.seeds {
         let work = tempfile::tempdir()?;
         let opts = Options { replicas: args.replicas, steps: args.steps, work: work.path().into() };
@@ -48,6 +48,7 @@ async fn main() -> anyhow::Result<()> {
         lost += r.data_loss_reads + r.latent_corruption;
         violations += r.violations.len();
         unavailable += usize::from(r.unavailable.is_some());
+        unhealed += usize::from(r.unhealed.is_some());
         override_lost += r.lost_under_override.len();
         println!(
             "seed {seed}: {} steps, faults {:?}, writes acked {} failed {}, flushes {}, opens refused {}, blocks checked {} ({} acknowledged), DATA_LOSS reads {} latent {}, violations {} ({:.1} s)",
@@ -67,6 +68,9 @@ async fn main() -> anyhow::Result<()> {
         for v in &r.violations {
             println!("  VIOLATION: {v}");
         }
+        if let Some(why) = &r.unhealed {
+            println!("  UNHEALED (liveness, not safety): {why}");
+        }
         if let Some(why) = &r.unavailable {
             let forced = if r.unchecked {
                 "accept_data_loss refused too: not checked".to_string()
@@ -80,7 +84,7 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     println!(
-        "summary: {} schedules, faults {faults:?}, writes acknowledged {acked}, acknowledged blocks checked {checked}, opens refused {refused}, DATA_LOSS seen {lost}, violations {violations}, unavailable with every agent up {unavailable} (acknowledged writes missing when forced: {override_lost}), wall time {:.1} s",
+        "summary: {} schedules, faults {faults:?}, writes acknowledged {acked}, acknowledged blocks checked {checked}, opens refused {refused}, DATA_LOSS seen {lost}, violations {violations}, unhealed {unhealed}, unavailable with every agent up {unavailable} (acknowledged writes missing when forced: {override_lost}), wall time {:.1} s",
         args.seeds,
         started.elapsed().as_secs_f64()
     );
